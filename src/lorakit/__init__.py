@@ -1,0 +1,68 @@
+"""lorakit: fine-tune large language models with the whole LoRA family of parameter-efficient methods.
+
+Typical use::
+
+    import lorakit
+    lorakit.attach(model, "lora", r=16, targets="all-linear")
+    ...train...
+    lorakit.save(model, "out/adapter")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .adapters import METHODS, Adapter, AdapterConfig, get_method  # noqa: E402
+from .callbacks import TrainingCallback, training_callbacks  # noqa: E402
+from .errors import (  # noqa: E402
+    AdapterFileError,
+    AdapterStateError,
+    ConfigError,
+    IncompatibleAdapterError,
+    LorakitError,
+    TargetError,
+    UnknownMethodError,
+)
+from .io import load, read_adapter, save  # noqa: E402
+from .model import (  # noqa: E402
+    active_adapters,
+    adapter_modules,
+    adapters,
+    attach,
+    detach,
+    merge,
+    remove,
+    set_active,
+    trainable_parameters,
+    unmerge,
+)
+
+__all__ = [
+    "METHODS",
+    "Adapter",
+    "AdapterConfig",
+    "AdapterFileError",
+    "AdapterStateError",
+    "ConfigError",
+    "IncompatibleAdapterError",
+    "LorakitError",
+    "TargetError",
+    "TrainingCallback",
+    "UnknownMethodError",
+    "__version__",
+    "active_adapters",
+    "adapter_modules",
+    "adapters",
+    "attach",
+    "detach",
+    "get_method",
+    "load",
+    "merge",
+    "read_adapter",
+    "remove",
+    "save",
+    "set_active",
+    "trainable_parameters",
+    "training_callbacks",
+    "unmerge",
+]

@@ -1,0 +1,149 @@
+"""The contract matrix: every method in lorakit.METHODS through the same checks.
+
+Adding a method = adding one row to CASES (and the matrix refuses to run if a registered method has no row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.layers import LayerInfo
+from lorakit.model import adapter_modules
+
+from .conftest import MODELS, batch_for, output_of
+
+
+@dataclass
+class Case:
+    """One method's row: its options, and its trainable-parameter formula."""
+
+    method: str
+    options: dict[str, Any]
+    #: expected trainable count from the adapted layers (and the model, for whole-model methods)
+    trainable: Callable[[list[LayerInfo], torch.nn.Module], int]
+    starts_unchanged: bool = True
+    #: runtime keyword arguments built from the model (e.g. LoRA-SB's init_batches)
+    runtime: Callable[[torch.nn.Module], dict[str, Any]] = field(default=lambda m: {})
+    models: tuple[str, ...] = tuple(sorted(MODELS))
+    lr: float = 1e-2
+
+
+def _lora_count(r: int) -> Callable[[list[LayerInfo], torch.nn.Module], int]:
+    return lambda layers, m: sum(r * (li.d_in + li.d_out) for li in layers)
+
+
+CASES: dict[str, Case] = {
+    "lora": Case("lora", {"r": 4}, _lora_count(4)),
+    "dora": Case("dora", {"r": 4}, lambda layers, m: sum(4 * (li.d_in + li.d_out) + li.d_out for li in layers)),
+    "full": Case("full", {}, lambda layers, m: sum(p.numel() for p in m.parameters()), lr=1e-3),
+}
+
+
+def test_every_method_has_a_row() -> None:
+    assert sorted(CASES) == sorted(lorakit.METHODS)
+
+
+def _layers(model: torch.nn.Module, name: str = "default") -> list[LayerInfo]:
+    return [LayerInfo.of(t, model.get_submodule(t)) for t in adapter_modules(model, name)]
+
+
+def _attach(case: Case, model_name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    if model_name not in case.models:
+        pytest.skip(f"{case.method} does not support {model_name}")
+    model = MODELS[model_name]()
+    batch = batch_for(model)
+    lorakit.attach(model, case.method, **case.options, **case.runtime(model))
+    return model, batch
+
+
+def _perturb(model: torch.nn.Module, seed: int = 3) -> None:
+    """Move every trainable tensor so the adapter's update is clearly non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request) -> Case:
+    return CASES[request.param]
+
+
+def test_starts_unchanged(case: Case, model_name: str) -> None:
+    if not case.starts_unchanged:
+        pytest.skip(f"{case.method}'s init changes the model by design")
+    model = MODELS[model_name]()
+    batch = batch_for(model)
+    before = output_of(model, batch)
+    lorakit.attach(model, case.method, **case.options, **case.runtime(model))
+    torch.testing.assert_close(output_of(model, batch), before, rtol=1e-5, atol=1e-6)
+
+
+def test_only_intended_tensors_train(case: Case, model_name: str) -> None:
+    model, _ = _attach(case, model_name)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    if case.method == "full":
+        assert trainable == {id(p) for p in model.parameters()}
+    else:
+        own = {id(p) for a in adapter_modules(model).values() for p in a.parameters()}
+        assert trainable and trainable <= own
+        base = {id(p) for n, p in model.named_parameters() if ".adapters." not in n}
+        assert not trainable & base
+    assert lorakit.trainable_parameters(model) == case.trainable(_layers(model), model)
+
+
+def test_merge_equals_unmerged_and_round_trips(case: Case, model_name: str) -> None:
+    model, batch = _attach(case, model_name)
+    _perturb(model)
+    ref = output_of(model, batch)
+    lorakit.merge(model)
+    merged = output_of(model, batch)
+    lorakit.merge(model)  # idempotent
+    torch.testing.assert_close(output_of(model, batch), merged, rtol=0, atol=0)
+    torch.testing.assert_close(merged, ref, rtol=1e-5, atol=1e-5)
+    lorakit.unmerge(model)
+    lorakit.unmerge(model)  # idempotent
+    torch.testing.assert_close(output_of(model, batch), ref, rtol=1e-5, atol=1e-5)
+    lorakit.merge(model)
+    torch.testing.assert_close(output_of(model, batch), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_round_trip(case: Case, model_name: str, tmp_path) -> None:
+    model, batch = _attach(case, model_name)
+    _perturb(model)
+    ref = output_of(model, batch)
+    lorakit.save(model, tmp_path / "adapter")
+    fresh = MODELS[model_name]()
+    lorakit.load(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(output_of(fresh, batch), ref, rtol=0, atol=0)
+    assert lorakit.trainable_parameters(fresh) == lorakit.trainable_parameters(model)
+
+
+def test_training_lowers_loss(case: Case, model_name: str) -> None:
+    model, batch = _attach(case, model_name)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=case.lr)
+    callbacks = lorakit.training_callbacks(model, opt, total_steps=8)
+    losses = []
+    for _ in range(8):
+        loss = model(**batch).loss
+        for cb in callbacks:
+            reg = cb.regularizer()
+            if reg is not None:
+                loss = loss + reg
+        losses.append(loss.item())
+        loss.backward()
+        for cb in callbacks:
+            cb.before_step()
+        opt.step()
+        for cb in callbacks:
+            cb.step()
+        opt.zero_grad()
+    assert losses[-1] < losses[0]
