@@ -278,3 +278,11 @@ def test_fingerprint_is_dtype_robust(tmp_path) -> None:
     model = tiny_llama().to(torch.bfloat16)
     lorakit.load(model, path)  # same checkpoint in another dtype: accepted
     assert lorakit.adapters(model)["default"].method == "lora"
+
+
+def test_merge_refuses_tied_weights() -> None:
+    model = tiny_llama(tie_word_embeddings=True)
+    lorakit.attach(model, "lora", r=2, targets=["embed_tokens"])
+    with pytest.raises(lorakit.AdapterStateError, match="tied"):
+        lorakit.merge(model)
+    assert not model.model.embed_tokens.merged

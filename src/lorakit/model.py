@@ -229,10 +229,28 @@ def _refresh_trainable(model: nn.Module) -> None:
 
 # --- merge ----------------------------------------------------------------------------------------------
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every active adapter into its base weights (``W <- W0 + delta_weight()``). Idempotent."""
-    for _, layer in adapted_layers(model):
+    """Fold every active adapter into its base weights (``W <- W0 + delta_weight()``). Idempotent.
+
+    Raises:
+        AdapterStateError: an adapted weight is tied to another module (e.g. an embedding tied to the
+            output head): merging would change both. Nothing is merged then.
+    """
+    layers = list(adapted_layers(model))
+    owners: dict[int, list[str]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append(f"{mod_name}.{p_name}")
+    for name, layer in layers:
+        if layer.pending() and len(owners.get(id(layer.base.weight), [])) > 1:
+            raise AdapterStateError(
+                f"cannot merge into {name}: its weight is tied to {owners[id(layer.base.weight)]}; merging "
+                "would change every tied module. Untie the weights first or keep the adapter unmerged.")
+    for _, layer in layers:
         layer.merge()
     return model
+
+
+_merge_model = merge  # detach's ``merge`` argument shadows the function
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -279,12 +297,11 @@ def detach(model: nn.Module, merge: bool = True) -> nn.Module:
 
     All parameters are made trainable again, as in a freshly loaded model.
     """
+    if merge:
+        _merge_model(model)
+    else:
+        unmerge(model)
     layers = list(adapted_layers(model))
-    for _, layer in layers:
-        if merge:
-            layer.merge()
-        else:
-            layer.unmerge()
     for path, layer in layers:
         _replace(model, path, layer.base)
     if hasattr(model, SHARED):
