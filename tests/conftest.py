@@ -8,7 +8,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# tiny models gain nothing from threads, and spinning OpenMP threads slow a shared machine down a lot
+torch.set_num_threads(1)
 
 
 def tiny_llama(seed: int = 0, **overrides):
@@ -60,3 +61,6 @@ def output_of(model, batch) -> torch.Tensor:
 @pytest.fixture(params=sorted(MODELS))
 def model_name(request) -> str:
     return request.param
+
+
+from .fixtures_train import tiny_run  # noqa: E402,F401  (session fixture: a saved tiny Llama + JSONL files)

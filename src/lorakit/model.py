@@ -162,6 +162,7 @@ def attach(model: nn.Module, method: str, *, name: str = "default", **options: A
     built: dict[str, Adapter] = {}
     for info in infos:
         adapter = cls(info, config, shared, init=init)
+        adapter.train(modules[info.name].training)  # follow the model's train/eval mode (dropout)
         if init:
             adapter.init_from_base(weight_view(modules[info.name]))
         built[info.name] = adapter
