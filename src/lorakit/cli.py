@@ -1,0 +1,246 @@
+"""The ``lorakit`` command line: train, eval, merge, generate, inspect, demo, bench.
+
+Every command is a thin layer over the Python API (:class:`lorakit.Trainer`, :func:`lorakit.load`,
+:func:`lorakit.detach`...). Errors on bad input print one ``error: ...`` line and exit with status 1;
+usage errors exit with 2; an interrupted training run exits with 130 after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from .errors import ConfigError, LorakitError
+
+app = typer.Typer(name="lorakit", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
+                  help="Fine-tune LLMs with the LoRA family of methods: train, evaluate, merge, generate, inspect.")
+
+Overrides = Annotated[list[str] | None, typer.Argument(
+    help="Config overrides as dotted section.key=value pairs, values parsed as YAML "
+         "(e.g. training.lr=1e-3 adapter.r=16 'adapter.targets=[q_proj,v_proj]').", show_default=False)]
+ConfigPath = Annotated[Path, typer.Argument(help="The run's YAML config (sections: model, adapter, data, "
+                                                 "training, output).", show_default=False)]
+
+
+def _say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+# --- train ---------------------------------------------------------------------------------------------------
+@app.command()
+def train(
+    config: ConfigPath,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest complete checkpoint in "
+                                         "output.dir (model, optimizer, scheduler, RNG and data position are "
+                                         "restored); starts fresh if there is none.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in output.dir "
+                                            "(its adapter, checkpoints and metrics are deleted).")] = False,
+) -> int:
+    """Fine-tune a model on a JSONL file with any lorakit method, as described by CONFIG.
+
+    Writes OUTPUT/adapter (the trained adapter), OUTPUT/checkpoints, OUTPUT/metrics.jsonl, OUTPUT/loss.png
+    and OUTPUT/config.yaml (the resolved config). Ctrl-C stops after the current step and saves a
+    checkpoint; run again with --resume to continue.
+    """
+    from .config import load_config
+    from .distributed import is_main_process
+    from .trainer import Trainer
+
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    cfg = load_config(config, overrides or [])
+    result = Trainer(None, cfg, log=_say).fit(resume=resume, overwrite=overwrite)
+    if result.interrupted:
+        return 130
+    summary = {"steps": result.step, "adapter": str(result.adapter_dir), **_prefixed(result.eval_start, "start_"),
+               **_prefixed(result.eval_end, "end_")}
+    if is_main_process():  # under torchrun, one summary (process 0's)
+        typer.echo(json.dumps(summary))
+    return 0
+
+
+def _prefixed(d: dict[str, float], prefix: str) -> dict[str, float]:
+    return {prefix + k: v for k, v in d.items()}
+
+
+# --- eval ----------------------------------------------------------------------------------------------------
+@app.command("eval")
+def evaluate(
+    config: ConfigPath,
+    overrides: Overrides = None,
+    adapter: Annotated[Path | None, typer.Option(help="Adapter directory to evaluate (default: "
+                                                 "OUTPUT/adapter of the config's run).")] = None,
+    base_only: Annotated[bool, typer.Option("--base-only", help="Evaluate the base model without any "
+                                            "adapter.")] = False,
+) -> int:
+    """Loss and perplexity (accuracy for classification) on the config's evaluation data.
+
+    The data is data.eval, or the same held-out split of data.train that training used. Prints one JSON
+    object.
+    """
+    from .config import load_config
+    from .loading import load_adapter_dir
+    from .trainer import Trainer
+
+    cfg = load_config(config, overrides or [])
+    trainer = Trainer(None, cfg, log=_say)
+    trainer.prepare()
+    if trainer.eval_data is None:
+        raise ConfigError("no evaluation data: set data.eval or data.eval_fraction > 0")
+    if not base_only:
+        path = adapter or Path(cfg.output.dir) / "adapter"
+        load_adapter_dir(trainer.model, path)
+    metrics = trainer.evaluate()
+    typer.echo(json.dumps({"examples": len(trainer.eval_data), **metrics}))
+    return 0
+
+
+# --- merge ---------------------------------------------------------------------------------------------------
+@app.command()
+def merge(
+    adapter: Annotated[Path, typer.Option(help="Adapter directory written by `lorakit train` or lorakit.save.",
+                                          show_default=False)],
+    out: Annotated[Path, typer.Option(help="Directory for the merged model (a standard Hugging Face "
+                                      "checkpoint, loadable with from_pretrained).", show_default=False)],
+    base: Annotated[str | None, typer.Option(help="Base model path or hub id (default: the one recorded in "
+                                             "the adapter).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Weight dtype of the merged model: auto, float32, "
+                                              "bfloat16, float16 (default: as trained).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Merge even if the base weights differ from the "
+                                        "ones the adapter was trained on.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into OUT even if it already holds "
+                                            "a model.")] = False,
+) -> int:
+    """Fold an adapter into its base model's weights and save a plain Hugging Face checkpoint."""
+    from .loading import load_trained
+    from .model import detach
+
+    if (out / "config.json").exists() and not overwrite:
+        raise ConfigError(f"{out} already holds a model; pass --overwrite to replace it")
+    model, tokenizer = load_trained(adapter, base=base, dtype=dtype, force=force)
+    detach(model, merge=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    _say(f"merged model written to {out}")
+    return 0
+
+
+# --- generate -------------------------------------------------------------------------------------------------
+@app.command()
+def generate(
+    adapter: Annotated[Path, typer.Option(help="Adapter directory written by `lorakit train` or lorakit.save.",
+                                          show_default=False)],
+    prompt: Annotated[list[str], typer.Option(help="Prompt text; repeat for several prompts.",
+                                              show_default=False)],
+    base: Annotated[str | None, typer.Option(help="Base model (default: the one recorded in the "
+                                             "adapter).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per prompt.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling threshold.")] = 1.0,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt as a user message with the "
+                                       "tokenizer's chat template.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+) -> int:
+    """Generate text from a base model with an adapter; prints each completion (prompt excluded)."""
+    import torch
+
+    from .data import render_chat
+    from .loading import load_trained, resolve_device
+
+    model, tokenizer = load_trained(adapter, base=base)
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    torch.manual_seed(seed)
+    for text in prompt:
+        if chat:
+            text = render_chat(tokenizer, [{"role": "user", "content": text}], True)
+            enc = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None),
+                            return_tensors="pt")
+        else:
+            enc = tokenizer(text, return_tensors="pt")
+        enc = {k: v.to(dev) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        sample = temperature > 0
+        kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new_tokens,
+                                  "pad_token_id": tokenizer.pad_token_id}
+        if sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        with torch.no_grad():
+            ids = model.generate(**enc, **kwargs)
+        typer.echo(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+# --- inspect --------------------------------------------------------------------------------------------------
+@app.command("inspect")
+def inspect_cmd(
+    path: Annotated[Path, typer.Argument(help="An adapter directory, or a run directory holding adapter/.",
+                                         show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> int:
+    """Describe a saved adapter: method, options, targeted layers, ranks, parameter counts, base model
+    fingerprint."""
+    if not (path / "adapter.json").is_file() and (path / "adapter" / "adapter.json").is_file():
+        path = path / "adapter"
+    from .inspect import describe, format_description
+
+    d = describe(path)
+    typer.echo(json.dumps(d, indent=2, default=str) if as_json else format_description(d))
+    return 0
+
+
+# --- demo, bench ----------------------------------------------------------------------------------------------
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where to write the tiny base model and the run.")] = Path("lorakit-demo"),
+    steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 60,
+    method: Annotated[str, typer.Option(help="Adapter method (any name in lorakit.METHODS).")] = "lora",
+) -> int:
+    """Train an adapter end to end on a bundled tiny model and dataset (CPU, under a minute, offline)."""
+    from .demo import run_demo
+
+    run_demo(out, steps=steps, method=method, log=_say)
+    return 0
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+def bench(ctx: typer.Context) -> int:
+    """Benchmark every method against the frozen-base floor and PEFT (`lorakit bench --help` for options)."""
+    from .bench import main as bench_main
+
+    return bench_main(list(ctx.args))
+
+
+# --- entry point ------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    try:
+        rv = app(args=argv, prog_name="lorakit", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        _say("aborted")
+        return 130
+    except KeyboardInterrupt:
+        _say("aborted")
+        return 130
+    except LorakitError as e:
+        _say(f"error: {e}")
+        return 1
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
