@@ -97,6 +97,12 @@ def test_eval_generate_inspect_commands(tiny_run, tmp_path: Path, capsys) -> Non
     text = capsys.readouterr().out
     assert "lora" in text
 
+    peft_dir = tmp_path / "peft"
+    assert main(["export", "--adapter", str(out), "--out", str(peft_dir)]) == 0
+    assert json.loads((peft_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert main(["export", "--adapter", str(out), "--out", str(peft_dir)]) == 1  # refuses to overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
 
 def test_every_option_has_help() -> None:
     group = typer_command()

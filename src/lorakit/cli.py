@@ -197,6 +197,46 @@ def inspect_cmd(
     return 0
 
 
+# --- export ---------------------------------------------------------------------------------------------------
+@app.command()
+def export(
+    adapter: Annotated[Path, typer.Option(help="Adapter directory written by `lorakit train` or lorakit.save.",
+                                          show_default=False)],
+    out: Annotated[Path, typer.Option(help="Directory for the exported adapter.", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", help="Output format. peft: adapter_config.json + "
+                                     "adapter_model.safetensors, as Hugging Face PEFT and vLLM load them.")] = "peft",
+    rank: Annotated[int | None, typer.Option(min=1, help="Export at most this rank, by truncated SVD where the "
+                                             "update's rank is higher (required for methods with no exact "
+                                             "LoRA form); the approximation error is printed.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model path or hub id (default: the one recorded in "
+                                             "the adapter).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Export even if the base weights differ from the "
+                                        "ones the adapter was trained on.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into OUT even if it already holds "
+                                            "an adapter.")] = False,
+) -> int:
+    """Convert a trained adapter to another format (PEFT LoRA; DoRA stays DoRA, other methods become LoRA)."""
+    from .io import read_adapter
+    from .loading import HEAD_ADAPTER, load_trained
+    from .peft_format import CONFIG_FILE, export_peft, format_report
+
+    if fmt != "peft":
+        raise ConfigError(f"--format {fmt!r} is not supported; choose: peft")
+    if not (adapter / "adapter.json").is_file() and (adapter / "adapter" / "adapter.json").is_file():
+        adapter = adapter / "adapter"
+    if (out / CONFIG_FILE).exists() and not overwrite:
+        raise ConfigError(f"{out} already holds an adapter; pass --overwrite to replace it")
+    if (adapter / HEAD_ADAPTER).is_dir():
+        raise ConfigError(f"{adapter} also trained a task head, which a PEFT LoRA adapter cannot hold; "
+                          "use `lorakit merge` to get a full checkpoint instead")
+    meta, _ = read_adapter(adapter, tensors=False)
+    model, _ = load_trained(adapter, base=base, force=force)
+    report = export_peft(model, out, meta.get("name") or "default", rank=rank,
+                         base_model_name_or_path=base or (meta.get("extra") or {}).get("base_model"))
+    _say(format_report(report))
+    return 0
+
+
 # --- demo, bench ----------------------------------------------------------------------------------------------
 @app.command()
 def demo(
