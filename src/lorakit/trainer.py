@@ -321,7 +321,8 @@ class Trainer:
         model = self.model
         order = BatchOrder(len(self.train_data), self.dist.global_batch(t.batch_size), t.seed)
         total = t.max_steps or max(1, math.ceil(t.epochs * order.batches_per_epoch / t.grad_accum))
-        ckpt = latest_checkpoint(out) if resuming else None
+        # process 0's view: on several nodes output.dir must be shared, or reading it fails (no silent divergence)
+        ckpt = self.dist.main_only(latest_checkpoint, out) if resuming else None
         if ckpt is not None:
             self._restore_adapter(ckpt)
         else:

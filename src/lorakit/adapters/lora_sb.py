@@ -30,6 +30,11 @@ Side effects, avoided: gradients are accumulated into fp32 buffers by per-parame
 fp32 gradient buffers); ``requires_grad`` flags, existing ``.grad``s and train/eval mode are restored whatever
 happens; the dropout masks and the randomized SVD draw from a forked RNG seeded with ``init_seed``, so the
 global RNG state is neither reset nor consumed (the reference code reseeds it).
+
+Several processes (``torchrun``): ``init_batches`` must be the same on every process (``lorakit train`` passes
+the global batches); each process runs the rows ``[rank::world]`` of every batch, its loss weighted by its
+share of the batch's loss units, and the fp32 sums are all-reduced before ``sign``, so every process gets the
+``G`` of one process and, with the same ``init_seed``, the same ``B``, ``A``, ``R``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..distributed import all_reduce_sum_, shard_rows
 from ..errors import ConfigError
 from ..layers import AdaptedLayer, LayerKind
 from .base import Adapter, AdapterConfig
@@ -171,16 +177,20 @@ def _estimate_gradients(model: nn.Module, layers: Mapping[str, AdaptedLayer], ba
                 batch, n = _take(batch, max_examples - seen, device)
                 if n == 0:
                     continue
-                loss = getattr(model(**batch), "loss", None)
-                if loss is None:
-                    raise ConfigError("lora-sb: the model returned no loss for an init batch; init_batches "
-                                      "must include labels")
-                (loss * n).backward()
+                # under torchrun: this process's rows and its share of the batch's loss (1.0 on one process)
+                batch, k, share = shard_rows(batch, n)
+                if k:
+                    loss = getattr(model(**batch), "loss", None)
+                    if loss is None:
+                        raise ConfigError("lora-sb: the model returned no loss for an init batch; init_batches "
+                                          "must include labels")
+                    (loss * (n * share)).backward()
                 seen += n
                 if seen >= max_examples:
                     break  # do not pull another batch from the iterable
         if seen == 0:
             raise ConfigError("lora-sb: init_batches yielded no example")
+        all_reduce_sum_([sums[id(p)] for p in unique])  # G over every process, before sign and SVD
     finally:
         for h in handles:
             h.remove()
