@@ -42,6 +42,17 @@ CASES: dict[str, Case] = {
     "lora": Case("lora", {"r": 4}, _lora_count(4)),
     "dora": Case("dora", {"r": 4}, lambda layers, m: sum(4 * (li.d_in + li.d_out) + li.d_out for li in layers)),
     "full": Case("full", {}, lambda layers, m: sum(p.numel() for p in m.parameters()), lr=1e-3),
+    "lora-fa": Case("lora-fa", {"r": 4}, lambda layers, m: sum(4 * li.d_out for li in layers)),
+    # VeRA trains only scaling vectors and needs a ~10x larger lr than LoRA (as in the paper)
+    "vera": Case("vera", {"r": 16}, lambda layers, m: sum(16 + li.d_out for li in layers), lr=1e-1),
+    "rank1-sum": Case("rank1-sum", {"r_init": 4, "target_rank": 2},
+                      lambda layers, m: sum(4 * (li.d_in + li.d_out + 1) for li in layers)),
+    "delta-lora": Case("delta-lora", {"r": 4, "delta_start": 2}, _lora_count(4)),  # base moves from step 3
+    # LoRA-XS/SB train only r x r matrices: larger lr. init_std=0: R's default N(0, 1e-5^2) init moves the
+    # outputs by ~1e-6, by design
+    "lora-xs": Case("lora-xs", {"r": 4, "init_std": 0.0}, lambda layers, m: 16 * len(layers), lr=3e-1),
+    "lora-sb": Case("lora-sb", {"r": 4}, lambda layers, m: 16 * len(layers), starts_unchanged=False,
+                    runtime=lambda m: {"init_batches": [batch_for(m, seed=7)]}, lr=3e-2),
 }
 
 

@@ -24,6 +24,8 @@ from .errors import (  # noqa: E402
     UnknownMethodError,
 )
 from .io import load, read_adapter, save  # noqa: E402
+from .optim import optimizer, param_groups  # noqa: E402
+from .peft_format import export_peft, load_peft  # noqa: E402
 from .model import (  # noqa: E402
     active_adapters,
     adapter_modules,
@@ -36,6 +38,10 @@ from .model import (  # noqa: E402
     trainable_parameters,
     unmerge,
 )
+from .pruning import RankPruner  # noqa: E402
+from .config import TrainConfig, load_config  # noqa: E402
+from .data import DataError  # noqa: E402
+from .trainer import FitResult, Trainer, TrainingError  # noqa: E402
 
 __all__ = [
     "METHODS",
@@ -44,10 +50,16 @@ __all__ = [
     "AdapterFileError",
     "AdapterStateError",
     "ConfigError",
+    "DataError",
+    "FitResult",
     "IncompatibleAdapterError",
     "LorakitError",
+    "RankPruner",
     "TargetError",
+    "TrainConfig",
+    "Trainer",
     "TrainingCallback",
+    "TrainingError",
     "UnknownMethodError",
     "__version__",
     "active_adapters",
@@ -55,9 +67,14 @@ __all__ = [
     "adapters",
     "attach",
     "detach",
+    "export_peft",
     "get_method",
     "load",
+    "load_config",
+    "load_peft",
     "merge",
+    "optimizer",
+    "param_groups",
     "read_adapter",
     "remove",
     "save",

@@ -159,7 +159,14 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
         IncompatibleAdapterError: the model lacks the targeted modules, their shapes differ, or (unless
             ``force``) the base weights are not the ones the adapter was trained on.
         The model is left unchanged on any error.
+
+    A Hugging Face PEFT LoRA/DoRA directory (``adapter_config.json``, no ``adapter.json``) is read by
+    :func:`lorakit.peft_format.load_peft` (it has no fingerprint, so ``force`` does not apply).
     """
+    from .peft_format import is_peft_dir, load_peft  # lazy: peft_format imports this module
+
+    if is_peft_dir(path):
+        return load_peft(model, path, name)
     meta, tensors = read_adapter(path)
     name = name or meta.get("name") or "default"
     method, targets = meta["method"], list(meta["targets"])

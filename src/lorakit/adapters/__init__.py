@@ -4,15 +4,27 @@ from __future__ import annotations
 
 from ..errors import UnknownMethodError
 from .base import Adapter, AdapterConfig
+from .delta_lora import DeltaLora
 from .dora import Dora
 from .full import Full
 from .lora import Lora
+from .lora_fa import LoraFa
+from .lora_sb import LoraSb
+from .lora_xs import LoraXs
+from .rank1_sum import Rank1Sum
+from .vera import Vera
 
 #: Every method lorakit offers, by name.
 METHODS: dict[str, type[Adapter] | type[Full]] = {
     "lora": Lora,
     "dora": Dora,
     "full": Full,
+    "lora-fa": LoraFa,
+    "vera": Vera,
+    "rank1-sum": Rank1Sum,
+    "delta-lora": DeltaLora,
+    "lora-xs": LoraXs,
+    "lora-sb": LoraSb,
 }
 
 

@@ -129,6 +129,15 @@ class Adapter(nn.Module):
         """
         return []
 
+    def lr_groups(self) -> dict[str, list[nn.Parameter]]:
+        """This adapter's parameters split into the LoRA+ sides ``{"A": [...], "B": [...]}``.
+
+        LoRA+ (https://arxiv.org/abs/2402.12354) trains the output-side factor ("B") with a larger learning
+        rate; :func:`lorakit.param_groups` asks every adapter for this split instead of guessing from names.
+        Default: every parameter on the "A" side (plain learning rate).
+        """
+        return {"A": list(self.parameters()), "B": []}
+
     # --- the math --------------------------------------------------------------------------------------
     def delta_weight(self, base_weight: Tensor) -> Tensor:
         """The dense update ``dW`` (``(d_out, d_in)``, fp32) such that the layer computes ``W0 + dW``."""

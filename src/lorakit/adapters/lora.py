@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..kernels import LowRank, lowrank_linear
 from ..layers import AdaptedLayer, LayerInfo, LayerKind
 from .base import Adapter, AdapterConfig, cast
 
@@ -93,6 +94,28 @@ class Lora(Adapter):
     def delta_weight(self, base_weight: Tensor) -> Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale
 
+    def lr_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``lora_B`` is the LoRA+ "B" side; every other parameter (``lora_A``, and in subclasses such as
+        DoRA the magnitude ``m``, which holds the base rows' norms and rescales the whole base output, so a
+        ratio x larger step on it would move the pretrained function far more than one on ``B``) is "A"."""
+        b = [self.lora_B] if isinstance(self.lora_B, nn.Parameter) else []
+        return {"A": [p for p in self.parameters() if not any(p is q for q in b)], "B": b}
+
     def forward(self, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
         h = layer.project(self.dropout(x), self.lora_A) * self.scale  # (..., r): scale on the small side
         return torch.nn.functional.linear(h.to(base_out.dtype), cast(self.lora_B, base_out))
+
+    def lowrank(self, layer: AdaptedLayer) -> LowRank | None:
+        """The factors of ``dW = s B A`` for the fused path (:mod:`lorakit.kernels`), or ``None`` for a
+        subclass whose forward is not LoRA's (DoRA), which must not inherit this fast path."""
+        if type(self).forward is not Lora.forward:
+            return None
+        drop = self.dropout
+        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        return LowRank(self.lora_A, self.lora_B, scale=self.scale, dropout=p)
+
+    def fused_forward(self, x: Tensor, layer: AdaptedLayer) -> Tensor | None:
+        """``W0 x + bias + s B A dropout(x)`` in one autograd function (:func:`lorakit.kernels.lowrank_linear`):
+        saves ``x`` and ``A x`` only, and nothing for ``A``'s gradient when ``A`` is frozen."""
+        f = self.lowrank(layer)
+        return None if f is None else lowrank_linear(x, layer, f)
