@@ -1,0 +1,330 @@
+"""Fused adapter linears: the base GEMM and a low-rank update in one autograd function.
+
+Every method whose update is a product of small factors (LoRA, LoRA-FA, Delta-LoRA, VeRA, LoRA-XS/SB,
+rank1-sum) computes, for an input ``x`` (rows of ``X``, ``(N, d_in)``)::
+
+    h = dropout(x) A^T                      (N, r)
+    u = s * mid(h)                          mid(h) = h M^T (M: (r, r)), h * m (m: (r,)), or h
+    y = x W^T + bias + out * (u B^T)        out: an optional (d_out,) row scaling (VeRA's ``b``)
+
+i.e. ``dW = s * diag(out) B mid A``. :class:`LowRank` names those factors; :func:`lowrank_linear` evaluates
+the layer in one :class:`torch.autograd.Function` whose backward is written by hand, so that
+
+- frozen tensors (``W``, and ``A``/``B``/``M``/``out`` whenever they are buffers) get no gradient and cost
+  no GEMM;
+- it keeps only what the method's gradients need: ``x`` and ``h = A x`` for LoRA; ``h`` alone when ``A`` is
+  frozen (LoRA-FA, LoRA-XS, LoRA-SB, VeRA); no copy of the dropped-out input, ever;
+- the update is added to the base output in place (a rank-``r`` ``addmm`` epilogue, no ``(N, d_out)``
+  temporary) and runs in the input's dtype (adapter weights are cast, activations never go to fp32).
+
+Dropout stays on the input, as in the reference path (:meth:`lorakit.adapters.lora.Lora.forward`), so the two
+paths compute the same function: the mask is drawn with :func:`torch.nn.functional.dropout` on a tensor of
+ones of ``x``'s shape, which consumes the random generator exactly as ``nn.Dropout(x)`` does (same seed ->
+same mask, on CPU and CUDA), and only the mask is saved, as ``bool`` (1 byte per element instead of the
+reference's two ``(N, d_in)`` activations).
+
+The fast path is on by default; ``set_fused(False)`` (or ``LORAKIT_FUSED=0`` in the environment) turns every
+fused path off, which is how the tests compare it with the reference path on the same model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import Conv1D, LayerKind
+
+if TYPE_CHECKING:
+    from .layers import AdaptedLayer
+
+_ENABLED = os.environ.get("LORAKIT_FUSED", "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def set_fused(enabled: bool) -> None:
+    """Turn every fused adapter path on or off (process-wide)."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def fused_enabled() -> bool:
+    """Whether fused adapter paths are used."""
+    return _ENABLED
+
+
+@contextmanager
+def fused(enabled: bool) -> Iterator[None]:
+    """Context manager form of :func:`set_fused` that restores the previous setting."""
+    before = _ENABLED
+    set_fused(enabled)
+    try:
+        yield
+    finally:
+        set_fused(before)
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """The factors of ``dW = scale * diag(out) B mid A`` (see the module docstring).
+
+    A factor trains exactly when it ``requires_grad``; everything else is treated as frozen.
+
+    Attributes:
+        a: ``(r, d_in)``.
+        b: ``(d_out, r)``.
+        mid: ``None``, an ``(r, r)`` matrix ``M`` (LoRA-XS/SB's ``R``), or an ``(r,)`` vector (VeRA's ``d``,
+            rank1-sum's masked gates).
+        out: ``None`` or a ``(d_out,)`` vector scaling the update's rows (VeRA's ``b``).
+        scale: the scalar ``s``.
+        dropout: probability of dropping input elements; pass 0 when the adapter is in eval mode.
+    """
+
+    a: Tensor
+    b: Tensor
+    mid: Tensor | None = None
+    out: Tensor | None = None
+    scale: float = 1.0
+    dropout: float = 0.0
+
+
+def _mid(h: Tensor, mid: Tensor | None) -> Tensor:
+    """``mid(h)`` for ``h`` of shape ``(N, r)``."""
+    if mid is None:
+        return h
+    return h @ mid.t() if mid.dim() == 2 else h * mid
+
+
+def _scaled(t: Tensor, s: float) -> Tensor:
+    return t if s == 1.0 else t * s
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """``y = x W^T + bias + out * (s mid(dropout(x) A^T) B^T)`` on 2-D ``x``, with a hand-written backward.
+
+    ``h_pre`` replaces ``dropout(x) A^T`` when it was computed outside (one shared GEMM for projections that
+    read the same input, see :mod:`lorakit.speed`); ``a`` is then unused and its gradient flows through
+    ``h_pre``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, mid: Tensor | None,
+                b: Tensor, out: Tensor | None, h_pre: Tensor | None, scale: float, p: float) -> Tensor:
+        mask = None
+        if h_pre is not None:
+            h = h_pre
+        elif p > 0:
+            # Same generator draws as nn.Dropout(x): the mask does not depend on the values dropped.
+            noise = F.dropout(torch.ones_like(x), p, True)  # (N, d_in), entries 0 or 1/(1-p)
+            mask = noise.ne(0)
+            h = (x * noise) @ a.t()
+            del noise
+        else:
+            h = x @ a.t()  # (N, r)
+        u = _scaled(_mid(h, mid), scale)  # (N, r): the scale is applied on the small side
+        y = F.linear(x, weight, bias)  # (N, d_out): the base GEMM
+        if out is None:
+            y.addmm_(u, b.t())  # rank-r epilogue, in place
+        else:
+            y.addcmul_(u @ b.t(), out)
+
+        need = ctx.needs_input_grad
+        a_grad = h_pre is None and need[3]
+        keep_x = a_grad or need[1]  # only A's and W's gradients read x
+        keep_h = need[4] or need[5] or need[6]  # M's, B's and out's gradients read h
+        ctx.scale, ctx.p, ctx.pre = scale, p, h_pre is not None
+        ctx.mid_kind = None if mid is None else mid.dim()
+        ctx.save_for_backward(x if keep_x else None, h if keep_h else None,
+                              mask if (mask is not None and (a_grad or need[0])) else None,
+                              weight, a, mid, b, out)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        x, h, mask, weight, a, mid, b, out = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        s, p = ctx.scale, ctx.p
+        g_x = g_w = g_bias = g_a = g_mid = g_b = g_out = g_pre = None
+
+        gt = gy if out is None else gy * out  # gradient of t = u B^T, (N, d_out)
+        if need[5] or need[6]:
+            u = _scaled(_mid(h, mid), s)
+            if need[5]:
+                g_b = gt.t() @ u  # (d_out, r)
+            if need[6]:
+                # (d_out,): u B^T recomputed, never saved; reductions over N accumulate in fp32
+                g_out = (gy * (u @ b.t())).sum(0, dtype=torch.float32).to(out.dtype)
+        a_grad = not ctx.pre and need[3]
+        if need[0] or a_grad or need[4] or need[7]:
+            gu = _scaled(gt @ b, s)  # (N, r)
+            if need[4]:
+                g_mid = gu.t() @ h if ctx.mid_kind == 2 else (gu * h).sum(0, dtype=torch.float32).to(mid.dtype)
+            gh = gu if mid is None else (gu @ mid if ctx.mid_kind == 2 else gu * mid)  # (N, r)
+            if need[7]:
+                g_pre = gh
+            if a_grad:
+                xd = x if mask is None else x * mask * (1.0 / (1.0 - p))
+                g_a = gh.t() @ xd  # (r, d_in)
+            if need[0]:
+                g_x = gy @ weight  # (N, d_in): input gradient of the base GEMM
+                if not ctx.pre:
+                    if mask is None:
+                        g_x.addmm_(gh, a)
+                    else:
+                        g_x.add_((gh @ a) * mask, alpha=1.0 / (1.0 - p))
+        if need[1]:
+            g_w = gy.t() @ x
+        if need[2]:
+            g_bias = gy.sum(0, dtype=torch.float32).to(gy.dtype)
+        return g_x, g_w, g_bias, g_a, g_mid, g_b, g_out, g_pre, None, None
+
+
+def supports(layer: AdaptedLayer, x: Tensor) -> bool:
+    """Whether :func:`lowrank_linear` can replace ``layer``'s plain forward for input ``x``.
+
+    Only plain ``nn.Linear`` / GPT-2 ``Conv1D`` bases without hooks (a subclass such as a quantized linear
+    has its own forward), floating inputs of the weight's dtype, and no autocast (whose casts the fused
+    function would not reproduce).
+    """
+    base = layer.base
+    if layer.kind is LayerKind.LINEAR:
+        plain = type(base) is nn.Linear
+    else:
+        plain = layer.kind is LayerKind.CONV1D and Conv1D is not None and type(base) is Conv1D
+    return (plain and not base._forward_hooks and not base._forward_pre_hooks
+            and x.is_floating_point() and x.dtype == layer.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def lowrank_linear(x: Tensor, layer: AdaptedLayer, f: LowRank, h: Tensor | None = None) -> Tensor | None:
+    """``layer``'s whole output ``(W0 + s diag(out) B mid A) x + bias`` in one fused op.
+
+    Args:
+        x: the layer input, ``(..., d_in)``.
+        layer: the adapted layer (its base supplies ``W0`` and the bias).
+        f: the adapter's factors (fp32 or any dtype: they are cast to ``x``'s dtype, autograd casts the
+            gradients back).
+        h: ``dropout(x) A^T`` already computed, ``(..., r)`` (shared-input grouping); ``f.a`` is then unused.
+
+    Returns:
+        ``(..., d_out)``, or ``None`` when the fused path is off or does not apply (the caller then runs
+        the reference path).
+    """
+    if not _ENABLED or not supports(layer, x):
+        return None
+    group = layer.__dict__.get("_lorakit_group")
+    if h is None and group is not None:
+        h = group.lookup(layer, x)
+    dt = x.dtype
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+    h2 = None if h is None else h.reshape(-1, h.shape[-1])  # (N, r)
+    bias = layer.bias
+    mid = None if f.mid is None else f.mid.to(dt)
+    out = None if f.out is None else f.out.to(dt)
+    a = f.a if h2 is not None else f.a.to(dt)  # unused (no cast) when h is given
+    y = _LowRankLinear.apply(x2, layer.weight, None if bias is None else bias.to(dt), a, mid, f.b.to(dt), out,
+                             h2, float(f.scale), float(f.dropout) if h2 is None else 0.0)
+    return y.view(*lead, y.shape[-1])  # (..., d_out)
+
+
+# --- fused linear + cross-entropy -----------------------------------------------------------------------------
+def _ce_chunk_rows(vocab: int) -> int:
+    """Rows per chunk so that one chunk's fp32 logits stay near 32M elements (128 MiB)."""
+    return max(64, (1 << 25) // max(vocab, 1))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``h W^T + bias`` against ``target`` without materialising all the logits.
+
+    The logits are computed chunk by chunk (``(c, V)`` at a time, in fp32 as Hugging Face's loss does), and
+    the gradients are formed right away in forward (``dlogits = (softmax - onehot) / n_valid``), so backward
+    only rescales them by the incoming scalar. ``W``'s gradient is accumulated only when ``W`` trains (a frozen
+    or tied-and-frozen output head costs no ``(V, H)`` GEMM).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
+                chunk: int) -> Tensor:
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        valid = target.ne(ignore_index)  # (N,)
+        inv = 1.0 / valid.sum().clamp(min=1).to(torch.float32)  # mean over counted tokens (no host sync)
+        g_h = torch.empty_like(h) if need_h else None
+        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        g_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            hc, vc = h[i:i + chunk], valid[i:i + chunk]  # (c, H), (c,)
+            tc = target[i:i + chunk].masked_fill(~vc, 0).unsqueeze(1)  # (c, 1), a valid index everywhere
+            logits = F.linear(hc, weight, bias).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            total += ((lse - logits.gather(1, tc).squeeze(1)) * vc).sum()
+            if need_h or need_w or need_b:
+                p = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+                p.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=p.dtype))  # minus the one-hot target
+                p.mul_((vc * inv).unsqueeze(1))  # ignored rows get no gradient
+                gl = p.to(h.dtype)  # (c, V)
+                if need_h:
+                    torch.mm(gl, weight, out=g_h[i:i + chunk])
+                if need_w:
+                    g_w += gl.t() @ hc
+                if need_b:
+                    g_b += p.sum(0)
+        ctx.save_for_backward(g_h, g_w, g_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total * inv
+
+    @staticmethod
+    def backward(ctx: Any, go: Tensor) -> tuple[Tensor | None, ...]:
+        g_h, g_w, g_b = ctx.saved_tensors
+        w_dt, b_dt = ctx.dtypes
+        return (None if g_h is None else g_h * go.to(g_h.dtype),
+                None if g_w is None else (g_w * go).to(w_dt),
+                None if g_b is None else (g_b * go).to(b_dt), None, None, None)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
+                         ignore_index: int = -100, shift: bool = True, chunk: int | None = None) -> Tensor:
+    """Causal-LM loss ``mean CE(hidden W^T + bias, labels)`` without the ``(N, V)`` logits tensor.
+
+    Equals Hugging Face's ``ForCausalLMLoss`` (labels shifted left by one, fp32 logits, mean over tokens
+    whose label is not ``ignore_index``). On CUDA it uses Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss``
+    when ``liger-kernel`` is installed (``pip install lorakit[gpu]``); otherwise a chunked PyTorch version
+    (:class:`_LinearCrossEntropy`). Neither computes the head weight's gradient when it is frozen.
+
+    Args:
+        hidden: final hidden states ``(..., T, H)``.
+        weight: output head ``(V, H)``.
+        labels: token ids ``(..., T)`` (the same tensor as the inputs for plain LM training).
+        bias: optional head bias ``(V,)``.
+        shift: predict token ``t + 1`` from position ``t`` (``False`` when labels are already aligned).
+        chunk: rows per chunk of the PyTorch version (default: ~128 MiB of fp32 logits per chunk).
+    """
+    if shift:
+        labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (..., T): position t predicts t + 1
+    h2 = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    t2 = labels.reshape(-1).to(h2.device)  # (N,)
+    liger = _liger() if h2.is_cuda else None
+    if liger is not None:
+        return liger(ignore_index=ignore_index, reduction="mean")(weight, h2, t2, bias)
+    rows = chunk if chunk is not None else _ce_chunk_rows(weight.shape[0])
+    return _LinearCrossEntropy.apply(h2, weight, bias, t2, ignore_index, int(rows))
+
+
+_LIGER: list[Any] = []  # [class or None] once looked up
+
+
+def _liger() -> Any:
+    """Liger-Kernel's fused linear cross-entropy class, or ``None`` if the optional extra is missing."""
+    if not _LIGER:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except Exception:  # not installed, or no Triton on this machine
+            LigerFusedLinearCrossEntropyLoss = None  # noqa: N806
+        _LIGER.append(LigerFusedLinearCrossEntropyLoss)
+    return _LIGER[0]

@@ -1,0 +1,383 @@
+"""Fast paths == reference paths: fused adapter linears, shared-input grouping, torch.compile, checkpointing,
+fused linear cross-entropy, and a smoke run of ``lorakit bench``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import lorakit
+from lorakit import kernels, speed
+from lorakit.kernels import LowRank, lowrank_linear
+from lorakit.layers import AdaptedLayer
+
+from .conftest import batch_for, tiny_gpt2, tiny_llama
+from .test_contract import CASES, _perturb
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+class _Spy:
+    """Counts calls of the fused autograd function."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = kernels._LowRankLinear.apply
+
+        def apply(*args: object) -> Tensor:
+            self.calls += 1
+            return real(*args)
+
+        monkeypatch.setattr(kernels._LowRankLinear, "apply", apply)
+
+
+# --- the fused op against the plain formula, for every kind of factor -------------------------------------------
+#: name -> (A trains, B trains, mid: None | "matrix" | "vector", out vector)
+FACTORS = {
+    "lora": (True, True, None, False),
+    "lora-fa": (False, True, None, False),
+    "lora-xs": (False, False, "matrix", False),
+    "vera": (False, False, "vector", True),
+    "rank1-sum": (True, True, "vector", False),
+}
+
+
+def _factors(kind: str, d_in: int, d_out: int, r: int, p: float) -> LowRank:
+    a_tr, b_tr, mid, out = FACTORS[kind]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(r, d_in, generator=g).requires_grad_(a_tr)
+    b = torch.randn(d_out, r, generator=g).requires_grad_(b_tr)
+    m = None if mid is None else torch.randn((r, r) if mid == "matrix" else (r,), generator=g).requires_grad_()
+    o = torch.randn(d_out, generator=g).requires_grad_() if out else None
+    return LowRank(a, b, m, o, scale=0.7, dropout=p)
+
+
+def _formula(x: Tensor, w: Tensor, bias: Tensor, f: LowRank, mask: Tensor | None) -> Tensor:
+    """The plain formula in fp32: ``x W^T + bias + out * (s mid(dropout(x) A^T) B^T)``."""
+    xd = x if mask is None else x * mask / (1 - f.dropout)
+    h = xd @ f.a.t()
+    if f.mid is not None:
+        h = h @ f.mid.t() if f.mid.dim() == 2 else h * f.mid
+    t = (h * f.scale) @ f.b.t()
+    return x @ w.t() + bias + (t if f.out is None else t * f.out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["nodrop", "dropout"])
+@pytest.mark.parametrize("kind", sorted(FACTORS))
+def test_fused_op_matches_formula(kind: str, p: float, dtype: torch.dtype) -> None:
+    """Forward and every gradient; frozen factors get none. bf16 is compared with the fp32 formula."""
+    d_in, d_out, r = 48, 40, 6
+    layer = AdaptedLayer(nn.Linear(d_in, d_out)).requires_grad_(False)
+    layer.base.to(dtype)
+    f = _factors(kind, d_in, d_out, r, p)
+    x = torch.randn(3, 7, d_in).to(dtype).requires_grad_()
+    gy = torch.randn(3, 7, d_out).to(dtype)
+
+    torch.manual_seed(11)
+    y = lowrank_linear(x, layer, f)
+    assert y is not None and y.dtype == dtype
+    y.backward(gy)
+    tensors = {"x": x, "a": f.a, "b": f.b, "mid": f.mid, "out": f.out}
+    got = {k: t.grad for k, t in tensors.items() if t is not None}
+    for t in tensors.values():
+        if t is not None:
+            t.grad = None
+
+    torch.manual_seed(11)  # same draws as the fused op: the mask nn.Dropout would use on an x of this dtype
+    mask = F.dropout(torch.ones(x.shape, dtype=dtype), p, True).ne(0).float() if p else None
+    xr = x.detach().float().requires_grad_()
+    ref = _formula(xr, layer.base.weight.float(), layer.base.bias.float(), f, mask)
+    ref.backward(gy.float())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert _rel(y, ref) < tol
+    assert _rel(got["x"], xr.grad) < tol
+    for k in ("a", "b", "mid", "out"):
+        t = tensors[k]
+        if t is None:
+            continue
+        if t.requires_grad:
+            assert _rel(got[k], t.grad) < tol, k
+        else:
+            assert got[k] is None, f"{k} is frozen but got a gradient"
+
+
+def _saved_bytes(fn: Callable[[], Tensor], exclude: list[Tensor]) -> int:
+    own = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize(("kind", "p", "expected"), [
+    ("lora", 0.0, lambda n, d, r: 4 * n * (d + r)),  # x and A x
+    ("lora-fa", 0.0, lambda n, d, r: 4 * n * r),  # A x alone
+    ("lora-xs", 0.0, lambda n, d, r: 4 * n * r),
+    ("lora", 0.3, lambda n, d, r: 4 * n * (d + r) + n * d),  # + the mask as bool
+    ("lora-fa", 0.3, lambda n, d, r: 4 * n * r + n * d),
+])
+def test_fused_op_keeps_only_what_gradients_need(kind: str, p: float, expected: Callable[..., int]) -> None:
+    n, d, r = 64, 96, 4
+    layer = AdaptedLayer(nn.Linear(d, 80)).requires_grad_(False)
+    f = _factors(kind, d, 80, r, p)
+    x = torch.randn(n, d, requires_grad=True)
+    weights = [layer.base.weight, layer.base.bias, *(t for t in (f.a, f.b, f.mid, f.out) if t is not None)]
+    assert _saved_bytes(lambda: lowrank_linear(x, layer, f), weights) == expected(n, d, r)
+
+
+# --- every registered method: fused model == reference model --------------------------------------------------
+def _layer_methods() -> list[str]:
+    return sorted(m for m, cls in lorakit.METHODS.items() if isinstance(cls, type)
+                  and issubclass(cls, lorakit.Adapter))
+
+
+def _grads(model: nn.Module, batch: dict[str, Tensor], seed: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    torch.manual_seed(seed)
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _attached(method: str, dropout: float = 0.0, names: tuple[str, ...] = ("default",)) -> nn.Module:
+    case = CASES[method]
+    model = tiny_llama()
+    opts = dict(case.options)
+    if dropout:
+        opts["dropout"] = dropout
+    for i, name in enumerate(names):
+        lorakit.attach(model, method, name=name, **opts, **case.runtime(model))
+        _perturb(model, seed=3 + i)
+    lorakit.set_active(model, list(names))
+    return model.train()
+
+
+def _assert_same(a: tuple[Tensor, dict[str, Tensor]], b: tuple[Tensor, dict[str, Tensor]],
+                 tol: float = 1e-5) -> None:
+    assert _rel(a[0], b[0]) < tol
+    assert a[1].keys() == b[1].keys() and a[1]
+    for k in b[1]:
+        assert _rel(a[1][k], b[1][k]) < tol, k
+
+
+@pytest.mark.parametrize("method", _layer_methods())
+def test_fused_model_equals_reference(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    has_dropout = "dropout" in lorakit.METHODS[method].config_cls.model_fields
+    for dropout in (0.0, 0.1) if has_dropout else (0.0,):
+        try:
+            model = _attached(method, dropout)
+        except lorakit.ConfigError:  # a method may refuse dropout (Delta-LoRA)
+            continue
+        batch = batch_for(model)
+        with kernels.fused(False):
+            ref = _grads(model, batch)
+        spy = _Spy(monkeypatch)
+        _assert_same(_grads(model, batch), ref)
+        if method == "lora":
+            assert spy.calls == 14  # 7 projections x 2 layers went through the fused op
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("method", _layer_methods())
+def test_fused_layer_in_bf16_matches_fp32_reference(method: str) -> None:
+    """A bf16 base with fp32 adapter weights (how lorakit attaches to a bf16 model) against fp32."""
+    model = _attached(method)
+    layer = model.model.layers[0].mlp.up_proj
+    adapter = layer.adapters["default"]
+    # inputs and base weight exactly representable in bf16: only the arithmetic differs
+    x = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(2)).bfloat16().float().requires_grad_()
+    gy = torch.randn(4, 8, 48, generator=torch.Generator().manual_seed(3)).bfloat16().float()
+    layer.base.to(torch.bfloat16).float()
+    params = [p for p in adapter.parameters() if p.requires_grad]
+
+    def run() -> list[Tensor]:
+        y = layer(x.to(layer.weight.dtype))
+        grads = torch.autograd.grad(y, [x, *params], gy.to(y.dtype))
+        return [y, *grads]
+
+    with kernels.fused(False):
+        ref = run()
+    layer.base.to(torch.bfloat16)
+    got = run()
+    assert got[0].dtype == torch.bfloat16
+    for a, b in zip(got, ref, strict=True):
+        assert _rel(a, b) < 1e-2
+
+
+def test_fused_conv1d_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT-2's Conv1D (transposed weight, bias) through the fused op."""
+    model = tiny_gpt2()
+    lorakit.attach(model, "lora", r=4, dropout=0.1)
+    _perturb(model)
+    model.train()
+    batch = batch_for(model)
+    with kernels.fused(False):
+        ref = _grads(model, batch)
+    spy = _Spy(monkeypatch)
+    _assert_same(_grads(model, batch), ref)
+    assert spy.calls > 0
+
+
+@pytest.mark.parametrize("method", ["lora", "lora-fa"])
+def test_several_active_adapters_use_the_plain_path(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if method not in lorakit.METHODS:
+        pytest.skip(f"{method} is not registered")
+    model = _attached(method, names=("one", "two"))
+    batch = batch_for(model)
+    with kernels.fused(False):
+        ref = _grads(model, batch)
+    spy = _Spy(monkeypatch)
+    _assert_same(_grads(model, batch), ref)
+    assert spy.calls == 0
+
+
+def test_grouped_projections_equal_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _attached("lora")
+    batch = batch_for(model)
+    with kernels.fused(False):
+        ref = _grads(model, batch)
+    assert speed.group_projections(model) == 4  # (q, k, v) and (gate, up) in each of 2 layers
+    shared = []
+    real = speed.ProjectionGroup.lookup
+    monkeypatch.setattr(speed.ProjectionGroup, "lookup",
+                        lambda self, layer, x: shared.append(real(self, layer, x)) or shared[-1])
+    _assert_same(_grads(model, batch), ref)
+    assert len(shared) == 10 and all(h is not None for h in shared)
+    assert all(g._x is None for g in {m.__dict__["_lorakit_group"] for m in model.modules()
+                                        if "_lorakit_group" in m.__dict__})  # nothing kept after forward
+    # dropout: one shared mask would change the function, so the members fall back to their own GEMM
+    for _, layer in lorakit.model.adapted_layers(model):
+        layer.adapters["default"].dropout = nn.Dropout(0.1)
+    shared.clear()
+    with kernels.fused(False):
+        ref = _grads(model, batch)
+    _assert_same(_grads(model, batch), ref)
+    assert shared and all(h is None for h in shared)
+    speed.ungroup_projections(model)
+    assert not any("_lorakit_group" in m.__dict__ for m in model.modules())
+
+
+# --- torch.compile and checkpointing ---------------------------------------------------------------------------
+def test_compile_fullgraph_adapted_layer_and_decoder_layer() -> None:
+    """No graph break in the adapter path (``aot_eager``: traces forward and backward, skips C++ codegen)."""
+    torch._dynamo.reset()
+    model = _attached("lora")
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().sum().backward()
+    got = (y.detach(), x.grad, layer.adapters["default"].lora_A.grad, layer.adapters["default"].lora_B.grad)
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    with kernels.fused(False):
+        y_ref = layer(x)
+    y_ref.square().sum().backward()
+    ref = (y_ref.detach(), x.grad, layer.adapters["default"].lora_A.grad, layer.adapters["default"].lora_B.grad)
+    for a, b in zip(got, ref, strict=True):
+        assert _rel(a, b) < 1e-5
+    # a whole decoder layer, shared-input groups installed, compiles as one graph too
+    speed.group_projections(model)
+    dec = model.model.layers[1]
+    h = torch.randn(2, 8, 32)
+    pos = model.model.rotary_emb(h, torch.arange(8)[None])
+    explained = torch._dynamo.explain(dec)(h, position_embeddings=pos, attention_mask=None)
+    assert explained.graph_break_count == 0
+
+
+def test_compile_layers_compiles_each_decoder_layer() -> None:
+    model = tiny_llama()
+    assert speed.decoder_layers(model) == list(model.model.layers)
+    assert speed.compile_layers(model, backend="eager") == 2
+    with pytest.raises(lorakit.ConfigError, match="no decoder layers"):
+        speed.compile_layers(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("method", sorted(lorakit.METHODS))
+def test_checkpointing_gives_the_same_gradients(method: str) -> None:
+    model = _attached(method)
+    batch = batch_for(model)
+    ref = _grads(model, batch)
+    speed.enable_checkpointing(model)
+    _assert_same(_grads(model, batch), ref)
+
+
+# --- fused linear cross-entropy ------------------------------------------------------------------------------
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_linear_cross_entropy_matches_plain_loss(head_trains: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 11, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g).requires_grad_(head_trains)
+    bias = torch.randn(50, generator=g).requires_grad_(head_trains)
+    labels = torch.randint(0, 50, (3, 11), generator=g)
+    labels[0, :4] = -100
+    loss = kernels.linear_cross_entropy(h, w, labels, bias, chunk=7)  # several chunks, one ragged
+    loss.backward()
+    got = (h.grad, w.grad, bias.grad)
+    h.grad = w.grad = bias.grad = None
+    logits = (h @ w.t() + bias)[:, :-1].reshape(-1, 50)
+    ref = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    ref.backward()
+    assert _rel(loss, ref) < 1e-6 and _rel(got[0], h.grad) < 1e-5
+    if head_trains:
+        assert _rel(got[1], w.grad) < 1e-5 and _rel(got[2], bias.grad) < 1e-5
+    else:
+        assert got[1] is None and got[2] is None
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_causal_lm_loss_equals_model_loss(method: str) -> None:
+    model = _attached(method)
+    batch = batch_for(model, seq=12)
+    batch["labels"][0, :5] = -100
+    with kernels.fused(False):
+        ref = _grads(model, batch)
+    torch.manual_seed(0)
+    loss = speed.causal_lm_loss(model, batch["input_ids"], batch["labels"])
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    _assert_same((loss.detach(), got), ref)
+
+
+def test_set_fused_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _attached("lora")
+    spy = _Spy(monkeypatch)
+    with kernels.fused(False):
+        assert not kernels.fused_enabled()
+        model(**batch_for(model))
+    assert spy.calls == 0 and kernels.fused_enabled()
+
+
+# --- bench --------------------------------------------------------------------------------------------------
+def test_bench_smoke(tmp_path) -> None:
+    from lorakit.bench import main, run_bench
+
+    out = tmp_path / "r.json"
+    res = run_bench("cpu", ["lora", "lora-fa", "full"], compare_peft=True, out=out, workload="tiny", steps=1,
+                    warmup=0, quiet=True)
+    saved = json.loads(out.read_text())
+    assert saved["ratios"] == res["ratios"]
+    names = [r["name"] for r in saved["rows"]]
+    assert names[:4] == ["floor", "lora", "lora[plain]", "peft:lora"] and "full" in names
+    assert not [r for r in saved["rows"] if r["error"]]
+    for key in ("lora_vs_peft", "lora_vs_floor", "lora_mem_vs_peft"):
+        assert saved["ratios"][key] > 0
+    assert saved["versions"]["torch"] and saved["device"]["name"]
+    with pytest.raises(SystemExit):
+        main(["--methods", "nope", "--workload", "tiny"])
