@@ -144,17 +144,11 @@ def test_training_lowers_loss(case: Case, model_name: str) -> None:
     callbacks = lorakit.training_callbacks(model, opt, total_steps=8)
     losses = []
     for _ in range(8):
-        loss = model(**batch).loss
-        for cb in callbacks:
-            reg = cb.regularizer()
-            if reg is not None:
-                loss = loss + reg
+        loss = callbacks.regularize(model(**batch).loss)
         losses.append(loss.item())
         loss.backward()
-        for cb in callbacks:
-            cb.before_step()
+        callbacks.before_step()
         opt.step()
-        for cb in callbacks:
-            cb.step()
+        callbacks.step()
         opt.zero_grad()
     assert losses[-1] < losses[0]

@@ -47,16 +47,10 @@ def train_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], steps: i
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     callbacks = lorakit.training_callbacks(model, opt, total_steps=steps)
     for _ in range(steps):
-        loss = model(**batch).loss
-        for cb in callbacks:
-            reg = cb.regularizer()
-            loss = loss if reg is None else loss + reg
-        loss.backward()
-        for cb in callbacks:
-            cb.before_step()
+        callbacks.regularize(model(**batch).loss).backward()
+        callbacks.before_step()
         opt.step()
-        for cb in callbacks:
-            cb.step()
+        callbacks.step()
         opt.zero_grad()
     model.eval()
 

@@ -6,17 +6,11 @@ callback) drives them the same way::
 
     callbacks = lorakit.training_callbacks(model, optimizer, total_steps=1000)
     for batch in data:
-        loss = model(**batch).loss
-        for cb in callbacks:
-            reg = cb.regularizer()
-            if reg is not None:
-                loss = loss + reg
+        loss = callbacks.regularize(model(**batch).loss)   # adds every regularizer
         loss.backward()
-        for cb in callbacks:
-            cb.before_step()   # gradients are available here; they are cleared after the step
+        callbacks.before_step()   # gradients are available here
         optimizer.step()
-        for cb in callbacks:
-            cb.step()
+        callbacks.step()          # after the update, before the gradients are cleared
         optimizer.zero_grad()
 """
 
@@ -48,13 +42,33 @@ class TrainingCallback:
         """Restore what :meth:`state_dict` returned."""
 
 
+class Callbacks(list[TrainingCallback]):
+    """A list of callbacks driven as one: each call runs the same hook of every member, in order."""
+
+    def regularize(self, loss: Tensor) -> Tensor:
+        """``loss`` plus every member's :meth:`~TrainingCallback.regularizer` term."""
+        for cb in self:
+            reg = cb.regularizer()
+            if reg is not None:
+                loss = loss + reg
+        return loss
+
+    def before_step(self) -> None:
+        for cb in self:
+            cb.before_step()
+
+    def step(self) -> None:
+        for cb in self:
+            cb.step()
+
+
 def training_callbacks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                       total_steps: int) -> list[TrainingCallback]:
+                       total_steps: int) -> Callbacks:
     """The callbacks every active adapter's method needs for training (empty for most methods)."""
     from .adapters import Adapter, get_method
     from .model import _record, active_adapters
 
-    out: list[TrainingCallback] = []
+    out = Callbacks()
     for name in active_adapters(model):
         rec = _record(model, name)
         cls = get_method(rec.method)

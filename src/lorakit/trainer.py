@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed, kernels, speed
 from .adapters import get_method
-from .callbacks import TrainingCallback, training_callbacks
+from .callbacks import Callbacks, TrainingCallback, training_callbacks
 from .checkpoint import (
     RUN_FILE,
     latest_checkpoint,
@@ -105,7 +105,7 @@ class _Run:
     sched: Any
     scaler: torch.amp.GradScaler
     own_callbacks: list[TrainingCallback]  # the method's (checkpointed)
-    callbacks: list[TrainingCallback]  # the method's, then the user's
+    callbacks: Callbacks  # the method's, then the user's
     metrics: MetricsLogger
     pos: _Position
     result: FitResult
@@ -354,7 +354,7 @@ class Trainer:
         metrics = MetricsLogger(out, tensorboard=cfg.output.tensorboard,
                                 resume_step=pos.step if ckpt is not None else None) \
             if self.dist.is_main else distributed.NullMetrics()
-        run = _Run(order, total, opt, sched, scaler, own, own + self.extra_callbacks, metrics, pos,
+        run = _Run(order, total, opt, sched, scaler, own, Callbacks(own + self.extra_callbacks), metrics, pos,
                    FitResult(pos.step, total, out, None, ckpt))
         try:
             if ckpt is None:
@@ -414,11 +414,7 @@ class Trainer:
             tokens += n_tokens
             batch = self._to_device(batch)
             with self._autocast():
-                loss = self._forward(batch, sync=i == t.grad_accum - 1) * weight
-                for cb in run.callbacks:
-                    reg = cb.regularizer()
-                    if reg is not None:
-                        loss = loss + reg
+                loss = run.callbacks.regularize(self._forward(batch, sync=i == t.grad_accum - 1) * weight)
             loss_sum += loss.detach().float()
             run.scaler.scale(loss / t.grad_accum).backward()
         self._forward.finish()
@@ -431,12 +427,10 @@ class Trainer:
         run.scaler.unscale_(run.opt)
         params = [p for g in run.opt.param_groups for p in g["params"]]  # re-read: pruning may swap tensors
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
-        for cb in run.callbacks:
-            cb.before_step()
+        run.callbacks.before_step()
         run.scaler.step(run.opt)
         run.scaler.update()
-        for cb in run.callbacks:
-            cb.step()  # after the update, before zero_grad: the rank pruner reads the gradients
+        run.callbacks.step()  # after the update, before zero_grad: the rank pruner reads the gradients
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)
         run.pos.step += 1
