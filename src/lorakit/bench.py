@@ -73,6 +73,7 @@ WORKLOADS: dict[str, Workload] = {
 BENCH_OPTIONS: dict[str, dict[str, Any]] = {
     "vera": {"r": 256},
     "rank1-sum": {"r_init": 16},
+    "delta-lora": {"r": 16, "alpha": 32.0, "delta_start": 0},  # the base update runs in every measured step
     "full": {},
 }
 #: Methods PEFT implements, and the PEFT config that matches lorakit's benchmark options.

@@ -1,0 +1,350 @@
+"""Summary statistics of a comparison and the verdicts on the method papers' claims.
+
+Every claim is checked with the numbers of ``results.json`` and gets a verdict: ``supported``,
+``refuted`` or ``inconclusive (why)``. The decision rules are fixed here, before any run, and printed in the
+report next to each verdict, so a claim our numbers refute is reported as refuted:
+
+* **Task quality** is judged on two metrics: exact-match accuracy (higher is better) and the eval loss on the
+  completions (lower is better). A difference counts only beyond its noise margin: for accuracy
+  ``2 sqrt(p1 (1-p1)/n1 + p2 (1-p2)/n2)`` (binomial, ``n`` = examples x seeds, ``p`` smoothed as
+  ``(correct+1)/(n+2)``); for a loss ``max(2 sqrt(s1^2/k1 + s2^2/k2), 1% of the loss)`` with ``s`` the spread
+  over ``k`` seeds. Accuracy is left out when both are below 5% (floor).
+* "A beats B": supported if a metric is better beyond noise and none is worse; refuted if one is worse and
+  none better; otherwise inconclusive. "A matches B": the same, except that both metrics within noise is
+  supported (a match).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+#: Logged training losses averaged for "final train loss", and the smoothing window of the LoRA+ check.
+TAIL = 10
+ACC_FLOOR = 0.05
+LOSS_REL_TOL = 0.01
+
+
+# --- summary --------------------------------------------------------------------------------------------------
+def _stat(values: Sequence[float]) -> dict[str, Any] | None:
+    vals = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    if not vals:
+        return None
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "min": min(vals), "max": max(vals), "n": len(vals), "values": vals}
+
+
+def final_train_loss(run: dict[str, Any]) -> float | None:
+    """Mean of the last :data:`TAIL` logged training losses (one step's loss is one batch's noise)."""
+    losses = [loss for _, loss in run.get("train_loss") or []]
+    return statistics.fmean(losses[-TAIL:]) if losses else None
+
+
+def run_metrics(run: dict[str, Any], base: dict[str, Any] | None) -> dict[str, float | None]:
+    """The per-run numbers of the report table (``forgetting`` relative to the base model)."""
+    base = base or {}
+    heldout, base_heldout = run.get("heldout_loss"), base.get("heldout_loss")
+    before, peak = run.get("rss_before_train_bytes"), run.get("peak_rss_bytes")
+    return {
+        "trainable_params": run.get("trainable_params"),
+        "adapter_bytes": run.get("adapter_bytes"),
+        "final_train_loss": final_train_loss(run),
+        "eval_loss": run.get("eval_loss"),
+        "accuracy": run.get("accuracy"),
+        "correct": run.get("correct"),
+        "examples": run.get("examples"),
+        "forgetting": heldout - base_heldout if heldout is not None and base_heldout is not None else None,
+        "heldout_loss": heldout,
+        "step_time_s": run.get("step_time_s"),
+        "peak_rss_bytes": run.get("peak_rss_bytes"),
+        "train_rss_increase_bytes": peak - before if peak is not None and before is not None else None,
+        "peak_gpu_bytes": run.get("peak_gpu_bytes"),
+        "saved_activation_bytes": run.get("saved_activation_bytes"),
+    }
+
+
+def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{label: {metric: stat or None, "runs": n_ok, "failed": [errors]}}`` over the seeds of each label."""
+    out: dict[str, dict[str, Any]] = {}
+    for label in results["labels"]:
+        runs = [r for r in results["runs"] if r["label"] == label]
+        ok = [r for r in runs if r.get("ok")]
+        per_run = [run_metrics(r, results.get("base")) for r in ok]
+        entry: dict[str, Any] = {"runs": len(ok), "failed": [r.get("error", "?") for r in runs if not r.get("ok")]}
+        keys = per_run[0].keys() if per_run else run_metrics({}, None).keys()
+        for key in keys:
+            entry[key] = _stat([m[key] for m in per_run if m[key] is not None])
+        out[label] = entry
+    return out
+
+
+def mean_curve(results: dict[str, Any], label: str) -> list[tuple[int, float]]:
+    """The training-loss curve of ``label`` averaged over its seeds (steps every seed logged)."""
+    curves = [dict((int(s), float(v)) for s, v in r.get("train_loss") or [])
+              for r in results["runs"] if r["label"] == label and r.get("ok")]
+    if not curves:
+        return []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return [(s, statistics.fmean(c[s] for c in curves)) for s in steps]
+
+
+def smooth(curve: Sequence[tuple[int, float]], window: int = TAIL) -> list[tuple[int, float]]:
+    """Trailing mean over ``window`` points (the first points average what exists)."""
+    out, vals = [], [v for _, v in curve]
+    for i, (s, _) in enumerate(curve):
+        chunk = vals[max(0, i - window + 1):i + 1]
+        out.append((s, statistics.fmean(chunk)))
+    return out
+
+
+# --- comparisons ------------------------------------------------------------------------------------------------
+def _mean(summary: dict[str, Any], label: str, key: str) -> float | None:
+    s = summary.get(label, {}).get(key)
+    return s["mean"] if s else None
+
+
+def compare_accuracy(summary: dict[str, Any], a: str, b: str) -> dict[str, Any] | None:
+    """``a`` vs ``b`` in accuracy: ``{"diff", "margin", "outcome"}`` (better/worse/tie), ``None`` if unusable."""
+    sa, sb = summary.get(a, {}), summary.get(b, {})
+    if not (sa.get("accuracy") and sb.get("accuracy") and sa.get("correct") and sb.get("correct")):
+        return None
+    pa, pb = sa["accuracy"]["mean"], sb["accuracy"]["mean"]
+    if max(pa, pb) < ACC_FLOOR:
+        return {"diff": pa - pb, "margin": None, "outcome": "floor"}
+    na = sum(sa["examples"]["values"])
+    nb = sum(sb["examples"]["values"])
+    qa = (sum(sa["correct"]["values"]) + 1) / (na + 2)
+    qb = (sum(sb["correct"]["values"]) + 1) / (nb + 2)
+    margin = 2 * math.sqrt(qa * (1 - qa) / na + qb * (1 - qb) / nb)
+    return _outcome(pa - pb, margin, higher_better=True)
+
+
+def compare_loss(summary: dict[str, Any], a: str, b: str, key: str = "eval_loss") -> dict[str, Any] | None:
+    """``a`` vs ``b`` on a loss (lower is better), margin ``max(2 x seed spread, 1%)``."""
+    sa, sb = summary.get(a, {}).get(key), summary.get(b, {}).get(key)
+    if not sa or not sb:
+        return None
+    spread = 2 * math.sqrt(sa["std"] ** 2 / sa["n"] + sb["std"] ** 2 / sb["n"])
+    margin = max(spread, LOSS_REL_TOL * abs(sb["mean"]))
+    return _outcome(sa["mean"] - sb["mean"], margin, higher_better=False)
+
+
+def _outcome(diff: float, margin: float, *, higher_better: bool) -> dict[str, Any]:
+    signed = diff if higher_better else -diff
+    outcome = "better" if signed > margin else "worse" if signed < -margin else "tie"
+    return {"diff": diff, "margin": margin, "outcome": outcome}
+
+
+def quality_verdict(summary: dict[str, Any], a: str, b: str, *, kind: str) -> tuple[str, str]:
+    """``(verdict, numbers)`` for "``a`` beats ``b``" (``kind="beats"``) or "``a`` matches ``b``"."""
+    acc, loss = compare_accuracy(summary, a, b), compare_loss(summary, a, b)
+    parts, outcomes = [], []
+    if acc is not None and acc["outcome"] == "floor":
+        parts.append(f"accuracy {100 * acc['diff']:+.1f} points (both below {ACC_FLOOR:.0%}: not used)")
+    elif acc is not None:
+        parts.append(f"accuracy {100 * acc['diff']:+.1f} ± {100 * acc['margin']:.1f} points ({acc['outcome']})")
+        outcomes.append(acc["outcome"])
+    if loss is not None:
+        parts.append(f"eval loss {loss['diff']:+.4f} ± {loss['margin']:.4f} ({loss['outcome']})")
+        outcomes.append(loss["outcome"])
+    text = f"{a} vs {b}: " + "; ".join(parts) if parts else f"{a} vs {b}: no numbers"
+    if not outcomes:
+        return "inconclusive (no usable numbers)", text
+    if "better" in outcomes and "worse" in outcomes:
+        return "inconclusive (accuracy and eval loss disagree)", text
+    if "worse" in outcomes:
+        return "refuted", text
+    if "better" in outcomes:
+        return "supported", text
+    return ("supported", text) if kind == "matches" else ("inconclusive (difference within noise)", text)
+
+
+def combine(verdicts: Sequence[str]) -> str:
+    """All supported -> supported; any refuted -> refuted; else the first inconclusive reason."""
+    if any(v == "refuted" for v in verdicts):
+        return "refuted"
+    if all(v == "supported" for v in verdicts):
+        return "supported"
+    return next(v for v in verdicts if v.startswith("inconclusive"))
+
+
+# --- the claims -------------------------------------------------------------------------------------------------
+def _claim(cid: str, title: str, source: str, rule: str, verdict: str, numbers: list[str]) -> dict[str, Any]:
+    return {"id": cid, "claim": title, "source": source, "rule": rule, "verdict": verdict, "numbers": numbers}
+
+
+def _missing(summary: dict[str, Any], labels: Sequence[str]) -> str | None:
+    """Why a claim cannot be checked: labels not compared or with no successful run."""
+    absent = [lab for lab in labels if lab not in summary]
+    failed = [lab for lab in labels if lab in summary and not summary[lab]["runs"]]
+    if absent:
+        return f"inconclusive (not compared: {', '.join(absent)})"
+    if failed:
+        return f"inconclusive (failed: {', '.join(failed)})"
+    return None
+
+
+def _fmt(summary: dict[str, Any], labels: Sequence[str], key: str, fmt: str) -> str:
+    vals = []
+    for lab in labels:
+        m = _mean(summary, lab, key)
+        vals.append(f"{lab} {fmt.format(m) if m is not None else 'n/a'}")
+    return ", ".join(vals)
+
+
+def _quality_lines(summary: dict[str, Any], labels: Sequence[str]) -> list[str]:
+    return ["accuracy: " + _fmt(summary, labels, "accuracy", "{:.3f}"),
+            "eval loss: " + _fmt(summary, labels, "eval_loss", "{:.4f}")]
+
+
+def claim_lora_sb(s: dict[str, Any]) -> dict[str, Any]:
+    labels = ["lora", "lora-xs", "lora-sb"]
+    title = ("LoRA-SB matches or beats LoRA with 27-90x fewer trainable parameters, and beats LoRA-XS at the "
+             "same parameter count")
+    src = "Ponkshe, Singhal et al. 2024, https://arxiv.org/abs/2411.19557 (abstract)"
+    rule = "LoRA-SB matches LoRA and beats LoRA-XS (quality rules above); the parameter ratio must lie in 27-90x"
+    why = _missing(s, labels)
+    if why:
+        return _claim("lora-sb", title, src, rule, why, [])
+    p = {lab: _mean(s, lab, "trainable_params") or 0.0 for lab in labels}
+    ratio = p["lora"] / p["lora-sb"] if p["lora-sb"] else math.inf
+    v1, t1 = quality_verdict(s, "lora-sb", "lora", kind="matches")
+    v2, t2 = quality_verdict(s, "lora-sb", "lora-xs", kind="beats")
+    verdict = combine([v1, v2])
+    if not 27 <= ratio <= 90 and verdict == "supported":
+        verdict = f"inconclusive (parameter ratio {ratio:.1f}x is outside 27-90x)"
+    nums = [f"trainable parameters: {', '.join(f'{lab} {p[lab]:,.0f}' for lab in labels)} "
+            f"(LoRA / LoRA-SB = {ratio:.1f}x)", *_quality_lines(s, labels),
+            f"{t1} -> matches LoRA: {v1}", f"{t2} -> beats LoRA-XS: {v2}"]
+    return _claim("lora-sb", title, src, rule, verdict, nums)
+
+
+def claim_loraplus(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+    title = "LoRA+ (B's learning rate = ratio x A's) reaches LoRA's final training loss in fewer steps"
+    src = "Hayou et al. 2024, https://arxiv.org/abs/2402.12354 (up to ~2x faster fine-tuning)"
+    rule = (f"training loss smoothed over {TAIL} steps and averaged over seeds; L = LoRA's final smoothed loss; "
+            "supported if LoRA+ first reaches L in at most 90% of the steps LoRA needs, refuted if it never "
+            "does (or needs at least as many), inconclusive in between")
+    why = _missing(s, ["lora", "lora+"])
+    if why:
+        return _claim("lora+", title, src, rule, why, [])
+    lora, plus = smooth(mean_curve(results, "lora")), smooth(mean_curve(results, "lora+"))
+    if not lora or not plus:
+        return _claim("lora+", title, src, rule, "inconclusive (no training-loss curves)", [])
+    target = lora[-1][1]
+    reach_lora = next(step for step, v in lora if v <= target)
+    reach_plus = next((step for step, v in plus if v <= target), None)
+    ratio = results["methods"].get("lora+", {}).get("training", {}).get("loraplus_ratio")
+    nums = [f"LoRA+ ratio {ratio}; LoRA's final smoothed training loss {target:.4f}, first reached at step "
+            f"{reach_lora}; LoRA+'s final smoothed loss {plus[-1][1]:.4f}",
+            "eval loss: " + _fmt(s, ["lora", "lora+"], "eval_loss", "{:.4f}"),
+            "accuracy: " + _fmt(s, ["lora", "lora+"], "accuracy", "{:.3f}")]
+    if reach_plus is None or reach_plus >= reach_lora:
+        nums.append("LoRA+ never reached it" if reach_plus is None else
+                    f"LoRA+ reached it at step {reach_plus} (not fewer steps)")
+        return _claim("lora+", title, src, rule, "refuted", nums)
+    nums.append(f"LoRA+ reached it at step {reach_plus}: {reach_lora / reach_plus:.2f}x fewer steps")
+    verdict = "supported" if reach_plus <= 0.9 * reach_lora else \
+        "inconclusive (fewer steps, but by less than 10%, within the smoothing window)"
+    return _claim("lora+", title, src, rule, verdict, nums)
+
+
+def claim_vera(s: dict[str, Any]) -> dict[str, Any]:
+    title = "VeRA trains 10x fewer parameters than LoRA while matching its quality"
+    src = "Kopiczko et al. 2023, https://arxiv.org/abs/2310.11454 (abstract: 10x fewer trainable parameters)"
+    rule = "LoRA / VeRA trainable parameters >= 10, and VeRA matches LoRA (quality rules above)"
+    why = _missing(s, ["lora", "vera"])
+    if why:
+        return _claim("vera", title, src, rule, why, [])
+    pl, pv = _mean(s, "lora", "trainable_params") or 0.0, _mean(s, "vera", "trainable_params") or 0.0
+    ratio = pl / pv if pv else math.inf
+    v, t = quality_verdict(s, "vera", "lora", kind="matches")
+    count = "supported" if ratio >= 10 else "refuted"
+    nums = [f"trainable parameters: lora {pl:,.0f}, vera {pv:,.0f} (ratio {ratio:.1f}x; per layer LoRA trains "
+            "r (d_in + d_out), VeRA r_vera + d_out, so the ratio grows with the model's width)",
+            "adapter file: " + _fmt(s, ["lora", "vera"], "adapter_bytes", "{:,.0f} bytes")
+            + " (VeRA's file includes its shared frozen projections when save_projections is on)",
+            *_quality_lines(s, ["lora", "vera"]), f"{t} -> matches LoRA: {v}"]
+    return _claim("vera", title, src, rule, combine([count, v]), nums)
+
+
+def claim_lora_fa(s: dict[str, Any]) -> dict[str, Any]:
+    title = "LoRA-FA needs less activation memory than LoRA (frozen A: only A x is kept for backward, not x)"
+    src = "Zhang et al. 2023, https://arxiv.org/abs/2308.03303 (up to 1.4x less memory than LoRA)"
+    rule = ("bytes saved for backward in one training step (saved_tensors_hooks): supported if LoRA-FA's are at "
+            "least 5% below LoRA's, refuted if not below, inconclusive in between; process RSS shown for context")
+    why = _missing(s, ["lora", "lora-fa"])
+    if why:
+        return _claim("lora-fa", title, src, rule, why, [])
+    al, af = _mean(s, "lora", "saved_activation_bytes"), _mean(s, "lora-fa", "saved_activation_bytes")
+    if not al or af is None:
+        return _claim("lora-fa", title, src, rule, "inconclusive (no activation measurement)", [])
+    verdict = "supported" if af <= 0.95 * al else "refuted" if af >= al else         "inconclusive (less than 5% lower)"
+    mb = "{:.1f} MB"
+    nums = [f"saved activations per step: lora {al / 2**20:.2f} MB, lora-fa {af / 2**20:.2f} MB "
+            f"({al / af:.2f}x less)" if af else "saved activations: lora-fa 0",
+            "training RSS increase over the loaded model: "
+            + _fmt_mb(s, ["lora", "lora-fa", "full"], "train_rss_increase_bytes", mb),
+            "peak RSS while training: " + _fmt_mb(s, ["lora", "lora-fa"], "peak_rss_bytes", mb)]
+    if _mean(s, "lora", "peak_gpu_bytes"):
+        nums.append("peak GPU memory: " + _fmt_mb(s, ["lora", "lora-fa"], "peak_gpu_bytes", mb))
+    return _claim("lora-fa", title, src, rule, verdict, nums)
+
+
+def _fmt_mb(s: dict[str, Any], labels: Sequence[str], key: str, fmt: str) -> str:
+    return ", ".join(f"{lab} " + (fmt.format(m / 2**20) if (m := _mean(s, lab, key)) is not None else "n/a")
+                     for lab in labels if lab in s)
+
+
+def claim_forgetting(s: dict[str, Any]) -> dict[str, Any]:
+    title = "LoRA forgets less of the base model's pretraining than full fine-tuning"
+    src = "Biderman et al. 2024, \"LoRA Learns Less and Forgets Less\", https://arxiv.org/abs/2405.09673"
+    rule = ("forgetting = loss on pretraining held-out text after minus before; supported if LoRA's is lower than "
+            "full fine-tuning's by more than max(2 x seed spread, 0.01 nats), refuted if higher by as much")
+    why = _missing(s, ["lora", "full"])
+    if why:
+        return _claim("forgetting", title, src, rule, why, [])
+    fl, ff = s["lora"].get("forgetting"), s["full"].get("forgetting")
+    if not fl or not ff:
+        return _claim("forgetting", title, src, rule, "inconclusive (forgetting not measured)", [])
+    margin = max(2 * math.sqrt(fl["std"] ** 2 / fl["n"] + ff["std"] ** 2 / ff["n"]), 0.01)
+    diff = fl["mean"] - ff["mean"]
+    verdict = "supported" if diff < -margin else "refuted" if diff > margin else \
+        "inconclusive (difference within noise)"
+    nums = [f"forgetting (nats/token): lora {fl['mean']:+.4f}, full {ff['mean']:+.4f} "
+            f"(difference {diff:+.4f} ± {margin:.4f})",
+            "learning side, accuracy: " + _fmt(s, ["lora", "full"], "accuracy", "{:.3f}")
+            + "; eval loss: " + _fmt(s, ["lora", "full"], "eval_loss", "{:.4f}")]
+    return _claim("forgetting", title, src, rule, verdict, nums)
+
+
+def claim_rank1_sum(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+    title = "Rank-1 Sum LoRA (pruned to an average rank r) matches fixed-rank LoRA with rank r"
+    src = "the seed article (dynamic rank), with AdaLoRA (https://arxiv.org/abs/2303.10512) as the reference"
+    rule = "rank1-sum matches LoRA (quality rules above) with final trainable parameters within 10% of LoRA's"
+    why = _missing(s, ["lora", "rank1-sum"])
+    if why:
+        return _claim("rank1-sum", title, src, rule, why, [])
+    pl, pr = _mean(s, "lora", "trainable_params") or 0.0, _mean(s, "rank1-sum", "trainable_params") or 0.0
+    m = results["methods"]
+    v, t = quality_verdict(s, "rank1-sum", "lora", kind="matches")
+    nums = [f"final trainable parameters: lora {pl:,.0f} (r={m['lora'].get('r')}), rank1-sum {pr:,.0f} "
+            f"(r_init={m['rank1-sum'].get('r_init')}, target_rank={m['rank1-sum'].get('target_rank')})",
+            *_quality_lines(s, ["lora", "rank1-sum"]), t]
+    if pl and abs(pr - pl) > 0.1 * pl:
+        return _claim("rank1-sum", title, src, rule,
+                      f"inconclusive (budgets differ: {pr / pl:.2f}x LoRA's parameters)", nums)
+    return _claim("rank1-sum", title, src, rule, v, nums)
+
+
+def evaluate_claims(results: dict[str, Any], summary: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every claim's ``{"id", "claim", "source", "rule", "verdict", "numbers"}``."""
+    s = summary if summary is not None else summarize(results)
+    return [claim_lora_sb(s), claim_loraplus(results, s), claim_vera(s), claim_lora_fa(s), claim_forgetting(s),
+            claim_rank1_sum(results, s)]
+
+
+__all__ = ["combine", "compare_accuracy", "compare_loss", "evaluate_claims", "final_train_loss", "mean_curve",
+           "quality_verdict", "run_metrics", "smooth", "summarize"]

@@ -1,0 +1,185 @@
+"""`lorakit compare`: the runs, results.json, the report files, config validation, and the claim verdicts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lorakit.claims import evaluate_claims, quality_verdict, summarize
+from lorakit.cli import main
+from lorakit.compare import load_compare_config
+from lorakit.report import write_report
+
+REPORT_FILES = ("results.json", "report.md", "report.html", "loss_curves.png", "accuracy_vs_params.png")
+
+
+def _compare_yaml(tiny_run: dict[str, Path], tmp_path: Path, **compare: Any) -> Path:
+    """A compare config on the tiny model; eval rows get an ``answer`` so accuracy is measured."""
+    rows = [json.loads(line) for line in tiny_run["eval"].read_text().splitlines()]
+    evalf = tmp_path / "eval.jsonl"
+    evalf.write_text("".join(json.dumps({**r, "answer": r["completion"].strip()}) + "\n" for r in rows))
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"text": r["prompt"] + r["completion"]}) + "\n" for r in rows))
+    cfg = {
+        "model": {"path": str(tiny_run["base"]), "dtype": "float32"},
+        "adapter": {"r": 4},
+        "data": {"train": str(tiny_run["train"]), "eval": str(evalf), "max_length": 48},
+        "training": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "warmup_steps": 1, "device": "cpu"},
+        "compare": {"accuracy": {"examples": 6, "max_new_tokens": 3}, "forgetting": str(heldout), "threads": 1,
+                    **compare},
+        "methods": {"lora": {"alpha": 8}, "vera": {"r": 16, "training": {"lr": 0.1}}},
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_compare_two_methods_writes_every_file(tiny_run, tmp_path: Path, capsys) -> None:
+    cfg = _compare_yaml(tiny_run, tmp_path)
+    out = tmp_path / "out"
+    assert main(["compare", str(cfg), "--methods", "lora,vera", "--out", str(out)]) == 0, capsys.readouterr().err
+    for name in REPORT_FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["label"], r["seed"], r["ok"]) for r in res["runs"]] == [("lora", 0, True), ("vera", 0, True)]
+    lora, vera = res["runs"]
+    # the per-method override reached the run, the shared `r` did not override VeRA's own
+    assert res["methods"]["vera"]["training"] == {"lr": 0.1} and res["methods"]["vera"]["r"] == 16
+    assert lora["trainable_params"] > vera["trainable_params"] > 0
+    assert lora["steps"] == vera["steps"] == 4 and len(lora["train_loss"]) == 4
+    assert lora["eval_loss"] < res["base"]["eval_loss"]  # training moved the model
+    for r in (lora, vera):
+        assert r["examples"] == 6 and 0.0 <= r["accuracy"] <= 1.0
+        assert r["adapter_bytes"] > 0 and r["saved_activation_bytes"] > 0 and r["step_time_s"] > 0
+        assert r["train_cpu_s"] > 0
+        assert r["peak_rss_bytes"] >= r["rss_before_train_bytes"] > 0
+        assert isinstance(r["heldout_loss"], float)
+        assert not (out / "runs" / f"{r['label']}-s0" / "checkpoints").exists()
+        assert (out / "runs" / f"{r['label']}-s0" / "adapter" / "adapter.json").is_file()
+    assert {c["id"] for c in res["claims"]} == {"lora-sb", "lora+", "vera", "lora-fa", "forgetting", "rank1-sum"}
+    md = (out / "report.md").read_text()
+    assert "| lora |" in md and "| vera |" in md and "lorakit compare" in md
+    assert "Verdict: inconclusive (not compared: lora-fa)" in md  # claims without their methods say so
+    html = (out / "report.html").read_text()
+    assert "loss_curves.png" in html and "<table>" in html
+    # the report can be rebuilt from results.json alone
+    (out / "report.md").unlink()
+    assert main(["compare", str(cfg), "--out", str(out), "--report-only"]) == 0
+    assert (out / "report.md").read_text() == md
+
+
+def test_failed_run_is_recorded_not_fatal(tiny_run, tmp_path: Path, capsys) -> None:
+    cfg = _compare_yaml(tiny_run, tmp_path, timeout_s=0.01)
+    out = tmp_path / "out"
+    assert main(["compare", str(cfg), "--methods", "lora", "--out", str(out)]) == 1
+    assert "failed runs" in capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["runs"][0]["ok"] is False and "timed out" in res["runs"][0]["error"]
+    assert "## Failed runs" in (out / "report.md").read_text()
+    for name in REPORT_FILES:
+        assert (out / name).is_file(), name
+
+
+@pytest.mark.parametrize(("yaml_extra", "methods", "message"), [
+    ({"methods": {"lora": {"training": {"max_steps": 9}}}}, "lora", "must be the same for every method"),
+    ({}, "lora,nonsense", "'nonsense' is neither a method"),
+    ({"adapter": {"rr": 4}}, "lora", "rr is an option of none"),
+    ({"methods": {"lora": {"r": -1}}}, "lora", "methods.lora"),
+    ({"compare": {"seeds": []}}, "lora", "compare: seeds"),
+])
+def test_bad_compare_config_is_refused_before_any_run(tiny_run, tmp_path: Path, capsys, yaml_extra, methods,
+                                                      message) -> None:
+    path = _compare_yaml(tiny_run, tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    for key, value in yaml_extra.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if key != "methods" else value
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main(["compare", str(path), "--methods", methods, "--out", str(out)]) == 1
+    assert message in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+
+
+def test_variant_and_seeds(tiny_run, tmp_path: Path) -> None:
+    cc = load_compare_config(_compare_yaml(tiny_run, tmp_path), ["compare.seeds=[3,4]"])
+    assert cc.compare.seeds == [3, 4]
+    plus = cc.run_config("lora+", 4, tmp_path / "x")  # inherits methods.lora and adds the LoRA+ ratio
+    assert plus.adapter.method == "lora" and plus.adapter.options == {"r": 4, "alpha": 8}
+    assert plus.training.loraplus_ratio == 16.0 and plus.training.seed == 4
+    full = cc.run_config("full", 3, tmp_path / "y")  # the shared `r` is not an option of full
+    assert full.adapter.options == {}
+
+
+# --- verdicts on synthetic results --------------------------------------------------------------------------------
+def _run(label: str, seed: int = 0, **values: Any) -> dict[str, Any]:
+    base = {"label": label, "method": label, "seed": seed, "ok": True, "trainable_params": 1000,
+            "eval_loss": 1.0, "accuracy": 0.5, "correct": 100, "examples": 200, "heldout_loss": 3.1,
+            "train_loss": [[s, 2.0 - s / 100] for s in range(1, 101)], "saved_activation_bytes": 1000}
+    return {**base, **values}
+
+
+def _results(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    return {"labels": labels, "seeds": [0], "runs": runs, "base": {"ok": True, "heldout_loss": 3.0},
+            "methods": {lab: {"method": lab, "r": 8, "r_init": 12, "target_rank": 8, "training": {}}
+                        for lab in labels}}
+
+
+def _verdicts(runs: list[dict[str, Any]]) -> dict[str, str]:
+    return {c["id"]: c["verdict"] for c in evaluate_claims(_results(runs))}
+
+
+def test_verdicts_follow_the_numbers() -> None:
+    slow = [[s, 2.0 - s / 200] for s in range(1, 101)]  # LoRA+ never reaches LoRA's final loss
+    v = _verdicts([_run("lora"), _run("lora+", train_loss=slow), _run("lora-fa", saved_activation_bytes=600),
+                   _run("full", heldout_loss=3.5), _run("vera", trainable_params=50, eval_loss=1.3, accuracy=0.2,
+                                                        correct=40),
+                   _run("lora-xs", trainable_params=30, eval_loss=1.2, accuracy=0.3, correct=60),
+                   _run("lora-sb", trainable_params=30, eval_loss=0.9, accuracy=0.65, correct=130),
+                   _run("rank1-sum", eval_loss=1.004)])
+    assert v == {"lora+": "refuted", "lora-fa": "supported", "forgetting": "supported", "vera": "refuted",
+                 "lora-sb": "supported", "rank1-sum": "supported"}
+    fast = [[s, 2.0 - s / 50] for s in range(1, 101)]
+    v = _verdicts([_run("lora"), _run("lora+", train_loss=fast), _run("lora-fa", saved_activation_bytes=1000),
+                   _run("full", heldout_loss=3.0), _run("lora-sb", trainable_params=10, eval_loss=1.5,
+                                                        accuracy=0.2, correct=40), _run("lora-xs")])
+    assert v["lora+"] == "supported" and v["lora-fa"] == "refuted" and v["forgetting"] == "refuted"
+    assert v["lora-sb"] == "refuted"
+    assert v["rank1-sum"].startswith("inconclusive (not compared")
+
+
+def test_quality_rules_use_noise_margins() -> None:
+    s = summarize(_results([_run("a", eval_loss=1.0, accuracy=0.50, correct=100),
+                            _run("b", eval_loss=1.005, accuracy=0.52, correct=104)]))
+    assert quality_verdict(s, "a", "b", kind="beats")[0] == "inconclusive (difference within noise)"
+    assert quality_verdict(s, "a", "b", kind="matches")[0] == "supported"
+    s = summarize(_results([_run("a", eval_loss=0.9, accuracy=0.3, correct=60), _run("b")]))
+    assert quality_verdict(s, "a", "b", kind="beats")[0] == "inconclusive (accuracy and eval loss disagree)"
+
+
+def test_several_seeds_give_mean_and_spread(tmp_path: Path) -> None:
+    runs = [_run("lora", 0, eval_loss=1.0), _run("lora", 1, eval_loss=1.2), _run("full", 0), _run("full", 1)]
+    res = {**_results(runs), "seeds": [0, 1]}
+    s = summarize(res)["lora"]["eval_loss"]
+    assert s["n"] == 2 and s["mean"] == pytest.approx(1.1) and s["std"] == pytest.approx(0.1414, abs=1e-3)
+    write_report(res, tmp_path)
+    assert "1.1000 ± 0.1414" in (tmp_path / "report.md").read_text()
+
+
+def test_bundled_demo_reports_before_and_after(tmp_path: Path) -> None:
+    """`make demo` in miniature: the bundled model, LoRA-SB on arithmetic, accuracy and samples before/after."""
+    from lorakit.bundled_demo import run_bundled_demo
+
+    lines: list[str] = []
+    res = run_bundled_demo(tmp_path / "demo", steps=2, examples=2, log=lines.append, progress=False,
+                           init_examples=8)
+    assert (tmp_path / "demo" / "adapter" / "adapter.safetensors").is_file()
+    assert (tmp_path / "demo" / "loss.png").is_file()
+    assert res["eval_loss_after"] < res["eval_loss_before"]
+    assert res["sample_after"] != res["sample_before"] and 0.0 <= res["accuracy_after"] <= 1.0
+    text = "\n".join(lines)
+    assert "before: accuracy" in text and "lorakit generate --adapter" in text and "lorakit compare" in text
