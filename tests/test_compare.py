@@ -183,3 +183,16 @@ def test_bundled_demo_reports_before_and_after(tmp_path: Path) -> None:
     assert res["sample_after"] != res["sample_before"] and 0.0 <= res["accuracy_after"] <= 1.0
     text = "\n".join(lines)
     assert "before: accuracy" in text and "lorakit generate --adapter" in text and "lorakit compare" in text
+
+
+def test_cpu_contention_is_detected_and_reported(tmp_path: Path) -> None:
+    from lorakit.compare import cpu_use
+
+    clean = _run("lora", train_s=10.0, train_cpu_s=19.0, threads=2, step_time_s=0.4)
+    shared = _run("full", train_s=10.0, train_cpu_s=8.0, threads=2, step_time_s=1.5)
+    assert cpu_use(clean) == pytest.approx(0.95) and cpu_use(shared) == pytest.approx(0.4)
+    assert cpu_use({**shared, "peak_gpu_bytes": 1}) is None  # GPU runs wait on the device, not the CPU
+    write_report(_results([clean, shared]), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "Warning: full (seed 0) trained while another job shared the CPU (40% of 2 threads' time)" in md
+    assert "Warning: lora" not in md

@@ -215,16 +215,17 @@ def _context(results: dict[str, Any]) -> list[str]:
 
 
 def _contention(results: dict[str, Any]) -> list[str]:
-    """Warnings for CPU runs that got much less CPU time per wall second than the others (another job
-    shared the cores, so their step time is inflated)."""
-    util = {(r["label"], r["seed"]): r["train_cpu_s"] / r["train_s"] for r in results["runs"]
-            if r.get("ok") and r.get("train_s") and r.get("train_cpu_s") is not None and not r.get("peak_gpu_bytes")}
-    if len(util) < 2:
-        return []
-    typical = sorted(util.values())[len(util) // 2]
-    return [f"Warning: {lab} (seed {seed}) trained while the CPU was shared (CPU seconds per wall second {u:.2f}, "
-            f"typical {typical:.2f}): its step time is inflated." for (lab, seed), u in util.items()
-            if u < 0.7 * typical]
+    """Warnings for CPU runs that got well under their threads' CPU time while training (another job shared
+    the cores, so their step time is inflated)."""
+    from .compare import CONTENDED, cpu_use
+
+    out = []
+    for r in results["runs"]:
+        use = cpu_use(r)
+        if use is not None and use < CONTENDED:
+            out.append(f"Warning: {r['label']} (seed {r['seed']}) trained while another job shared the CPU "
+                       f"({use:.0%} of {r['threads']} threads' time): its step time is inflated.")
+    return out
 
 
 def display_path(path: str | None) -> str | None:
