@@ -381,3 +381,20 @@ def test_bench_smoke(tmp_path) -> None:
     assert saved["versions"]["torch"] and saved["device"]["name"]
     with pytest.raises(SystemExit):
         main(["--methods", "nope", "--workload", "tiny"])
+
+
+
+def test_bench_cpu_ratios_use_fastest_steps() -> None:
+    from lorakit.bench import WORKLOADS, Row, _results
+
+    rows = [Row("floor", "floor", None, times=[1.0, 3.0, 1.1]), Row("lora", "lorakit", "lora", times=[1.2, 1.05, 2.5])]
+    rows.append(Row("peft:lora", "peft", "lora", times=[1.5, 1.4, 1.6]))
+    for r in rows:
+        r.mem_bytes = 100
+    res = _results(rows, WORKLOADS["tiny"], "cpu", 1e9, 3, 0, False, 2, ["lora"], use_min=True)
+    # a spike (3.0 s) on one floor step and one LoRA step changes nothing: min 1.05 / min 1.0
+    assert res["ratios"]["lora_vs_floor"] == pytest.approx(1.05)
+    assert res["ratios"]["lora_vs_peft"] == pytest.approx(1.05 / 1.4)
+    assert res["rows"][0]["step_s"] == pytest.approx(1.1)  # the median is still reported
+    medians = _results(rows, WORKLOADS["tiny"], "cpu", 1e9, 3, 0, False, 2, ["lora"], use_min=False)
+    assert medians["ratios"]["lora_vs_floor"] == pytest.approx(1.2 / 1.1)

@@ -12,8 +12,12 @@ tokens. Rows:
 - ``peft:<method>``: PEFT's equivalent (LoRA, DoRA, VeRA) on the same model and inputs.
 - ``full``: full fine-tuning.
 
-On the CPU the rows are interleaved (each measured round runs every row once), so a change in machine load
-hits every row alike. Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated()``; on the CPU, where no
+On the CPU the rows are interleaved (each measured round runs every row once, in a rotating order), so a
+change in machine load hits every row alike, and the ratios compare minimum step times: on a shared 2-core
+machine, interference (other jobs, the hypervisor, memory reclaim) only ever adds time, to one step at a time,
+so the fastest of a row's steps is the estimate of its own cost least spoiled by it (``timeit``'s reasoning).
+Every row keeps its median and all its step times as well. On CUDA the ratios compare medians.
+Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated()``; on the CPU, where no
 allocator reports a peak, the bytes of parameters, gradients and optimizer state plus the activations autograd
 saves for backward (measured with ``torch.autograd.graph.saved_tensors_hooks``). MFU counts ``4 N`` FLOPs per
 token for frozen-weight rows and ``6 N`` for full fine-tuning (N: matmul weights, head included), plus
@@ -65,7 +69,8 @@ class Workload:
 
 WORKLOADS: dict[str, Workload] = {
     "gpu": Workload(2048, 16, 32, 8, 8192, 128256, 4, 2048, "bfloat16"),  # Llama-3.2-1B shape
-    "cpu": Workload(512, 4, 8, 4, 1536, 8192, 4, 256, "float32", threads=2),
+    # 2 warm-up steps + 1 step measuring saved activations + 6 timed rounds: about 4 minutes on 2 cores
+    "cpu": Workload(512, 4, 8, 4, 1536, 8192, 4, 256, "float32", threads=2, warmup=2, steps=6),
     "tiny": Workload(64, 2, 4, 2, 96, 256, 2, 32, "float32", warmup=1, steps=2),  # smoke tests
 }
 
@@ -313,7 +318,8 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
         compare_peft: add PEFT's LoRA/DoRA/VeRA rows for the requested methods it implements.
         out: JSON file to write (directories are created).
         workload: ``"cpu"``, ``"gpu"`` or ``"tiny"`` (default: ``"gpu"`` on CUDA, ``"cpu"`` on the CPU).
-        steps, warmup: measured and warm-up steps per row (default: the workload's, 8 and 3).
+        steps, warmup: measured and warm-up steps per row (default: the workload's: 8 and 3 on the GPU
+            workload, 6 and 2 on the CPU one, where the step that measures saved activations is one more).
         compile_layers: ``torch.compile`` each decoder layer of the lorakit rows (default: on CUDA only).
         threads: CPU threads (default: the workload's, 2 for ``"cpu"``).
 
@@ -363,7 +369,7 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
                 gc.collect()
                 torch.cuda.empty_cache()
             else:
-                row.saved_bytes = _saved_activation_bytes(row)
+                row.saved_bytes = _saved_activation_bytes(row)  # a real step: the last warm-up step
                 row.mem_bytes = _state_bytes(row.model) + row.saved_bytes  # type: ignore[arg-type]
                 live.append(row)
         except Exception as e:  # one broken row must not lose the others
@@ -377,7 +383,7 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
         row.model = row.step = None
     dtype = getattr(torch, w.dtype)
     peak = matmul_peak(device, dtype)
-    result = _results(rows, w, device, peak, steps, warmup, compile_layers, threads, methods)
+    result = _results(rows, w, device, peak, steps, warmup, compile_layers, threads, methods, use_min=interleave)
     result["elapsed_s"] = round(time.perf_counter() - t0, 1)
     result["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     if not quiet:
@@ -390,7 +396,7 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
 
 
 def _results(rows: list[Row], w: Workload, device: str, peak: float, steps: int, warmup: int,
-             compiled: bool, threads: int | None, methods: list[str]) -> dict[str, Any]:
+             compiled: bool, threads: int | None, methods: list[str], use_min: bool = False) -> dict[str, Any]:
     tokens = w.batch * w.seq
     by_name: dict[str, dict[str, Any]] = {}
     for row in rows:
@@ -398,7 +404,8 @@ def _results(rows: list[Row], w: Workload, device: str, peak: float, steps: int,
         fpt = flops_per_token(w, full=row.kind == "full")
         by_name[row.name] = {
             "name": row.name, "kind": row.kind, "method": row.method, "options": row.options,
-            "step_s": med, "step_s_all": [round(t, 5) for t in row.times],
+            "step_s": med, "step_s_min": min(row.times) if row.times else None,
+            "step_s_all": [round(t, 5) for t in row.times],
             "tokens_per_s": tokens / med if med else None,
             "peak_mem_bytes": row.mem_bytes, "saved_activation_bytes": row.saved_bytes,
             "trainable_params": row.trainable,
@@ -407,6 +414,8 @@ def _results(rows: list[Row], w: Workload, device: str, peak: float, steps: int,
     floor = by_name["floor"]
 
     def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+        if use_min and key == "step_s":
+            key = "step_s_min"
         return a[key] / b[key] if a.get(key) and b.get(key) else None
 
     ratios: dict[str, float | None] = {}
@@ -428,7 +437,8 @@ def _results(rows: list[Row], w: Workload, device: str, peak: float, steps: int,
         "workload": asdict(w), "device": {"type": device, "name": _device_name(device), "threads": threads},
         "versions": _versions(),
         "settings": {"steps": steps, "warmup": warmup, "compile_layers": compiled, "methods": methods,
-                     "interleaved": device == "cpu", "fused": kernels.fused_enabled(),
+                     "interleaved": use_min, "fused": kernels.fused_enabled(),
+                     "time_ratios": "ratio of minimum step times" if use_min else "ratio of median step times",
                      "memory": "torch.cuda.max_memory_allocated" if device == "cuda" else
                      "parameters + gradients + AdamW state + saved activations (saved_tensors_hooks)"},
         "matmul_peak_tflops": peak / 1e12,
