@@ -398,3 +398,15 @@ def test_bench_cpu_ratios_use_fastest_steps() -> None:
     assert res["rows"][0]["step_s"] == pytest.approx(1.1)  # the median is still reported
     medians = _results(rows, WORKLOADS["tiny"], "cpu", 1e9, 3, 0, False, 2, ["lora"], use_min=False)
     assert medians["ratios"]["lora_vs_floor"] == pytest.approx(1.2 / 1.1)
+
+
+def test_bench_with_checkpointing_saves_activations(tmp_path) -> None:
+    from lorakit.bench import run_bench
+
+    kw = dict(workload="tiny", steps=1, warmup=0, quiet=True, compare_peft=True)
+    plain = run_bench("cpu", ["lora"], **kw)
+    ckpt = run_bench("cpu", ["lora"], checkpointing=True, **kw)
+    assert ckpt["settings"]["checkpointing"] and not [r for r in ckpt["rows"] if r["error"]]
+    saved = {r["name"]: r["saved_activation_bytes"] for r in plain["rows"]}
+    for r in ckpt["rows"]:  # every row, PEFT and the floor included, keeps less for backward
+        assert r["saved_activation_bytes"] < saved[r["name"]], r["name"]

@@ -127,11 +127,14 @@ def _adamw(params: list[nn.Parameter], device: str) -> torch.optim.Optimizer | N
     return torch.optim.AdamW(params, lr=1e-5, fused=True) if params else None
 
 
-def _prepare(row: Row, w: Workload, device: str, batch: tuple[Tensor, Tensor], compile_layers: bool) -> None:
+def _prepare(row: Row, w: Workload, device: str, batch: tuple[Tensor, Tensor], compile_layers: bool,
+             checkpointing: bool = False) -> None:
     """Build ``row``'s model, optimizer and step function."""
     ids, labels = batch
     model = build_model(w, device)
     model.requires_grad_(False)
+    if checkpointing:  # every row alike, before PEFT wraps the model (non-reentrant: works for every method)
+        speed.enable_checkpointing(model)
     fused_ctx: Callable[[], Any] = nullcontext
     if row.kind == "floor":
         def loss_fn() -> Tensor:
@@ -309,7 +312,7 @@ def _device_name(device: str) -> str:
 def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_peft: bool = False,
               out: str | Path | None = None, *, workload: str | None = None, steps: int | None = None,
               warmup: int | None = None, compile_layers: bool | None = None, threads: int | None = None,
-              quiet: bool = False) -> dict[str, Any]:
+              checkpointing: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Measure the rows described in the module docstring; print a table; write JSON to ``out``.
 
     Args:
@@ -322,6 +325,7 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
             workload, 6 and 2 on the CPU one, where the step that measures saved activations is one more).
         compile_layers: ``torch.compile`` each decoder layer of the lorakit rows (default: on CUDA only).
         threads: CPU threads (default: the workload's, 2 for ``"cpu"``).
+        checkpointing: activation checkpointing of every decoder layer in every row (floor and PEFT included).
 
     Returns:
         The results dictionary written to ``out`` (``rows``, ``ratios``, versions, device...).
@@ -353,7 +357,7 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
     live: list[Row] = []
     for row in rows:
         try:
-            _prepare(row, w, device, batch, compile_layers and row.kind in ("lorakit", "full"))
+            _prepare(row, w, device, batch, compile_layers and row.kind in ("lorakit", "full"), checkpointing)
             if device == "cuda":  # after the build, whose fp32 init would otherwise set the peak
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(warmup):
@@ -384,6 +388,7 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
     dtype = getattr(torch, w.dtype)
     peak = matmul_peak(device, dtype)
     result = _results(rows, w, device, peak, steps, warmup, compile_layers, threads, methods, use_min=interleave)
+    result["settings"]["checkpointing"] = checkpointing
     result["elapsed_s"] = round(time.perf_counter() - t0, 1)
     result["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     if not quiet:
@@ -451,7 +456,9 @@ def format_table(result: dict[str, Any]) -> str:
     """The results as a plain-text table (one line per row) followed by the ratios."""
     dev = result["device"]
     head = (f"lorakit bench: {dev['name']} ({dev['type']}), torch {result['versions']['torch']}, "
-            f"peft {result['versions']['peft']}, matmul peak {result['matmul_peak_tflops']:.3g} TFLOP/s")
+            f"peft {result['versions']['peft']}, matmul peak {result['matmul_peak_tflops']:.3g} TFLOP/s"
+            + (", activation checkpointing" if result["settings"].get("checkpointing") else "")
+            + (", layers compiled" if result["settings"].get("compile_layers") else ""))
     lines = [head, f"{'row':<16}{'step s':>9}{'tok/s':>10}{'mem MiB':>10}{'MFU':>7}{'vs floor':>10}"
                    f"{'vs PEFT':>9}"]
 
@@ -483,10 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", dest="compile_layers", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each decoder layer (default: on CUDA)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing in every row (PEFT and the floor included)")
     a = p.parse_args(argv)
     try:
         run_bench(a.device, a.methods, a.compare_peft, a.out, workload=a.workload, steps=a.steps,
-                  warmup=a.warmup, compile_layers=a.compile_layers, threads=a.threads)
+                  warmup=a.warmup, compile_layers=a.compile_layers, threads=a.threads,
+                  checkpointing=a.checkpointing)
     except ConfigError as e:
         p.error(str(e))
     return 0
