@@ -128,10 +128,8 @@ class _LowRankLinear(torch.autograd.Function):
             h = x @ a.t()  # (N, r)
         u = _scaled(_mid(h, mid), scale)  # (N, r): the scale is applied on the small side
         y = F.linear(x, weight, bias)  # (N, d_out): the base GEMM
-        if out is None:
-            y.addmm_(u, b.t())  # rank-r epilogue, in place
-        else:
-            y.addcmul_(u @ b.t(), out)
+        # rank-r epilogue, in place; a row scaling is folded into B: diag(out) B, (d_out, r), no (N, d_out) temporary
+        y.addmm_(u, (b if out is None else b * out.unsqueeze(1)).t())
 
         need = ctx.needs_input_grad
         a_grad = h_pre is None and need[3]
@@ -151,17 +149,18 @@ class _LowRankLinear(torch.autograd.Function):
         s, p = ctx.scale, ctx.p
         g_x = g_w = g_bias = g_a = g_mid = g_b = g_out = g_pre = None
 
-        gt = gy if out is None else gy * out  # gradient of t = u B^T, (N, d_out)
+        # With t = u B^T and y += out * t:  dL/dB = diag(out) G,  dL/dout = rowsum(B * G),  G = gy^T u (d_out, r),
+        # and dL/du = gy diag(out) B: the row scaling never touches an (N, d_out) tensor.
         if need[5] or need[6]:
             u = _scaled(_mid(h, mid), s)
+            g = gy.t() @ u  # (d_out, r)
             if need[5]:
-                g_b = gt.t() @ u  # (d_out, r)
+                g_b = g if out is None else g * out.unsqueeze(1)
             if need[6]:
-                # (d_out,): u B^T recomputed, never saved; reductions over N accumulate in fp32
-                g_out = (gy * (u @ b.t())).sum(0, dtype=torch.float32).to(out.dtype)
+                g_out = (g.float() * b.float()).sum(1).to(out.dtype)  # (d_out,), summed in fp32
         a_grad = not ctx.pre and need[3]
         if need[0] or a_grad or need[4] or need[7]:
-            gu = _scaled(gt @ b, s)  # (N, r)
+            gu = _scaled(gy @ (b if out is None else b * out.unsqueeze(1)), s)  # (N, r)
             if need[4]:
                 g_mid = gu.t() @ h if ctx.mid_kind == 2 else (gu * h).sum(0, dtype=torch.float32).to(mid.dtype)
             gh = gu if mid is None else (gu @ mid if ctx.mid_kind == 2 else gu * mid)  # (N, r)
