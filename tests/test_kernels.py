@@ -379,7 +379,7 @@ def test_bench_smoke(tmp_path) -> None:
     assert not [r for r in saved["rows"] if r["error"]]
     for key in ("lora_vs_peft", "lora_vs_floor", "lora_mem_vs_peft"):
         assert saved["ratios"][key] > 0
-    assert saved["versions"]["torch"] and saved["device"]["name"]
+    assert saved["versions"]["torch"] and saved["device"]["name"] and isinstance(saved["noisy_rows"], list)
     with pytest.raises(SystemExit):
         main(["--methods", "nope", "--workload", "tiny"])
 

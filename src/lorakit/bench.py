@@ -82,6 +82,8 @@ BENCH_OPTIONS: dict[str, dict[str, Any]] = {
     "delta-lora": {"r": 16, "alpha": 32.0, "delta_start": 0},  # the base update runs in every measured step
     "full": {},
 }
+#: A row whose median step exceeds its fast median by more than this share ran on a busy machine.
+NOISY = 0.15
 #: Methods PEFT implements, and the PEFT config that matches lorakit's benchmark options.
 PEFT_EQUIVALENT = ("lora", "dora", "vera")
 
@@ -391,6 +393,8 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
     result = _results(rows, w, device, peak, steps, warmup, compile_layers, threads, methods, use_min=interleave)
     result["settings"]["checkpointing"] = checkpointing
     result["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    result["noisy_rows"] = [r["name"] for r in result["rows"] if r.get("step_s") and r.get("step_s_fast")
+                            and r["step_s"] > (1 + NOISY) * r["step_s_fast"]]
     result["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     if not quiet:
         print(format_table(result))
@@ -484,6 +488,10 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{f(mem, ',.0f'):>10}{f(r['mfu'] and 100 * r['mfu'], '.1f'):>7}"
                      f"{f(r.get('vs_floor'), '.3f'):>10}{f(r.get('vs_peft'), '.3f'):>9}")
     lines.append("ratios: " + ", ".join(f"{k}={v:.3f}" for k, v in result["ratios"].items() if v is not None))
+    noisy = result.get("noisy_rows")
+    if noisy:
+        lines.append(f"warning: {len(noisy)} of {len(result['rows'])} rows had a median step over {NOISY:.0%} above "
+                     f"their fast median ({', '.join(noisy)}): the machine was busy; re-run for firmer ratios")
     return "\n".join(lines)
 
 
