@@ -22,7 +22,8 @@ Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated()``; on the CPU, w
 allocator reports a peak, the bytes of parameters, gradients and optimizer state plus the activations autograd
 saves for backward (measured with ``torch.autograd.graph.saved_tensors_hooks``). MFU counts ``4 N`` FLOPs per
 token for frozen-weight rows and ``6 N`` for full fine-tuning (N: matmul weights, head included), plus
-``12 L T d`` for attention, against the matmul peak measured in the same process.
+``12 L T d`` for attention, against the matmul peak measured in the same process (the higher of its measurements
+before and after the rows).
 
 Run: ``python -m lorakit.bench --device cpu --compare-peft --out benchmarks/results/cpu.json``.
 """
@@ -351,6 +352,8 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
     if device == "cpu" and threads:
         torch.set_num_threads(threads)
     load_before = os.getloadavg()
+    dtype = getattr(torch, w.dtype)
+    peak_before = matmul_peak(device, dtype)  # measured at both ends: a drifting machine must not inflate MFU
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, w.vocab, (w.batch, w.seq), generator=g).to(device)
     batch = (ids, ids.clone())
@@ -388,8 +391,7 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
             _timed(row, device)
     for row in live:
         row.model = row.step = None
-    dtype = getattr(torch, w.dtype)
-    peak = matmul_peak(device, dtype)
+    peak = max(peak_before, matmul_peak(device, dtype))
     result = _results(rows, w, device, peak, steps, warmup, compile_layers, threads, methods, use_min=interleave)
     result["settings"]["checkpointing"] = checkpointing
     result["elapsed_s"] = round(time.perf_counter() - t0, 1)
