@@ -196,3 +196,6 @@ def test_cpu_contention_is_detected_and_reported(tmp_path: Path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert "Warning: full (seed 0) trained while another job shared the CPU (40% of 2 threads' time)" in md
     assert "Warning: lora" not in md
+    assert "can differ by 1.5x or more between runs" not in md  # no device recorded: no CPU note
+    write_report({**_results([clean, shared]), "training": {"device": "cpu"}}, tmp_path)
+    assert "can differ by 1.5x or more between runs" in (tmp_path / "report.md").read_text()
