@@ -395,12 +395,12 @@ def test_bench_cpu_ratios_use_fast_medians() -> None:
     rows.append(Row("peft:lora", "peft", "lora", times=[1.5, 1.4, 1.6, 1.45]))
     for r in rows:
         r.mem_bytes = 100
-    res = _results(rows, WORKLOADS["tiny"], "cpu", 1e9, 4, 0, False, 2, ["lora"], use_min=True)
+    res = _results(rows, WORKLOADS["tiny"], "cpu", 1e9, 4, 0, False, 2, ["lora"], interleaved=True)
     # the spikes (3.0 s, 2.5 s) change nothing: fast medians 1.025 and 1.075
     assert res["ratios"]["lora_vs_floor"] == pytest.approx(1.075 / 1.025)
     assert res["ratios"]["lora_vs_peft"] == pytest.approx(1.075 / 1.425)
     assert res["rows"][0]["step_s"] == pytest.approx(1.075)  # the plain median is still reported
-    medians = _results(rows, WORKLOADS["tiny"], "cpu", 1e9, 4, 0, False, 2, ["lora"], use_min=False)
+    medians = _results(rows, WORKLOADS["tiny"], "cpu", 1e9, 4, 0, False, 2, ["lora"], interleaved=False)
     assert medians["ratios"]["lora_vs_floor"] == pytest.approx(1.15 / 1.075)
 
 

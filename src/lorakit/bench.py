@@ -392,11 +392,9 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
     for row in live:
         row.model = row.step = None
     peak = max(peak_before, matmul_peak(device, dtype))
-    result = _results(rows, w, device, peak, steps, warmup, compile_layers, threads, methods, use_min=interleave)
+    result = _results(rows, w, device, peak, steps, warmup, compile_layers, threads, methods, interleaved=interleave)
     result["settings"]["checkpointing"] = checkpointing
     result["elapsed_s"] = round(time.perf_counter() - t0, 1)
-    result["noisy_rows"] = [r["name"] for r in result["rows"] if r.get("step_s") and r.get("step_s_fast")
-                            and r["step_s"] > (1 + NOISY) * r["step_s_fast"]]
     result["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     if not quiet:
         print(format_table(result))
@@ -416,7 +414,7 @@ def fast_median(times: list[float]) -> float | None:
 
 
 def _results(rows: list[Row], w: Workload, device: str, peak: float, steps: int, warmup: int,
-             compiled: bool, threads: int | None, methods: list[str], use_min: bool = False) -> dict[str, Any]:
+             compiled: bool, threads: int | None, methods: list[str], interleaved: bool = False) -> dict[str, Any]:
     tokens = w.batch * w.seq
     by_name: dict[str, dict[str, Any]] = {}
     for row in rows:
@@ -435,7 +433,7 @@ def _results(rows: list[Row], w: Workload, device: str, peak: float, steps: int,
     floor = by_name["floor"]
 
     def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
-        if use_min and key == "step_s":
+        if interleaved and key == "step_s":
             key = "step_s_fast"
         return a[key] / b[key] if a.get(key) and b.get(key) else None
 
@@ -458,12 +456,15 @@ def _results(rows: list[Row], w: Workload, device: str, peak: float, steps: int,
         "workload": asdict(w), "device": {"type": device, "name": _device_name(device), "threads": threads},
         "versions": _versions(),
         "settings": {"steps": steps, "warmup": warmup, "compile_layers": compiled, "methods": methods,
-                     "interleaved": use_min, "fused": kernels.fused_enabled(),
-                     "time_ratios": "ratio of fast medians (median of each row's faster half of steps)" if use_min else "ratio of median step times",
+                     "interleaved": interleaved, "fused": kernels.fused_enabled(),
+                     "time_ratios": "ratio of fast medians (median of each row's faster half of steps)"
+                     if interleaved else "ratio of median step times",
                      "memory": "torch.cuda.max_memory_allocated" if device == "cuda" else
                      "parameters + gradients + AdamW state + saved activations (saved_tensors_hooks)"},
         "matmul_peak_tflops": peak / 1e12,
         "rows": list(by_name.values()),
+        "noisy_rows": [r["name"] for r in by_name.values() if r["step_s"] and r["step_s_fast"]
+                       and r["step_s"] > (1 + NOISY) * r["step_s_fast"]],
         "ratios": ratios,
     }
 

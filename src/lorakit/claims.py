@@ -281,7 +281,7 @@ def claim_lora_fa(s: dict[str, Any]) -> dict[str, Any]:
     al, af = _mean(s, "lora", "saved_activation_bytes"), _mean(s, "lora-fa", "saved_activation_bytes")
     if not al or af is None:
         return _claim("lora-fa", title, src, rule, "inconclusive (no activation measurement)", [])
-    verdict = "supported" if af <= 0.95 * al else "refuted" if af >= al else         "inconclusive (less than 5% lower)"
+    verdict = "supported" if af <= 0.95 * al else "refuted" if af >= al else "inconclusive (less than 5% lower)"
     mb = "{:.1f} MB"
     nums = [f"saved activations per step: lora {al / 2**20:.2f} MB, lora-fa {af / 2**20:.2f} MB "
             f"({al / af:.2f}x less)" if af else "saved activations: lora-fa 0",

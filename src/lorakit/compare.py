@@ -46,14 +46,13 @@ from .adapters import METHODS, get_method
 from .callbacks import TrainingCallback
 from .config import ADAPTER_KEYS, BUNDLED_DIR, BUNDLED_SCHEME, TrainConfig, TrainingConfig, apply_override, read_yaml
 from .errors import ConfigError
+from .report import CONTENDED, cpu_use
 
 #: ``training`` keys every method must share; a per-method override of one of them is an error.
 FAIR_KEYS = ("seed", "max_steps", "epochs", "batch_size", "grad_accum")
 #: Labels that name a variant of a registered method: ``label -> (method, default per-method section)``.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"lora+": ("lora", {"training": {"loraplus_ratio": 16.0}})}
 RESULTS_FILE = "results.json"
-#: A CPU run that got less than this share of its threads' CPU time while training shared the cores.
-CONTENDED = 0.7
 
 
 class _Strict(BaseModel):
@@ -246,15 +245,6 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
         _write_json(out / RESULTS_FILE, results)
     write_report(results, out)
     return results
-
-
-def cpu_use(run: dict[str, Any]) -> float | None:
-    """CPU seconds per wall second while training, as a share of the run's threads (``None`` off CPU)."""
-    if not run.get("ok") or run.get("peak_gpu_bytes") is not None or not run.get("train_s"):
-        return None
-    if run.get("train_cpu_s") is None or not run.get("threads"):
-        return None
-    return run["train_cpu_s"] / run["train_s"] / run["threads"]
 
 
 def _run_name(label: str, seed: int) -> str:

@@ -104,6 +104,11 @@ def _scaled(t: Tensor, s: float) -> Tensor:
     return t if s == 1.0 else t * s
 
 
+def _row_scaled(b: Tensor, out: Tensor | None) -> Tensor:
+    """``diag(out) B`` (``(d_out, r)``): a row scaling of the update folded into ``B``."""
+    return b if out is None else b * out.unsqueeze(1)
+
+
 class _LowRankLinear(torch.autograd.Function):
     """``y = x W^T + bias + out * (s mid(dropout(x) A^T) B^T)`` on 2-D ``x``, with a hand-written backward.
 
@@ -128,8 +133,7 @@ class _LowRankLinear(torch.autograd.Function):
             h = x @ a.t()  # (N, r)
         u = _scaled(_mid(h, mid), scale)  # (N, r): the scale is applied on the small side
         y = F.linear(x, weight, bias)  # (N, d_out): the base GEMM
-        # rank-r epilogue, in place; a row scaling is folded into B: diag(out) B, (d_out, r), no (N, d_out) temporary
-        y.addmm_(u, (b if out is None else b * out.unsqueeze(1)).t())
+        y.addmm_(u, _row_scaled(b, out).t())  # rank-r epilogue, in place: no (N, d_out) temporary
 
         need = ctx.needs_input_grad
         a_grad = h_pre is None and need[3]
@@ -155,12 +159,12 @@ class _LowRankLinear(torch.autograd.Function):
             u = _scaled(_mid(h, mid), s)
             g = gy.t() @ u  # (d_out, r)
             if need[5]:
-                g_b = g if out is None else g * out.unsqueeze(1)
+                g_b = _row_scaled(g, out)
             if need[6]:
                 g_out = (g.float() * b.float()).sum(1).to(out.dtype)  # (d_out,), summed in fp32
         a_grad = not ctx.pre and need[3]
         if need[0] or a_grad or need[4] or need[7]:
-            gu = _scaled(gy @ (b if out is None else b * out.unsqueeze(1)), s)  # (N, r)
+            gu = _scaled(gy @ _row_scaled(b, out), s)  # (N, r)
             if need[4]:
                 g_mid = gu.t() @ h if ctx.mid_kind == 2 else (gu * h).sum(0, dtype=torch.float32).to(mid.dtype)
             gh = gu if mid is None else (gu @ mid if ctx.mid_kind == 2 else gu * mid)  # (N, r)

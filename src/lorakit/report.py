@@ -218,11 +218,22 @@ def _context(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: A CPU run that got less than this share of its threads' CPU time while training shared the cores.
+CONTENDED = 0.7
+
+
+def cpu_use(run: dict[str, Any]) -> float | None:
+    """CPU seconds per wall second while training, as a share of the run's threads (``None`` off CPU)."""
+    if not run.get("ok") or run.get("peak_gpu_bytes") is not None or not run.get("train_s"):
+        return None
+    if run.get("train_cpu_s") is None or not run.get("threads"):
+        return None
+    return run["train_cpu_s"] / run["train_s"] / run["threads"]
+
+
 def _contention(results: dict[str, Any]) -> list[str]:
     """Warnings for CPU runs that got well under their threads' CPU time while training (another job shared
     the cores, so their step time is inflated)."""
-    from .compare import CONTENDED, cpu_use
-
     out = []
     for r in results["runs"]:
         use = cpu_use(r)
