@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from lorakit.bench import WORKLOADS
+from lorakit.evaluation.bench_results import WORKLOADS
 
 
 def _best_ms(fn, reps: int = 30) -> float:

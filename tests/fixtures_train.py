@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lorakit.demo import DEMO_DATA, build_tiny_llama, build_tokenizer, record_texts
+from lorakit.testing import DEMO_DATA, build_tiny_llama, build_tokenizer, record_texts
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:

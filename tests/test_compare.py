@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from lorakit.claims import evaluate_claims, quality_verdict, summarize
 from lorakit.cli import main
-from lorakit.compare import load_compare_config
-from lorakit.report import write_report
+from lorakit.evaluation.claims import evaluate_claims, quality_verdict, summarize
+from lorakit.evaluation.compare_config import load_compare_config
+from lorakit.evaluation.report import write_report
 
 REPORT_FILES = ("results.json", "report.md", "report.html", "loss_curves.png", "accuracy_vs_params.png")
 
@@ -172,7 +172,7 @@ def test_several_seeds_give_mean_and_spread(tmp_path: Path) -> None:
 
 def test_bundled_demo_reports_before_and_after(tmp_path: Path) -> None:
     """`make demo` in miniature: the bundled model, LoRA-SB on arithmetic, accuracy and samples before/after."""
-    from lorakit.bundled_demo import run_bundled_demo
+    from lorakit.evaluation.demo import run_bundled_demo
 
     lines: list[str] = []
     res = run_bundled_demo(tmp_path / "demo", steps=2, examples=2, log=lines.append, progress=False,
@@ -186,7 +186,7 @@ def test_bundled_demo_reports_before_and_after(tmp_path: Path) -> None:
 
 
 def test_cpu_contention_is_detected_and_reported(tmp_path: Path) -> None:
-    from lorakit.compare import cpu_use
+    from lorakit.evaluation.report import cpu_use
 
     clean = _run("lora", train_s=10.0, train_cpu_s=19.0, threads=2, step_time_s=0.4)
     shared = _run("full", train_s=10.0, train_cpu_s=8.0, threads=2, step_time_s=1.5)

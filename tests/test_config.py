@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorakit.checkpoint import RunDirError, prepare_run_dir
-from lorakit.config import TrainConfig, load_config, resolve_model_path
 from lorakit.errors import ConfigError
-from lorakit.runtime import lr_factor
+from lorakit.train.checkpoint import RunDirError, prepare_run_dir
+from lorakit.train.config import TrainConfig, load_config, resolve_model_path
+from lorakit.train.runtime import lr_factor
 
 BASE = {"model": {"path": "some/model"}, "data": {"train": "t.jsonl"}, "output": {"dir": "out"}}
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.layers import LayerInfo
-from lorakit.model import adapter_modules
+from lorakit.adapt.model import adapter_modules
+from lorakit.core.layers import LayerInfo
 
 from .conftest import MODELS, batch_for, output_of
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.layers import AdaptedLayer
+from lorakit.core.layers import AdaptedLayer
 
 from .conftest import batch_for, output_of, tiny_bert, tiny_gpt2, tiny_llama
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.data import IGNORE, BatchOrder, DataError, collate, pack, read_jsonl, split_records, tokenize
-from lorakit.demo import build_tokenizer
+from lorakit.testing import build_tokenizer
+from lorakit.train.data import IGNORE, BatchOrder, DataError, collate, pack, read_jsonl, split_records, tokenize
 
 from .fixtures_train import write_jsonl
 

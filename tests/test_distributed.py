@@ -122,7 +122,7 @@ def runs(tiny_run: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def _metrics(run: Path) -> list[dict[str, Any]]:
-    from lorakit.metrics import read_metrics
+    from lorakit.train.metrics import read_metrics
 
     return read_metrics(run / "metrics.jsonl")
 
@@ -180,8 +180,8 @@ def test_resume_with_another_process_count_is_refused(runs: dict[str, Path], tin
 
 # --- in one process: the sharding arithmetic and the launch checks ------------------------------------------------
 def test_shards_weight_their_loss_by_their_share_of_loss_tokens() -> None:
-    from lorakit.data import IGNORE, Example
-    from lorakit.distributed import Distributed
+    from lorakit.train.data import IGNORE, Example
+    from lorakit.train.distributed import Distributed
 
     # predicted tokens (labels after the first, not ignored): 3, 1, 2, 0, 4
     examples = [Example([1] * 4, [5, 6, 7, 8]), Example([1] * 3, [IGNORE, IGNORE, 7]),
@@ -202,9 +202,9 @@ def test_launch_environment_is_checked(monkeypatch: pytest.MonkeyPatch, tiny_run
                                        tmp_path: Path) -> None:
     import torch
 
-    from lorakit.config import load_config
-    from lorakit.distributed import DistributedError, setup
     from lorakit.errors import ConfigError
+    from lorakit.train.config import load_config
+    from lorakit.train.distributed import DistributedError, setup
 
     from .fixtures_train import make_config
 

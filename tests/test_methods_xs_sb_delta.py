@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lorakit
-from lorakit.kernels import fused
-from lorakit.layers import AdaptedLayer
-from lorakit.model import adapter_modules
+from lorakit.adapt.model import adapter_modules
+from lorakit.core.layers import AdaptedLayer
+from lorakit.core.lowrank import fused
 
 from .conftest import batch_for, output_of, tiny_llama
 

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit
-from lorakit import peft_format
+from lorakit.formats import peft_export as peft_format
+from lorakit.methods.lora_xs import LoraXs
 
 from .conftest import MODELS, batch_for, output_of, tiny_gpt2, tiny_llama
 from .test_contract import CASES, _perturb
@@ -192,12 +193,12 @@ def test_export_refusals(tmp_path, monkeypatch) -> None:
         lorakit.export_peft(model, tmp_path / "x")
     lorakit.unmerge(model)
     # a method with no known low-rank form needs a rank
-    monkeypatch.setattr(peft_format, "_factors", lambda ad, layer: None)
+    monkeypatch.setattr(LoraXs, "lora_factors", lambda ad, layer: None)
     with pytest.raises(lorakit.ConfigError, match="no exact LoRA form; pass rank"):
         lorakit.export_peft(model, tmp_path / "x")
     assert lorakit.export_peft(model, tmp_path / "x", rank=4)["mode"] == "svd"
     # a fold that disagrees with delta_weight is an error, not a silent export
-    monkeypatch.setattr(peft_format, "_factors", lambda ad, layer: (ad.lora_B, ad.lora_A))
+    monkeypatch.setattr(LoraXs, "lora_factors", lambda ad, layer: (ad.lora_B, ad.lora_A))
     with pytest.raises(lorakit.AdapterStateError, match="disagrees with its delta_weight"):
         lorakit.export_peft(model, tmp_path / "x")
 

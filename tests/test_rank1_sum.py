@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.adapters.rank1_sum import Rank1Sum
-from lorakit.inspect import describe, format_description
-from lorakit.io import adapter_tensors
-from lorakit.kernels import fused
-from lorakit.layers import LayerInfo
-from lorakit.model import adapter_modules
-from lorakit.pruning import RankPruner, all_reduce_mean_, grow, shrink
-from lorakit.speed import group_projections, ungroup_projections
+from lorakit.adapt.model import adapter_modules, adapter_tensors
+from lorakit.core.collectives import all_reduce_mean_
+from lorakit.core.layers import LayerInfo
+from lorakit.core.lowrank import fused
+from lorakit.fast.speed import group_projections, ungroup_projections
+from lorakit.formats.describe import describe, format_description
+from lorakit.methods.rank1_sum import Rank1Sum
+from lorakit.methods.rank1_sum_pruning import RankPruner, grow, shrink
 
 from .conftest import batch_for, output_of, tiny_llama
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lorakit import tasks
-from lorakit.tasks import (
+from lorakit.cli import main
+from lorakit.evaluation.tasks import (
     BUNDLED_FILES,
     TASKS,
     extract_answer,
@@ -20,8 +20,9 @@ from lorakit.tasks import (
     write_bundled_data,
     write_jsonl,
 )
+from lorakit.util.resources import BUNDLED_DIR
 
-BUNDLED = Path(tasks.__file__).resolve().parent / "bundled"
+BUNDLED = BUNDLED_DIR
 MODEL_DIR = BUNDLED / "tiny-base"
 DATA_DIR = BUNDLED / "data"
 
@@ -101,7 +102,7 @@ def test_jsonl_round_trip_and_cli(tmp_path: Path) -> None:
     rows = generate_sentiment(20, 4)
     assert read_jsonl(write_jsonl(rows, tmp_path / "a" / "rows.jsonl")) == rows
     out = tmp_path / "cli.jsonl"
-    assert tasks.main(["arithmetic", "--n", "15", "--seed", "2", "--out", str(out)]) == 0
+    assert main(["tasks", "arithmetic", "--n", "15", "--seed", "2", "--out", str(out)]) == 0
     assert read_jsonl(out) == generate_arithmetic(15, 2)
 
 

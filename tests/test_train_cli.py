@@ -18,11 +18,11 @@ import yaml
 from safetensors.torch import load_file
 
 import lorakit
-from lorakit.checkpoint import STATE_FILE, clean_incomplete, latest_checkpoint, list_checkpoints, load_state
 from lorakit.cli import app, main
-from lorakit.config import load_config
-from lorakit.metrics import read_metrics
-from lorakit.trainer import Trainer
+from lorakit.train.checkpoint import STATE_FILE, clean_incomplete, latest_checkpoint, list_checkpoints, load_state
+from lorakit.train.config import load_config
+from lorakit.train.metrics import read_metrics
+from lorakit.train.trainer import Trainer
 
 from .fixtures_train import make_config
 from .test_contract import CASES
@@ -286,7 +286,7 @@ def test_adapters_train_inside_transformers_trainer(tiny_run, tmp_path: Path) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
     from transformers import Trainer as HFTrainer
 
-    from lorakit.data import read_jsonl, tokenize
+    from lorakit.train.data import read_jsonl, tokenize
 
     tok = AutoTokenizer.from_pretrained(tiny_run["base"])
     model = AutoModelForCausalLM.from_pretrained(tiny_run["base"])
@@ -296,8 +296,8 @@ def test_adapters_train_inside_transformers_trainer(tiny_run, tmp_path: Path) ->
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in ds.examples]
 
     def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-        from lorakit.data import Example
-        from lorakit.data import collate as pad
+        from lorakit.train.data import Example
+        from lorakit.train.data import collate as pad
 
         return pad([Example(b["input_ids"], b["labels"]) for b in batch], tok.pad_token_id)
 

@@ -10,23 +10,8 @@ Typical use::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .adapters import METHODS, Adapter, AdapterConfig, get_method  # noqa: E402
-from .callbacks import TrainingCallback, training_callbacks  # noqa: E402
-from .errors import (  # noqa: E402
-    AdapterFileError,
-    AdapterStateError,
-    ConfigError,
-    IncompatibleAdapterError,
-    LorakitError,
-    TargetError,
-    UnknownMethodError,
-)
-from .io import load, read_adapter, save  # noqa: E402
-from .optim import optimizer, param_groups  # noqa: E402
-from .peft_format import export_peft, load_peft  # noqa: E402
-from .model import (  # noqa: E402
+from lorakit._version import __version__
+from lorakit.adapt.model import (
     active_adapters,
     adapter_modules,
     adapters,
@@ -36,12 +21,28 @@ from .model import (  # noqa: E402
     remove,
     set_active,
     trainable_parameters,
+    training_callbacks,
     unmerge,
 )
-from .pruning import RankPruner  # noqa: E402
-from .config import TrainConfig, load_config  # noqa: E402
-from .data import DataError  # noqa: E402
-from .trainer import FitResult, Trainer, TrainingError  # noqa: E402
+from lorakit.core.callbacks import TrainingCallback
+from lorakit.errors import (
+    AdapterFileError,
+    AdapterStateError,
+    ConfigError,
+    IncompatibleAdapterError,
+    LorakitError,
+    TargetError,
+    UnknownMethodError,
+)
+from lorakit.formats.native import load, read_adapter, save
+from lorakit.formats.peft_export import export_peft
+from lorakit.formats.peft_import import load_peft
+from lorakit.methods import METHODS, Adapter, AdapterConfig, get_method
+from lorakit.methods.rank1_sum_pruning import RankPruner
+from lorakit.train.config import TrainConfig, load_config
+from lorakit.train.data import DataError
+from lorakit.train.optim import optimizer, param_groups
+from lorakit.train.trainer import FitResult, Trainer, TrainingError
 
 __all__ = [
     "METHODS",

@@ -9,14 +9,33 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import click
+import torch
 import typer
 
-from .compare import compare_command
-from .errors import ConfigError, LorakitError
+from lorakit.adapt.model import detach
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.evaluation import tasks as task_data
+from lorakit.evaluation.bench import run_bench
+from lorakit.evaluation.bench_results import WORKLOADS
+from lorakit.evaluation.compare import RESULTS_FILE, run_compare
+from lorakit.evaluation.compare_config import load_compare_config
+from lorakit.evaluation.demo import run_bundled_demo
+from lorakit.evaluation.report import write_report
+from lorakit.formats.describe import describe, format_description
+from lorakit.formats.layout import PEFT_CONFIG_FILE
+from lorakit.formats.native import read_adapter
+from lorakit.formats.peft_export import export_peft, format_report
+from lorakit.train.config import load_config
+from lorakit.train.data import render_chat
+from lorakit.train.distributed import is_main_process
+from lorakit.train.loading import HEAD_ADAPTER, load_adapter_dir, load_trained, resolve_device
+from lorakit.train.trainer import Trainer
+from lorakit.util.files import read_json
 
 app = typer.Typer(name="lorakit", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
@@ -50,9 +69,6 @@ def train(
     and OUTPUT/config.yaml (the resolved config). Ctrl-C stops after the current step and saves a
     checkpoint; run again with --resume to continue.
     """
-    from .config import load_config
-    from .distributed import is_main_process
-    from .trainer import Trainer
 
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
@@ -86,9 +102,6 @@ def evaluate(
     The data is data.eval, or the same held-out split of data.train that training used. Prints one JSON
     object.
     """
-    from .config import load_config
-    from .loading import load_adapter_dir
-    from .trainer import Trainer
 
     cfg = load_config(config, overrides or [])
     trainer = Trainer(None, cfg, log=_say)
@@ -120,8 +133,6 @@ def merge(
                                             "a model.")] = False,
 ) -> int:
     """Fold an adapter into its base model's weights and save a plain Hugging Face checkpoint."""
-    from .loading import load_trained
-    from .model import detach
 
     if (out / "config.json").exists() and not overwrite:
         raise ConfigError(f"{out} already holds a model; pass --overwrite to replace it")
@@ -152,10 +163,7 @@ def generate(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> int:
     """Generate text from a base model with an adapter; prints each completion (prompt excluded)."""
-    import torch
 
-    from .data import render_chat
-    from .loading import load_trained, resolve_device
 
     model, tokenizer = load_trained(adapter, base=base)
     dev = resolve_device(device)
@@ -191,7 +199,6 @@ def inspect_cmd(
     fingerprint."""
     if not (path / "adapter.json").is_file() and (path / "adapter" / "adapter.json").is_file():
         path = path / "adapter"
-    from .inspect import describe, format_description
 
     d = describe(path)
     typer.echo(json.dumps(d, indent=2, default=str) if as_json else format_description(d))
@@ -217,15 +224,12 @@ def export(
                                             "an adapter.")] = False,
 ) -> int:
     """Convert a trained adapter to another format (PEFT LoRA; DoRA stays DoRA, other methods become LoRA)."""
-    from .io import read_adapter
-    from .loading import HEAD_ADAPTER, load_trained
-    from .peft_format import CONFIG_FILE, export_peft, format_report
 
     if fmt != "peft":
         raise ConfigError(f"--format {fmt!r} is not supported; choose: peft")
     if not (adapter / "adapter.json").is_file() and (adapter / "adapter" / "adapter.json").is_file():
         adapter = adapter / "adapter"
-    if (out / CONFIG_FILE).exists() and not overwrite:
+    if (out / PEFT_CONFIG_FILE).exists() and not overwrite:
         raise ConfigError(f"{out} already holds an adapter; pass --overwrite to replace it")
     if (adapter / HEAD_ADAPTER).is_dir():
         raise ConfigError(f"{adapter} also trained a task head, which a PEFT LoRA adapter cannot hold; "
@@ -248,23 +252,119 @@ def demo(
 ) -> int:
     """Fine-tune the bundled pretrained tiny Llama with LoRA-SB on arithmetic word problems (CPU, a few
     minutes, offline): accuracy and a sample generation before and after, then what to run next."""
-    from .bundled_demo import run_bundled_demo
 
     run_bundled_demo(out, steps=steps, method=method, examples=examples, log=_say)
     return 0
 
 
-# `lorakit compare` lives in compare.py, next to the rest of the comparison
-app.command("compare")(compare_command)
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Argument(help="Compare config: a training config plus `compare:` and "
+                                           "`methods:` sections (see `lorakit.evaluation.compare_config`).", show_default=False)],
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="Dotted overrides, e.g. training.max_steps=50 compare.seeds=[0,1] methods.vera.training.lr=0.02.",
+        show_default=False)] = None,
+    methods: Annotated[str | None, typer.Option(
+        help="Comma-separated methods or labels (lora,lora+,lora-fa,vera,...); default: the config's "
+             "methods section, else every registered method.")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory: results.json, report.md, report.html, PNG "
+                                      "plots, runs/.", show_default=False)] = Path("compare-out"),
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (overrides compare.seeds); "
+                                              "several give mean and spread.")] = None,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Only rebuild the report from "
+                                              "OUT/results.json.")] = False,
+) -> int:
+    """Fine-tune several methods with the same data, steps, seed and budget, and write a comparison report.
+
+    Every (method, seed) runs in its own process; a failing method is recorded and the others go on.
+    """
+    say: Callable[[str], None] = _say
+    if report_only:
+        path = out / RESULTS_FILE
+        if not path.is_file():
+            raise ConfigError(f"--report-only: {path} does not exist")
+        files = write_report(read_json(path, "comparison results"), out)
+        say("report written: " + ", ".join(str(f) for f in files))
+        return 0
+    extra = list(overrides or [])
+    if seeds:
+        try:
+            extra.append("compare.seeds=[" + ",".join(str(int(s)) for s in seeds.split(",") if s.strip()) + "]")
+        except ValueError:
+            raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers") from None
+    cc = load_compare_config(config, extra)
+    labels = [m.strip() for m in methods.split(",") if m.strip()] if methods else cc.labels()
+    command = " ".join(["lorakit compare", str(config), "--methods", ",".join(labels), "--out", str(out),
+                        *(["--seeds", seeds] if seeds else []), *(overrides or [])])
+    results = run_compare(cc, labels, out, log=say, command=command)
+    failed = [f"{r['label']} (seed {r['seed']})" for r in results["runs"] if not r["ok"]]
+    say(f"report: {out / 'report.md'}, {out / 'report.html'}")
+    if failed:
+        say("failed runs (see report): " + ", ".join(failed))
+        return 1
+    return 0
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             add_help_option=False)
-def bench(ctx: typer.Context) -> int:
-    """Benchmark every method against the frozen-base floor and PEFT (`lorakit bench --help` for options)."""
-    from .bench import main as bench_main
+@app.command()
+def bench(
+    device: Annotated[str, typer.Option(help="cpu or cuda (default: cuda when available).")] =
+    "cuda" if torch.cuda.is_available() else "cpu",
+    methods: Annotated[list[str] | None, typer.Option(help="A method to measure; repeat for several "
+                                                      "(default: every registered method).")] = None,
+    compare_peft: Annotated[bool, typer.Option("--compare-peft", help="Add PEFT's rows for the methods it "
+                                               "implements (LoRA, DoRA, VeRA).")] = False,
+    out: Annotated[Path | None, typer.Option(help="JSON results file.")] = None,
+    workload: Annotated[str | None, typer.Option(help=f"One of {', '.join(WORKLOADS)} (default: gpu on CUDA, "
+                                                 "cpu on the CPU).")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Measured steps per row.")] = None,
+    warmup: Annotated[int | None, typer.Option(min=0, help="Warm-up steps per row.")] = None,
+    compile_layers: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile each "
+                                                        "decoder layer (default: on CUDA).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
+    checkpointing: Annotated[bool, typer.Option("--checkpointing", help="Activation checkpointing in every row "
+                                                "(PEFT and the floor included).")] = False,
+) -> int:
+    """Benchmark every method against the frozen-base floor, PEFT and full fine-tuning: step time, tokens/s,
+    memory and MFU, in one process."""
+    run_bench(device, methods, compare_peft, out, workload=workload, steps=steps, warmup=warmup,
+              compile_layers=compile_layers, threads=threads, checkpointing=checkpointing)
+    return 0
 
-    return bench_main(list(ctx.args))
+
+tasks_app = typer.Typer(no_args_is_help=True, help="Synthetic task data: write generated rows as JSONL.")
+app.add_typer(tasks_app, name="tasks")
+
+
+def _task_command(task: str) -> Callable[..., int]:
+    def command(
+        n: Annotated[int, typer.Option(min=1, help="Number of rows.")] = 1000,
+        seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+        out: Annotated[Path | None, typer.Option(help="Output file (default: standard output).")] = None,
+    ) -> int:
+        rows = task_data.TASKS[task](n, seed)
+        if out is None:
+            for row in rows:
+                typer.echo(json.dumps(row, ensure_ascii=False))
+        else:
+            task_data.write_jsonl(rows, out)
+        return 0
+
+    command.__doc__ = f"Write N generated {task.replace('_', ' ')} rows as JSONL."
+    return command
+
+
+for _task in task_data.TASKS:
+    tasks_app.command(_task)(_task_command(_task))
+
+
+@tasks_app.command("bundle")
+def tasks_bundle(
+    directory: Annotated[Path, typer.Option("--dir", help="Where to write the files.")] = task_data.BUNDLED_DATA,
+) -> int:
+    """Rewrite every bundled data file (the generators are seeded: the same files come out)."""
+    for path in task_data.write_bundled_data(directory):
+        typer.echo(str(path))
+    return 0
 
 
 # --- entry point ------------------------------------------------------------------------------------------------

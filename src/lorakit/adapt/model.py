@@ -1,0 +1,461 @@
+"""Attaching adapters to a model and managing them: the functions behind lorakit's public API.
+
+This is the one module that knows the two kinds of method (:attr:`lorakit.Method.layer_method`): layer adapters,
+whose tensors live in :class:`~lorakit.core.layers.AdaptedLayer` modules, and full fine-tuning, which trains
+the base parameters themselves. Everything above it (saving, loading, export, training) goes through
+:class:`AdapterRecord` and the functions here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.adapt.targets import find_targets
+from lorakit.core.callbacks import Callbacks
+from lorakit.core.contract import Adapter, AdapterConfig, Method
+from lorakit.core.layers import AdaptedLayer, LayerInfo, adapted_layers, layer_kind, weight_view
+from lorakit.errors import AdapterStateError, ConfigError, IncompatibleAdapterError
+from lorakit.methods import get_method
+from lorakit.methods.full import Full
+
+_RECORDS = "_lorakit_adapters"  # attribute on the model: dict[name, AdapterRecord]
+_ACTIVE = "_lorakit_active"  # attribute on the model: list of active adapter names
+SHARED = "lorakit_shared"  # submodule of the model holding per-adapter shared tensors (VeRA)
+
+
+@dataclass
+class AdapterRecord:
+    """What lorakit knows about one named adapter on a model.
+
+    Attributes:
+        name: the adapter's name.
+        method: registry name of its method.
+        config: its validated options.
+        targets: module names it wraps (layer methods) or parameter names it trains (``full``).
+        fingerprint: hash of the targeted base weights at attach time (see :func:`fingerprint`).
+        modules: its per-layer :class:`~lorakit.Adapter` modules by module name, in model order (empty for
+            ``full``).
+        extra: metadata saved with the adapter (e.g. what trained it), refreshed with the method's live
+            :meth:`~lorakit.Adapter.metadata` (rank1-sum's ranks) whenever it is read.
+    """
+
+    name: str
+    method: str
+    config: AdapterConfig
+    targets: list[str]
+    fingerprint: str
+    modules: dict[str, Adapter] = field(default_factory=dict, repr=False)
+    _extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def method_cls(self) -> type[Method]:
+        return get_method(self.method)
+
+    @property
+    def is_layer_method(self) -> bool:
+        return self.method_cls.layer_method
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        cls = self.method_cls
+        if self.modules and issubclass(cls, Adapter):
+            self._extra.update(cls.metadata(self.modules))
+        return self._extra
+
+    @extra.setter
+    def extra(self, value: dict[str, Any]) -> None:
+        self._extra = dict(value)
+
+
+# --- small accessors ---------------------------------------------------------------------------------------
+def _records(model: nn.Module) -> dict[str, AdapterRecord]:
+    return model.__dict__.setdefault(_RECORDS, {})
+
+
+def adapters(model: nn.Module) -> dict[str, AdapterRecord]:
+    """The adapters on ``model`` by name, in attach order (a copy; edit through the API)."""
+    return dict(_records(model))
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the active adapters."""
+    return list(model.__dict__.get(_ACTIVE, []))
+
+
+def _record(model: nn.Module, name: str) -> AdapterRecord:
+    recs = _records(model)
+    if name not in recs:
+        raise AdapterStateError(f"model has no adapter named {name!r}; it has {sorted(recs) or 'none'}")
+    return recs[name]
+
+
+def adapter_modules(model: nn.Module, name: str = "default") -> dict[str, Adapter]:
+    """The per-layer adapter modules of adapter ``name``, by wrapped module name."""
+    return dict(_record(model, name).modules)
+
+
+def shared_module(model: nn.Module, name: str) -> nn.Module | None:
+    """The shared tensors of adapter ``name`` (VeRA's random matrices), if its method has any."""
+    store = getattr(model, SHARED, None)
+    return store[name] if store is not None and name in store else None
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of scalars that train (``requires_grad``), each shared tensor counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def fingerprint(named: Iterable[tuple[str, Tensor]]) -> str:
+    """A cheap, dtype-robust hash of base weights: names, shapes and 256 evenly spaced values of each,
+    rounded to bfloat16 (so the same checkpoint loaded in fp32 or bf16 gives the same fingerprint)."""
+    h = hashlib.sha256()
+    for name, t in named:
+        flat = t.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), 256), device=flat.device).long()
+        sample = flat[idx].to(torch.bfloat16).float().cpu()
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def target_fingerprint(model: nn.Module, method: str, targets: list[str]) -> str:
+    """Fingerprint of the base weights an adapter of ``method`` on ``targets`` depends on."""
+    if not get_method(method).layer_method:
+        params = dict(model.named_parameters())
+        return fingerprint((n, params[n]) for n in targets)
+    return fingerprint((n, weight_view(model.get_submodule(n))) for n in targets)
+
+
+# --- attach --------------------------------------------------------------------------------------------------
+def attach(model: nn.Module, method: str, *, name: str = "default", **options: Any) -> nn.Module:
+    """Add an adapter of ``method`` to ``model`` in place, make it the active one, and freeze the rest.
+
+    Args:
+        model: any PyTorch / Hugging Face model.
+        method: a name in :data:`lorakit.METHODS`.
+        name: the adapter's name (several adapters can live on one model).
+        **options: the method's options (see its config class, e.g. ``r``, ``alpha``, ``targets``) and any
+            runtime-only inputs it takes (LoRA-SB's ``init_batches``).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        UnknownMethodError, ConfigError, TargetError: bad input; the model is left untouched.
+    """
+    cls = get_method(method)
+    runtime = {k: options.pop(k) for k in list(options) if k in cls.runtime_options}
+    return attach_config(model, cls.config_cls.parse(options), method, name=name, runtime=runtime)
+
+
+def attach_config(model: nn.Module, config: AdapterConfig, method: str, *, name: str = "default",
+                  targets: list[str] | None = None, init: bool = True,
+                  runtime: dict[str, Any] | None = None) -> nn.Module:
+    """:func:`attach` with options already validated into ``config`` (what the trainer and loading use).
+
+    Args:
+        targets: the exact module (or, for ``full``, parameter) names to adapt instead of resolving
+            ``config.targets`` (a saved adapter's, in model order).
+        init: initialise the tensors as the method prescribes; ``False`` when they are about to be filled
+            from a saved adapter (costly inits such as an SVD, and data-driven inits, are skipped).
+        runtime: runtime-only inputs of the method (LoRA-SB's ``init_batches``).
+
+    Everything is built and checked before the model is touched, so an error leaves it as it was.
+    """
+    cls = get_method(method)
+    if not isinstance(config, cls.config_cls):
+        raise ConfigError(f"method {method!r} takes a {cls.config_cls.__name__}, got {type(config).__name__}")
+    runtime = dict(runtime or {})
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if name in _records(model):
+        raise AdapterStateError(f"model already has an adapter named {name!r}; remove it or pick another name")
+
+    if not cls.layer_method:  # full fine-tuning: the selected base parameters themselves train
+        if runtime:
+            raise ConfigError(f"method {method!r} takes no option(s) {sorted(runtime)}")
+        chosen = targets or Full.select(model, config)  # type: ignore[arg-type]
+        _records(model)[name] = AdapterRecord(name, method, config, chosen, target_fingerprint(model, method, chosen))
+        set_active(model, [name])
+        return model
+
+    assert issubclass(cls, Adapter)
+    if init:
+        cls.check_runtime(runtime)
+    chosen = targets or find_targets(model, config.targets)
+    modules = {t: model.get_submodule(t) for t in chosen}
+    infos = [LayerInfo.of(t, m) for t, m in modules.items()]
+    for info in infos:
+        cls.check_layer(info, config)
+    fp = target_fingerprint(model, method, chosen)
+    # Build everything before touching the model, so an error leaves it as it was.
+    shared = cls.create_shared(infos, config, init=init)
+    built: dict[str, Adapter] = {}
+    for info in infos:
+        adapter = cls(info, config, shared, init=init)
+        adapter.train(modules[info.name].training)  # follow the model's train/eval mode (dropout)
+        if init:
+            adapter.init_from_base(weight_view(modules[info.name]))
+        built[info.name] = adapter
+
+    if shared is not None:
+        if not hasattr(model, SHARED):
+            model.add_module(SHARED, nn.ModuleDict())
+        getattr(model, SHARED)[name] = shared
+    layers: dict[str, AdaptedLayer] = {}
+    for t, adapter in built.items():
+        module = modules[t]
+        if not isinstance(module, AdaptedLayer):
+            module = AdaptedLayer(module)
+            _replace(model, t, module)
+        module.add_adapter(name, adapter)
+        layers[t] = module
+    _records(model)[name] = AdapterRecord(name, method, config, chosen, fp, built)
+    set_active(model, [name])
+    if init:
+        try:
+            cls.initialize(model, built, layers, config, **runtime)
+        except BaseException:
+            remove(model, name)
+            raise
+    return model
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+# --- activation, trainability ---------------------------------------------------------------------------------
+def set_active(model: nn.Module, names: str | list[str]) -> None:
+    """Make exactly ``names`` active: their updates add up in forward and their tensors train.
+
+    Everything else in the model is frozen. Raises :class:`AdapterStateError` for unknown names or while
+    adapters are merged (unmerge first).
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        _record(model, n)
+    layers = list(adapted_layers(model))
+    if any(layer.merged for _, layer in layers) and set(names) != set(active_adapters(model)):
+        raise AdapterStateError("cannot change the active adapters while some are merged; unmerge first")
+    model.__dict__[_ACTIVE] = names
+    for _, layer in layers:
+        layer.active = [n for n in names if n in layer.adapters]
+    _refresh_trainable(model)
+
+
+def _refresh_trainable(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = dict(model.named_parameters())
+    for n in active_adapters(model):
+        rec = _record(model, n)
+        if rec.is_layer_method:
+            for adapter in rec.modules.values():
+                for p in adapter.parameters():
+                    p.requires_grad_(True)
+        else:
+            for pn in rec.targets:
+                params[pn].requires_grad_(True)
+
+
+# --- merge ----------------------------------------------------------------------------------------------
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every active adapter into its base weights (``W <- W0 + delta_weight()``). Idempotent.
+
+    Raises:
+        AdapterStateError: an adapted weight is tied to another module (e.g. an embedding tied to the
+            output head): merging would change both. Nothing is merged then.
+    """
+    layers = list(adapted_layers(model))
+    owners: dict[int, list[str]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append(f"{mod_name}.{p_name}")
+    for name, layer in layers:
+        if layer.pending() and len(owners.get(id(layer.base.weight), [])) > 1:
+            raise AdapterStateError(
+                f"cannot merge into {name}: its weight is tied to {owners[id(layer.base.weight)]}; merging "
+                "would change every tied module. Untie the weights first or keep the adapter unmerged.")
+    for _, layer in layers:
+        layer.merge()
+    return model
+
+
+_merge_model = merge  # detach's ``merge`` argument shadows the function
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Exactly undo :func:`merge` (up to the weight dtype's rounding). Idempotent."""
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+    return model
+
+
+# --- removal ----------------------------------------------------------------------------------------------
+def remove(model: nn.Module, name: str) -> nn.Module:
+    """Delete adapter ``name`` (unmerging it first). Layers left with no adapter are unwrapped.
+
+    Removing ``full`` only stops tracking it: its trained weights stay in the model.
+    """
+    rec = _record(model, name)
+    if rec.is_layer_method:
+        for t in rec.targets:
+            layer = model.get_submodule(t)
+            if not isinstance(layer, AdaptedLayer) or name not in layer.adapters:
+                continue
+            layer.unmerge([name])
+            del layer.adapters[name]
+            layer.active = [n for n in layer.active if n != name]
+            if len(layer.adapters) == 0:
+                _replace(model, t, layer.base)
+        store = getattr(model, SHARED, None)
+        if store is not None and name in store:
+            del store[name]
+            if len(store) == 0:
+                delattr(model, SHARED)
+    del _records(model)[name]
+    model.__dict__[_ACTIVE] = [n for n in active_adapters(model) if n != name]
+    _refresh_trainable(model)
+    return model
+
+
+def detach(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Return ``model`` as a plain model with no lorakit modules left.
+
+    Args:
+        merge: fold the active adapters into the base weights first (otherwise every adapter is dropped
+            and the base weights are restored by unmerging).
+
+    All parameters are made trainable again, as in a freshly loaded model.
+    """
+    if merge:
+        _merge_model(model)
+    else:
+        unmerge(model)
+    layers = list(adapted_layers(model))
+    for path, layer in layers:
+        _replace(model, path, layer.base)
+    if hasattr(model, SHARED):
+        delattr(model, SHARED)
+    model.__dict__.pop(_RECORDS, None)
+    model.__dict__.pop(_ACTIVE, None)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+# --- what defines an adapter: its tensors, the shapes it needs, filling it --------------------------------------
+#: Key prefix of an adapter's shared tensors (VeRA's random matrices) among its saved tensors.
+SHARED_PREFIX = "__shared__."
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """Every tensor that defines adapter ``name``, keyed as saved (``<module>.<tensor>``, shared tensors under
+    :data:`SHARED_PREFIX`, ``full``'s under their parameter names)."""
+    rec = _record(model, name)
+    if not rec.is_layer_method:
+        params = dict(model.named_parameters())
+        return {n: params[n] for n in rec.targets}
+    out: dict[str, Tensor] = {}
+    for target, adapter in rec.modules.items():
+        for key, t in adapter.state_dict().items():
+            out[f"{target}.{key}"] = t
+    shared = shared_module(model, name)
+    if shared is not None:
+        for key, t in shared.state_dict().items():
+            out[SHARED_PREFIX + key] = t
+    return out
+
+
+def target_shapes(model: nn.Module, name: str) -> dict[str, list[int]]:
+    """The shape each target must have for adapter ``name`` to fit: ``(d_out, d_in)`` of each wrapped layer, or
+    each trained parameter's shape (``full``)."""
+    rec = _record(model, name)
+    if rec.is_layer_method:
+        return {t: list(weight_view(model.get_submodule(t)).shape) for t in rec.targets}
+    params = dict(model.named_parameters())
+    return {n: list(params[n].shape) for n in rec.targets}
+
+
+def check_fits(model: nn.Module, method: str, shapes: dict[str, list[int]]) -> None:
+    """Raise :class:`IncompatibleAdapterError` unless ``model`` has every target of ``shapes`` with that shape
+    (see :func:`target_shapes`)."""
+    layer = get_method(method).layer_method
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    problems = []
+    for t, shape in shapes.items():
+        if not layer:
+            if t not in params:
+                problems.append(f"missing parameter {t}")
+            elif list(params[t].shape) != shape:
+                problems.append(f"{t}: shape {list(params[t].shape)} != saved {shape}")
+        elif t not in modules:
+            problems.append(f"missing module {t}")
+        elif layer_kind(modules[t]) is None:
+            problems.append(f"{t}: {type(modules[t]).__name__} cannot be adapted")
+        elif list(weight_view(modules[t]).shape) != shape:
+            problems.append(f"{t}: weight (d_out, d_in) {list(weight_view(modules[t]).shape)} != saved {shape}")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
+        raise IncompatibleAdapterError(f"adapter does not fit this model: {shown}")
+
+
+@torch.no_grad()
+def fill(model: nn.Module, name: str, tensors: dict[str, Tensor], *, where: str = "") -> None:
+    """Copy saved ``tensors`` (keyed as :func:`adapter_tensors` keys them) into adapter ``name``."""
+    rec = _record(model, name)
+    if not rec.is_layer_method:
+        params = dict(model.named_parameters())
+        for n in rec.targets:
+            params[n].copy_(tensors[n])
+        return
+    by_target: dict[str, dict[str, Tensor]] = {t: {} for t in rec.targets}
+    shared: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        if key.startswith(SHARED_PREFIX):
+            shared[key[len(SHARED_PREFIX):]] = t
+            continue
+        target = max((m for m in by_target if key.startswith(m + ".")), key=len, default=None)  # longest prefix
+        if target is None:
+            raise IncompatibleAdapterError(f"{where}saved tensor {key!r} belongs to no targeted module")
+        by_target[target][key[len(target) + 1:]] = t
+    store = shared_module(model, name)
+    if store is not None:
+        own = store.state_dict()
+        if set(own) != set(shared) or any(own[k].shape != shared[k].shape for k in own):
+            raise IncompatibleAdapterError(f"{where}saved shared tensors do not match the method's")
+        for k, v in shared.items():
+            own[k].copy_(v)
+    elif shared:
+        raise IncompatibleAdapterError(f"{where}saved shared tensors {sorted(shared)} but method {rec.method!r} "
+                                       "has none")
+    for target, adapter in rec.modules.items():
+        adapter.load_tensors(by_target[target], where=f"{where}{target}")
+
+
+# --- training rules ----------------------------------------------------------------------------------------------
+def training_callbacks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                       total_steps: int) -> Callbacks:
+    """The callbacks every active adapter's method needs for training (empty for most methods).
+
+    Each method gets its own per-layer modules and the layers they live in (:meth:`lorakit.Adapter.callbacks`).
+    """
+    out = Callbacks()
+    for name in active_adapters(model):
+        rec = _record(model, name)
+        cls = rec.method_cls
+        if rec.modules and issubclass(cls, Adapter):
+            layers = {t: model.get_submodule(t) for t in rec.modules}
+            out.extend(cls.callbacks(name, rec.modules, layers, rec.config, optimizer=optimizer,
+                                     total_steps=total_steps))
+    return out

@@ -1,0 +1,316 @@
+"""``lorakit bench``: step time, tokens/s, memory and MFU of every method against the frozen-base floor, PEFT
+and full fine-tuning, in one process, on the workloads of ``PERFORMANCE.md``.
+
+One step = forward + backward + optimizer step (AdamW) on a Llama-shaped model with random weights and random
+tokens. Rows:
+
+- ``floor``: the frozen base, forward + input-gradient backward (no weight gradient, no optimizer): the least
+  any adapter method can cost.
+- ``<method>``: a lorakit method with its fast paths (fused adapter linears, shared ``x A^T`` for q/k/v and
+  gate/up, fused linear cross-entropy, and ``torch.compile`` of each decoder layer when ``compile`` is on).
+- ``lora[plain]``: LoRA through the reference path (no fused op), the baseline of the fast paths.
+- ``peft:<method>``: PEFT's equivalent (LoRA, DoRA, VeRA) on the same model and inputs.
+- ``full``: full fine-tuning.
+
+On the CPU the rows are interleaved (each measured round runs every row once, in a rotating order), so a
+change in machine load hits every row alike, and the ratios compare each row's "fast median", the median of
+its faster half of steps: on a shared 2-core machine interference (other jobs, the hypervisor, memory reclaim)
+only adds time, one step at a time, so the slow half is where it lands; taking the median of the fast half
+rather than the single fastest step keeps one lucky step from deciding a ratio. Every row keeps its median,
+its minimum and all its step times as well. On CUDA the ratios compare medians.
+Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated()``; on the CPU, where no
+allocator reports a peak, the bytes of parameters, gradients and optimizer state plus the activations autograd
+saves for backward (measured with ``torch.autograd.graph.saved_tensors_hooks``). MFU counts ``4 N`` FLOPs per
+token for frozen-weight rows and ``6 N`` for full fine-tuning (N: matmul weights, head included), plus
+``12 L T d`` for attention, against the matmul peak measured in the same process (the higher of its measurements
+before and after the rows).
+
+Run: ``lorakit bench --device cpu --compare-peft --out benchmarks/results/cpu.json``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.adapt.model import attach, training_callbacks
+from lorakit.core import lowrank
+from lorakit.errors import ConfigError
+from lorakit.evaluation.bench_results import WORKLOADS, Row, Workload, format_table, summarize_rows
+from lorakit.fast import speed
+from lorakit.methods import METHODS
+
+
+def _options(method: str) -> dict[str, Any]:
+    """The options a method is measured with: its declared :attr:`~lorakit.Method.bench_options`."""
+    return dict(METHODS[method].bench_options)
+
+
+def build_model(w: Workload, device: str, seed: int = 0) -> nn.Module:
+    """The workload's model with random weights (the same weights for every row: same seed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=w.vocab, hidden_size=w.hidden, intermediate_size=w.mlp,
+                      num_hidden_layers=w.layers, num_attention_heads=w.heads, num_key_value_heads=w.kv_heads,
+                      max_position_embeddings=max(w.seq, 128), tie_word_embeddings=True, rope_theta=500000.0,
+                      use_cache=False, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model.to(getattr(torch, w.dtype)).train()
+
+
+def _adamw(params: list[nn.Parameter], device: str) -> torch.optim.Optimizer | None:
+    return torch.optim.AdamW(params, lr=1e-5, fused=True) if params else None
+
+
+def _prepare(row: Row, w: Workload, device: str, batch: tuple[Tensor, Tensor], compile_layers: bool,
+             checkpointing: bool = False) -> None:
+    """Build ``row``'s model, optimizer and step function."""
+    ids, labels = batch
+    model = build_model(w, device)
+    model.requires_grad_(False)
+    if checkpointing:  # every row alike, before PEFT wraps the model (non-reentrant: works for every method)
+        speed.enable_checkpointing(model)
+    fused_ctx: Callable[[], Any] = nullcontext
+    if row.kind == "floor":
+        def loss_fn() -> Tensor:
+            # the input gradient makes autograd run the whole backward without any weight gradient
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+            return model(inputs_embeds=embeds, labels=labels).loss
+    elif row.kind == "peft":
+        model = _peft_model(model, row.method or "", row.options)
+
+        def loss_fn() -> Tensor:
+            return model(input_ids=ids, labels=labels).loss
+    else:
+        runtime = {"init_batches": [{"input_ids": ids, "labels": labels}]} \
+            if METHODS[row.method or ""].needs_init_data else {}
+        attach(model, row.method or "", **row.options, **runtime)
+        if row.kind == "plain":
+            fused_ctx = lambda: lowrank.fused(False)  # noqa: E731
+
+            def loss_fn() -> Tensor:
+                return model(input_ids=ids, labels=labels).loss
+        else:
+            speed.group_projections(model)
+            if compile_layers:
+                speed.compile_layers(model)
+
+            def loss_fn() -> Tensor:
+                return speed.causal_lm_loss(model, ids, labels)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _adamw(params, device)
+    callbacks: list[Any] = []
+    if row.kind in ("lorakit", "plain", "full"):
+        callbacks = training_callbacks(model, opt, total_steps=10_000)
+
+    def step() -> None:
+        with fused_ctx():
+            loss = loss_fn()
+            for cb in callbacks:
+                reg = cb.regularizer()
+                if reg is not None:
+                    loss = loss + reg
+            loss.backward()
+        for cb in callbacks:
+            cb.before_step()
+        if opt is not None:
+            opt.step()
+        for cb in callbacks:  # after the step, before the gradients are cleared (callbacks' contract)
+            cb.step()
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+
+    row.model, row.step, row.trainable = model, step, sum(p.numel() for p in params)
+
+
+def _peft_model(model: nn.Module, method: str, opts: dict[str, Any]) -> nn.Module:
+    """PEFT's counterpart of ``method`` (:attr:`~lorakit.Method.peft_counterpart`) with the same options."""
+    import peft  # a comparison dependency only: lorakit itself never needs it
+
+    counterpart = METHODS[method].peft_counterpart
+    if counterpart == "vera":
+        cfg: Any = peft.VeraConfig(r=opts.get("r", 256), target_modules="all-linear", vera_dropout=0.0)
+    else:
+        cfg = peft.LoraConfig(r=opts.get("r", 16), lora_alpha=opts.get("alpha", 32), lora_dropout=0.0,
+                              target_modules="all-linear", use_dora=counterpart == "dora")
+    return peft.get_peft_model(model, cfg)
+
+
+# --- measuring --------------------------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(row: Row, device: str) -> None:
+    _sync(device)
+    t = time.perf_counter()
+    assert row.step is not None
+    row.step()
+    _sync(device)
+    row.times.append(time.perf_counter() - t)
+
+
+def _state_bytes(model: nn.Module, opt_like: Any = None) -> int:
+    """Bytes of parameters, buffers, gradients and AdamW state (each storage once)."""
+    seen: dict[int, int] = {}
+    tensors: list[Tensor] = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    # AdamW keeps two moments per trainable parameter, in the parameter's dtype
+    moments = sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return sum(seen.values()) + moments
+
+
+def _saved_activation_bytes(row: Row) -> int:
+    """Bytes autograd keeps for backward during one step (each storage once, parameters excluded)."""
+    assert row.model is not None and row.step is not None
+    own = {t.untyped_storage().data_ptr() for t in [*row.model.parameters(), *row.model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own and ptr != 0:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        row.step()
+    return sum(seen.values())
+
+
+def matmul_peak(device: str, dtype: torch.dtype) -> float:
+    """Measured matmul throughput in FLOP/s (best of a few square GEMMs), the MFU denominator."""
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6 if device == "cuda" else 16):  # ~0.5 s on 2 cores: a busy host must not hide the peak
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+# --- running ----------------------------------------------------------------------------------------------------
+def _rows(methods: list[str], compare_peft: bool) -> list[Row]:
+    rows = [Row("floor", "floor", None)]
+    for m in methods:
+        if m == "full":
+            continue
+        rows.append(Row(m, "lorakit", m, _options(m)))
+        if m == "lora":
+            rows.append(Row("lora[plain]", "plain", m, _options(m)))
+        if compare_peft and METHODS[m].peft_counterpart:
+            rows.append(Row(f"peft:{m}", "peft", m, _options(m)))
+    if "full" in methods:
+        rows.append(Row("full", "full", "full", {}))
+    return rows
+
+
+def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_peft: bool = False,
+              out: str | Path | None = None, *, workload: str | None = None, steps: int | None = None,
+              warmup: int | None = None, compile_layers: bool | None = None, threads: int | None = None,
+              checkpointing: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Measure the rows described in the module docstring; print a table; write JSON to ``out``.
+
+    Args:
+        device: ``"cpu"`` or ``"cuda"``.
+        methods: lorakit methods to measure (default: every registered method, full fine-tuning included).
+        compare_peft: add PEFT's LoRA/DoRA/VeRA rows for the requested methods it implements.
+        out: JSON file to write (directories are created).
+        workload: ``"cpu"``, ``"gpu"`` or ``"tiny"`` (default: ``"gpu"`` on CUDA, ``"cpu"`` on the CPU).
+        steps, warmup: measured and warm-up steps per row (default: the workload's: 8 and 3 on the GPU
+            workload, 6 and 2 on the CPU one, where the step that measures saved activations is one more).
+        compile_layers: ``torch.compile`` each decoder layer of the lorakit rows (default: on CUDA only).
+        threads: CPU threads (default: the workload's, 2 for ``"cpu"``).
+        checkpointing: activation checkpointing of every decoder layer in every row (floor and PEFT included).
+
+    Returns:
+        The results dictionary written to ``out`` (``rows``, ``ratios``, versions, device...).
+    """
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but torch sees no CUDA device")
+    wname = workload or ("gpu" if device == "cuda" else "cpu")
+    if wname not in WORKLOADS:
+        raise ConfigError(f"unknown workload {wname!r}; available: {', '.join(WORKLOADS)}")
+    w = WORKLOADS[wname]
+    methods = list(METHODS) if methods is None else list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; available: {', '.join(sorted(METHODS))}")
+    steps, warmup = steps or w.steps, w.warmup if warmup is None else warmup
+    compile_layers = device == "cuda" if compile_layers is None else compile_layers
+    threads = threads or w.threads
+    if device == "cpu" and threads:
+        torch.set_num_threads(threads)
+    load_before = os.getloadavg()
+    dtype = getattr(torch, w.dtype)
+    peak_before = matmul_peak(device, dtype)  # measured at both ends: a drifting machine must not inflate MFU
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, w.vocab, (w.batch, w.seq), generator=g).to(device)
+    batch = (ids, ids.clone())
+    rows = _rows(methods, compare_peft)
+    interleave = device == "cpu"
+    t0 = time.perf_counter()
+    live: list[Row] = []
+    for row in rows:
+        try:
+            _prepare(row, w, device, batch, compile_layers and row.kind in ("lorakit", "full"), checkpointing)
+            if device == "cuda":  # after the build, whose fp32 init would otherwise set the peak
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(warmup):
+                assert row.step is not None
+                row.step()
+            if not interleave:
+                for _ in range(steps):
+                    _timed(row, device)
+                row.mem_bytes = torch.cuda.max_memory_allocated()
+                if not compile_layers or row.kind not in ("lorakit", "full"):
+                    row.saved_bytes = _saved_activation_bytes(row)
+                row.model = row.step = None
+                gc.collect()
+                torch.cuda.empty_cache()
+            else:
+                row.saved_bytes = _saved_activation_bytes(row)  # a real step: the last warm-up step
+                row.mem_bytes = _state_bytes(row.model) + row.saved_bytes  # type: ignore[arg-type]
+                live.append(row)
+        except Exception as e:  # one broken row must not lose the others
+            row.error = f"{type(e).__name__}: {e}"
+            row.model = row.step = None
+    for k in range(steps if interleave else 0):
+        order = live[k % len(live):] + live[:k % len(live)]  # rotate so no row always runs first
+        for row in order:
+            _timed(row, device)
+    for row in live:
+        row.model = row.step = None
+    peak = max(peak_before, matmul_peak(device, dtype))
+    result = summarize_rows(rows, w, device, peak, steps, warmup, compile_layers, threads, methods, interleaved=interleave)
+    result["settings"]["checkpointing"] = checkpointing
+    result["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    result["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
+    if not quiet:
+        print(format_table(result))
+    if out is not None:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+

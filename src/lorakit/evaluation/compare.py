@@ -1,0 +1,158 @@
+"""``lorakit compare``: train several methods on the same data, steps, seed and budget, and report.
+
+The config (:mod:`lorakit.evaluation.compare_config`) says which methods run and on what. Each run is a fresh
+child process (``python -m lorakit.evaluation.compare_worker JOB.json``), so its peak memory and step time are its
+own and a failing method is recorded in ``results.json`` instead of stopping the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lorakit._version import __version__
+from lorakit.errors import ConfigError
+from lorakit.evaluation.compare_config import CompareConfig
+from lorakit.evaluation.report import CONTENDED, cpu_use, display_path, write_report
+from lorakit.methods import get_method
+from lorakit.train.config import ADAPTER_KEYS, TrainConfig, TrainingConfig
+from lorakit.util.files import write_json
+from lorakit.util.validation import parse
+
+RESULTS_FILE = "results.json"
+
+
+# --- orchestration ---------------------------------------------------------------------------------------------
+def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike[str], *,
+                log: Callable[[str], None] = print, command: str | None = None) -> dict[str, Any]:
+    """Run every ``(label, seed)`` in its own process, then write ``results.json`` and the report.
+
+    Every run config is validated before the first run starts. A run that fails (exit status, timeout) is
+    recorded with its error and the rest go on. ``results.json`` is rewritten after each run.
+    """
+    out = Path(out)
+    runs_dir = out / "runs"
+    labels = list(dict.fromkeys(labels))
+    if not labels:
+        raise ConfigError("--methods: no methods given")
+    shared = set((cc.base.get("adapter") or {})) - set(ADAPTER_KEYS)
+    unused = sorted(k for k in shared
+                    if not any(k in get_method(cc.method_of(lab)).config_cls.model_fields for lab in labels))
+    if unused:
+        raise ConfigError(f"adapter: {', '.join(unused)} is an option of none of the compared methods")
+    jobs = [(lab, seed) for seed in cc.compare.seeds for lab in labels]
+    configs = {job: cc.run_config(job[0], job[1], runs_dir / _run_name(*job)) for job in jobs}
+    base_cfg = configs[jobs[0]]
+    shared_training = parse(TrainingConfig, cc.base.get("training") or {}, "training").model_dump(mode="json")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "lorakit_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": command,
+        "host": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
+        "labels": labels, "seeds": cc.compare.seeds,
+        "compare": {**cc.compare.model_dump(), "forgetting": display_path(cc.compare.forgetting)},
+        "methods": {lab: {"method": cc.method_of(lab), **configs[(lab, cc.compare.seeds[0])].adapter.options,
+                          "training": _training_diff(configs[(lab, cc.compare.seeds[0])], shared_training)}
+                    for lab in labels},
+        "training": {k: v for k, v in shared_training.items() if k != "seed"},
+        "model": base_cfg.model.path,
+        "data": {**base_cfg.data.model_dump(mode="json"), "train": display_path(base_cfg.data.train),
+                 "eval": display_path(base_cfg.data.eval)},
+        "base": None, "runs": []}
+    for i, (lab, seed) in enumerate(jobs):
+        with_base = results["base"] is None  # the first run that succeeds also evaluates the base model
+        log(f"[{i + 1}/{len(jobs)}] {lab} (seed {seed})" + (", after evaluating the base model" if with_base else ""))
+        for attempt in range(cc.compare.contention_retries + 1):
+            run = _run_job(cc, lab, configs[(lab, seed)], runs_dir / _run_name(lab, seed), base=with_base, log=log)
+            if with_base and run.get("base"):
+                results["base"], with_base = run.pop("base"), False
+            use = cpu_use(run)
+            if use is None or use >= CONTENDED or attempt == cc.compare.contention_retries:
+                break
+            log(f"  the CPU was shared while training ({use:.0%} of {run['threads']} threads' time): running "
+                f"{lab} again for a clean step time")
+        results["runs"].append({"label": lab, "method": cc.method_of(lab), "seed": seed, **run})
+        write_json(out / RESULTS_FILE, results, indent=1, allow_nan=False)
+    write_report(results, out)
+    return results
+
+
+def _run_name(label: str, seed: int) -> str:
+    return f"{label}-s{seed}"
+
+
+def _training_diff(cfg: TrainConfig, shared: dict[str, Any]) -> dict[str, Any]:
+    """The training keys a run sets differently from the shared section (its per-method overrides)."""
+    return {k: v for k, v in cfg.training.model_dump(mode="json").items() if k != "seed" and shared.get(k) != v}
+
+
+def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, base: bool,
+             log: Callable[[str], None]) -> dict[str, Any]:
+    """Run one job in a child process; its result dict, or ``{"ok": False, "error": ...}``."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    cfg_path = run_dir.with_name(run_dir.name + ".yaml")
+    cfg_path.write_text(json.dumps(cfg.to_dict()))  # JSON is YAML
+    c = cc.compare
+    acc = c.accuracy.model_dump() if c.accuracy is not None else None
+    if acc is not None:
+        acc["data"] = acc["data"] or cfg.data.eval
+    job = {"label": label, "config": str(cfg_path), "result": str(run_dir.with_name(run_dir.name + ".result.json")),
+           "base": base, "accuracy": acc, "forgetting": c.forgetting,
+           "forgetting_max_length": c.forgetting_max_length, "threads": c.threads}
+    job_path = run_dir.with_name(run_dir.name + ".job.json")
+    write_json(job_path, job, indent=1, allow_nan=False)
+    log_path = run_dir.with_name(run_dir.name + ".log")
+    t0 = time.perf_counter()
+    try:
+        with open(log_path, "w") as fh:
+            proc = subprocess.run([sys.executable, "-m", "lorakit.evaluation.compare_worker", str(job_path)], stdout=fh,
+                                  stderr=subprocess.STDOUT, timeout=c.timeout_s,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        rc: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        rc = None
+    wall = time.perf_counter() - t0
+    result_path = Path(job["result"])
+    if rc == 0 and result_path.is_file():
+        res = {"ok": True, **json.loads(result_path.read_text()), "wall_s": round(wall, 1)}
+        if res.get("base"):
+            log("  base model: " + _one_line(res["base"]))
+        log("  " + _one_line(res))
+        return res
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-15:] if log_path.is_file() else []
+    error = (f"timed out after {c.timeout_s:.0f} s" if rc is None else f"exit status {rc}") + \
+        (": " + _last_error(tail) if tail else "")
+    log(f"  FAILED: {error} (log: {log_path})")
+    return {"ok": False, "error": error, "log_tail": tail, "wall_s": round(wall, 1)}
+
+
+def _last_error(lines: list[str]) -> str:
+    """The most telling line of a failed run's output: the last ``error:``/exception line."""
+    for line in reversed(lines):
+        s = line.strip()
+        if s.startswith("error:") or "Error" in s.split(":")[0]:
+            return s
+    return lines[-1].strip()
+
+
+def _one_line(r: dict[str, Any]) -> str:
+    parts = []
+    for key, fmt in (("trainable_params", "{:,} trainable"), ("accuracy", "accuracy {:.3f}"),
+                     ("eval_loss", "eval loss {:.4f}"), ("heldout_loss", "held-out loss {:.4f}"),
+                     ("step_time_s", "{:.3f} s/step"), ("wall_s", "{:.0f} s")):
+        if isinstance(r.get(key), int | float):
+            parts.append(fmt.format(r[key]))
+    return ", ".join(parts)
+
+
+__all__ = ["RESULTS_FILE", "run_compare"]

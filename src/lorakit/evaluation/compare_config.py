@@ -1,0 +1,170 @@
+"""The ``lorakit compare`` config: which methods run, on what, and the rules that keep the comparison fair.
+
+A compare config is a training config (``model``, ``adapter``, ``data``, ``training``; see
+:mod:`lorakit.train.config`) plus two sections::
+
+    compare:
+      seeds: [0]                        # every method runs once per seed; the report gives mean and spread
+      accuracy: {examples: 200, max_new_tokens: 48}   # greedy exact match on data.eval rows with an "answer"
+      forgetting: bundled://data/pretrain_heldout.jsonl  # loss on this text after minus before (null: off)
+    methods:                            # per-method options; a label that is not a method names its method
+      lora:  {r: 8, alpha: 16}
+      lora+: {method: lora, r: 8, alpha: 16, training: {loraplus_ratio: 16}}
+      vera:  {r: 256, training: {lr: 1.0e-2}}
+
+Rules that keep the comparison fair: every run gets the same model, data, ``training.seed``, ``max_steps``,
+``epochs``, ``batch_size`` and ``grad_accum`` (a method may override other training keys, such as ``lr``, and
+:data:`FAIR_KEYS` are refused). Options in the shared ``adapter`` section go to every method whose config has
+that field (so ``r`` is not handed to ``full``). ``lora+`` is LoRA with ``training.loraplus_ratio: 16``
+(unless its entry sets a ratio); without an entry of its own it takes ``methods.lora``'s options. Data paths
+may be ``bundled://data/NAME.jsonl``; the ``output`` section is ignored (each run writes ``OUT/runs/LABEL-sSEED``).
+
+The runs themselves: :mod:`lorakit.evaluation.compare` (orchestration) and
+:mod:`lorakit.evaluation.compare_worker` (one run, in its own process).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lorakit.errors import ConfigError
+from lorakit.methods import METHODS, get_method
+from lorakit.train.config import ADAPTER_KEYS, TrainConfig, apply_override, read_yaml
+from lorakit.util import resources
+from lorakit.util.validation import parse
+
+#: ``training`` keys every method must share; a per-method override of one of them is an error.
+FAIR_KEYS = ("seed", "max_steps", "epochs", "batch_size", "grad_accum")
+#: Labels that name a variant of a registered method: ``label -> (method, default per-method section)``.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"lora+": ("lora", {"training": {"loraplus_ratio": 16.0}})}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AccuracySpec(_Strict):
+    """Task accuracy by greedy generation and exact match of :func:`lorakit.evaluation.tasks.extract_answer`.
+
+    Attributes:
+        data: JSONL rows with ``prompt`` and ``answer`` (default: ``data.eval``).
+        examples: how many rows to score (the first ones; ``None``: all).
+        max_new_tokens: generation length cap.
+        batch_size: prompts generated together.
+    """
+
+    data: str | None = None
+    examples: int | None = Field(200, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(50, ge=1)
+
+
+class CompareSection(_Strict):
+    """The ``compare`` section.
+
+    Attributes:
+        seeds: one run per method per seed (``training.seed``); several give mean and spread.
+        accuracy: task accuracy settings (``null``: no accuracy).
+        forgetting: text the base model knows (``{"text"}`` rows); forgetting = loss on it after training
+            minus before. ``null``: not measured.
+        forgetting_max_length: token cap per forgetting text.
+        timeout_s: wall-clock limit of one run (the run is recorded as failed past it).
+        threads: torch CPU threads per run (``None``: torch's default).
+        contention_retries: on CPU, run a method again (up to this many times) when it got under 70% of its
+            threads' CPU time while training: another job shared the cores and its step time is inflated.
+    """
+
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    accuracy: AccuracySpec | None = AccuracySpec()
+    forgetting: str | None = "bundled://data/pretrain_heldout.jsonl"
+    forgetting_max_length: int = Field(256, ge=2)
+    timeout_s: float = Field(3600, gt=0)
+    threads: int | None = Field(None, ge=1)
+    contention_retries: int = Field(1, ge=0)
+
+
+class CompareConfig(_Strict):
+    """A parsed compare config: the shared training sections, the ``compare`` section, per-method options."""
+
+    base: dict[str, Any]
+    compare: CompareSection
+    methods: dict[str, dict[str, Any]]
+
+    def labels(self) -> list[str]:
+        """The runs a plain ``lorakit compare`` does: the ``methods`` keys, else every registered method."""
+        return list(self.methods) or sorted(METHODS)
+
+    def method_of(self, label: str) -> str:
+        """The registered method a label runs (``methods.LABEL.method``, a variant's, or the label itself)."""
+        spec = self.methods.get(label, {})
+        if "method" in spec:
+            return str(spec["method"])
+        if label in VARIANTS:
+            return VARIANTS[label][0]
+        if label in METHODS:
+            return label
+        raise ConfigError(f"--methods: {label!r} is neither a method ({', '.join(sorted(METHODS))}), a variant "
+                          f"({', '.join(VARIANTS)}) nor a key of the config's methods section")
+
+    def run_config(self, label: str, seed: int, out_dir: Path) -> TrainConfig:
+        """The validated training config of one run (:class:`ConfigError` names the label on bad input)."""
+        method = self.method_of(label)
+        spec = copy.deepcopy(self.methods.get(label))
+        if spec is None:  # a variant without an entry of its own inherits its method's entry
+            spec = copy.deepcopy(self.methods.get(method, {})) if label in VARIANTS else {}
+        spec.pop("method", None)
+        training_over = spec.pop("training", None) or {}
+        if not isinstance(training_over, dict):
+            raise ConfigError(f"methods.{label}.training: must be a mapping")
+        if label in VARIANTS:  # the variant's defining training keys, unless the entry sets them itself
+            training_over = {**VARIANTS[label][1].get("training", {}), **training_over}
+        unfair = sorted(set(training_over) & set(FAIR_KEYS))
+        if unfair:
+            raise ConfigError(f"methods.{label}.training: {', '.join(unfair)} must be the same for every method; "
+                              "set them in the shared training section")
+        fields = get_method(method).config_cls.model_fields
+        shared = {k: v for k, v in (self.base.get("adapter") or {}).items() if k in fields or k in ADAPTER_KEYS}
+        shared.pop("method", None)
+        d = copy.deepcopy(self.base)
+        d["adapter"] = {**shared, **spec, "method": method}
+        d["training"] = {**(d.get("training") or {}), **training_over, "seed": seed}
+        d["output"] = {"dir": str(out_dir), "progress": False, "tensorboard": False, "plot": True}
+        try:
+            return TrainConfig.parse(d)
+        except ConfigError as e:
+            raise ConfigError(f"methods.{label}: {e}") from None
+
+
+def resolve_data_path(path: str) -> str:
+    """``bundled://data/NAME`` -> the file shipped with lorakit; other paths become absolute."""
+    if resources.is_bundled(path):
+        return resources.resolve(path, what="data path")
+    return str(Path(path).resolve())
+
+
+def load_compare_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> CompareConfig:
+    """Read a compare config (YAML), apply dotted overrides (``compare.seeds=[0,1]``), and validate it."""
+    data = read_yaml(path)
+    for item in overrides:
+        apply_override(data, item)
+    methods = data.pop("methods", None) or {}
+    section = data.pop("compare", None) or {}
+    data.pop("output", None)  # each run writes OUT/runs/LABEL-sSEED
+    if not isinstance(methods, dict) or not all(isinstance(v, dict | None) for v in methods.values()):
+        raise ConfigError("methods: must map each label to a mapping of options")
+    cmp = parse(CompareSection, section, "compare")
+    if isinstance(data.get("data"), dict):
+        for key in ("train", "eval"):
+            if isinstance(data["data"].get(key), str):
+                data["data"][key] = resolve_data_path(data["data"][key])
+    if cmp.forgetting:
+        cmp.forgetting = resolve_data_path(cmp.forgetting)
+    if cmp.accuracy is not None and cmp.accuracy.data:
+        cmp.accuracy.data = resolve_data_path(cmp.accuracy.data)
+    return CompareConfig(base=data, compare=cmp, methods={k: dict(v or {}) for k, v in methods.items()})

@@ -1,0 +1,174 @@
+"""Evaluation helpers for comparing fine-tuning methods: task accuracy by greedy generation, held-out loss
+(forgetting), the activation memory one training step keeps for backward, and process memory.
+
+* **Accuracy** (arithmetic task): greedy decoding of each eval prompt, then exact match of
+  :func:`lorakit.evaluation.tasks.extract_answer` (the last ``"The answer is N"``) against the row's ``answer``.
+* **Forgetting**: the token-weighted loss on text the base model was pretrained on (the bundled
+  ``pretrain_heldout.jsonl``) after fine-tuning minus before, in nats per token (Biderman et al. 2024,
+  "LoRA Learns Less and Forgets Less", https://arxiv.org/abs/2405.09673, measure forgetting the same way
+  on source-domain tasks).
+* **Saved activations**: bytes autograd keeps for backward during one forward pass (each storage once,
+  parameters and buffers excluded), measured with ``torch.autograd.graph.saved_tensors_hooks``. This is the
+  quantity LoRA-FA (https://arxiv.org/abs/2308.03303) reduces, and it does not depend on allocator noise.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.evaluation.tasks import extract_answer
+from lorakit.train.data import Dataset, collate, read_jsonl, tokenize
+
+
+# --- task accuracy -------------------------------------------------------------------------------------------
+def answer_rows(path: str | os.PathLike[str], limit: int | None = None) -> list[dict[str, Any]]:
+    """The ``{"prompt", "answer"}`` rows of a JSONL file (first ``limit``); empty if it has no answers."""
+    rows = [obj for _, obj in read_jsonl(path)]
+    rows = [r for r in rows if isinstance(r.get("prompt"), str) and r.get("answer") is not None]
+    return rows[:limit] if limit is not None else rows
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 48,
+             batch_size: int = 32, device: torch.device | str | None = None) -> list[str]:
+    """Greedy completions of ``prompts`` (prompt excluded), batched with left padding.
+
+    Prompts are tokenized with special tokens, exactly as the training data's prompts are
+    (:func:`lorakit.train.data.encode_record`), so the model sees the same prefix it was trained on.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    pad = int(tokenizer.pad_token_id)
+    eos = tokenizer.eos_token_id
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        encoded = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts[i:i + batch_size]]
+        width = max(len(e) for e in encoded)
+        # left padding: every prompt ends at the same position, so generated tokens line up
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)  # (B, T)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, eos_token_id=eos)
+        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+    model.train(was_training)
+    return out
+
+
+def task_accuracy(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, Any]], *, max_new_tokens: int = 48,
+                  batch_size: int = 32) -> dict[str, Any]:
+    """Exact-match accuracy of greedy generations on ``rows`` (``{"prompt", "answer"}``).
+
+    Returns:
+        ``{"accuracy", "correct", "examples", "samples"}``; ``samples`` holds the first three
+        ``{"prompt", "completion", "answer", "predicted"}`` for the report.
+    """
+    if not rows:
+        return {"accuracy": None, "correct": 0, "examples": 0, "samples": []}
+    completions = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+                           batch_size=batch_size)
+    predicted = [extract_answer(c) for c in completions]
+    correct = sum(p is not None and p == str(r["answer"]) for p, r in zip(predicted, rows, strict=True))
+    samples = [{"prompt": r["prompt"], "completion": c, "answer": str(r["answer"]), "predicted": p}
+               for r, c, p in list(zip(rows, completions, predicted, strict=True))[:3]]
+    return {"accuracy": correct / len(rows), "correct": correct, "examples": len(rows), "samples": samples}
+
+
+def text_dataset(path: str | os.PathLike[str], tokenizer: Any, max_length: int) -> Dataset:
+    """A JSONL file of ``{"text"}`` rows tokenized for loss evaluation (truncated to ``max_length``)."""
+    return tokenize(read_jsonl(path), tokenizer, fmt="text", max_length=max_length, source=str(path))
+
+
+# --- memory ----------------------------------------------------------------------------------------------------
+def saved_activation_bytes(model: nn.Module, step: Callable[[], Tensor]) -> int:
+    """Bytes autograd keeps for backward while ``step()`` builds the graph (then it runs backward).
+
+    Each storage is counted once; the model's parameters and buffers are not activations and are excluded.
+    Gradients are zeroed afterwards, so the model's state is left as it was.
+    """
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr != 0 and ptr not in own:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def training_batch(data: Dataset, batch_size: int, pad_id: int, device: torch.device) -> dict[str, Tensor]:
+    """The first ``batch_size`` examples of ``data`` as one padded batch on ``device``."""
+    batch = collate(data.examples[:batch_size], pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux ``/proc``; ``ru_maxrss`` elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (``VmHWM``) so a later :func:`window_peak_rss` covers only what
+    follows; ``False`` where unsupported (then the process-wide peak is all there is)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def window_peak_rss() -> int | None:
+    """Peak RSS since the last :func:`reset_peak_rss` (Linux ``VmHWM``), or ``None`` where unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def dir_bytes(path: str | os.PathLike[str]) -> int:
+    """Total size of the files under ``path`` (an adapter directory)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+__all__ = [
+    "answer_rows",
+    "dir_bytes",
+    "generate",
+    "peak_rss_bytes",
+    "reset_peak_rss",
+    "rss_bytes",
+    "saved_activation_bytes",
+    "task_accuracy",
+    "text_dataset",
+    "training_batch",
+    "window_peak_rss",
+]

@@ -1,0 +1,110 @@
+"""Fused linear + cross-entropy: the causal-LM loss without the ``(tokens, vocab)`` logits tensor.
+
+On CUDA, Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` when the optional ``liger-kernel`` extra is
+installed; otherwise a chunked PyTorch autograd function (:class:`_LinearCrossEntropy`) whose gradients are
+formed chunk by chunk in forward. Both skip the head weight's gradient when the head is frozen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _ce_chunk_rows(vocab: int) -> int:
+    """Rows per chunk so that one chunk's fp32 logits stay near 32M elements (128 MiB)."""
+    return max(64, (1 << 25) // max(vocab, 1))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``h W^T + bias`` against ``target`` without materialising all the logits.
+
+    The logits are computed chunk by chunk (``(c, V)`` at a time, in fp32 as Hugging Face's loss does), and
+    the gradients are formed right away in forward (``dlogits = (softmax - onehot) / n_valid``), so backward
+    only rescales them by the incoming scalar. ``W``'s gradient is accumulated only when ``W`` trains (a frozen
+    or tied-and-frozen output head costs no ``(V, H)`` GEMM).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
+                chunk: int) -> Tensor:
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        valid = target.ne(ignore_index)  # (N,)
+        inv = 1.0 / valid.sum().clamp(min=1).to(torch.float32)  # mean over counted tokens (no host sync)
+        g_h = torch.empty_like(h) if need_h else None
+        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        g_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            hc, vc = h[i:i + chunk], valid[i:i + chunk]  # (c, H), (c,)
+            tc = target[i:i + chunk].masked_fill(~vc, 0).unsqueeze(1)  # (c, 1), a valid index everywhere
+            logits = F.linear(hc, weight, bias).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            total += ((lse - logits.gather(1, tc).squeeze(1)) * vc).sum()
+            if need_h or need_w or need_b:
+                p = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+                p.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=p.dtype))  # minus the one-hot target
+                p.mul_((vc * inv).unsqueeze(1))  # ignored rows get no gradient
+                gl = p.to(h.dtype)  # (c, V)
+                if need_h:
+                    torch.mm(gl, weight, out=g_h[i:i + chunk])
+                if need_w:
+                    g_w += gl.t() @ hc
+                if need_b:
+                    g_b += p.sum(0)
+        ctx.save_for_backward(g_h, g_w, g_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total * inv
+
+    @staticmethod
+    def backward(ctx: Any, go: Tensor) -> tuple[Tensor | None, ...]:
+        g_h, g_w, g_b = ctx.saved_tensors
+        w_dt, b_dt = ctx.dtypes
+        return (None if g_h is None else g_h * go.to(g_h.dtype),
+                None if g_w is None else (g_w * go).to(w_dt),
+                None if g_b is None else (g_b * go).to(b_dt), None, None, None)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
+                         ignore_index: int = -100, shift: bool = True, chunk: int | None = None) -> Tensor:
+    """Causal-LM loss ``mean CE(hidden W^T + bias, labels)`` without the ``(N, V)`` logits tensor.
+
+    Equals Hugging Face's ``ForCausalLMLoss`` (labels shifted left by one, fp32 logits, mean over tokens
+    whose label is not ``ignore_index``). On CUDA it uses Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss``
+    when ``liger-kernel`` is installed (``pip install lorakit[gpu]``); otherwise a chunked PyTorch version
+    (:class:`_LinearCrossEntropy`). Neither computes the head weight's gradient when it is frozen.
+
+    Args:
+        hidden: final hidden states ``(..., T, H)``.
+        weight: output head ``(V, H)``.
+        labels: token ids ``(..., T)`` (the same tensor as the inputs for plain LM training).
+        bias: optional head bias ``(V,)``.
+        shift: predict token ``t + 1`` from position ``t`` (``False`` when labels are already aligned).
+        chunk: rows per chunk of the PyTorch version (default: ~128 MiB of fp32 logits per chunk).
+    """
+    if shift:
+        labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (..., T): position t predicts t + 1
+    h2 = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    t2 = labels.reshape(-1).to(h2.device)  # (N,)
+    liger = _liger() if h2.is_cuda else None
+    if liger is not None:
+        return liger(ignore_index=ignore_index, reduction="mean")(weight, h2, t2, bias)
+    rows = chunk if chunk is not None else _ce_chunk_rows(weight.shape[0])
+    return _LinearCrossEntropy.apply(h2, weight, bias, t2, ignore_index, int(rows))
+
+
+_LIGER: list[Any] = []  # [class or None] once looked up
+
+
+def _liger() -> Any:
+    """Liger-Kernel's fused linear cross-entropy class, or ``None`` if the optional extra is missing."""
+    if not _LIGER:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except Exception:  # not installed, or no Triton on this machine
+            LigerFusedLinearCrossEntropyLoss = None  # noqa: N806
+        _LIGER.append(LigerFusedLinearCrossEntropyLoss)
+    return _LIGER[0]

@@ -1,0 +1,140 @@
+"""Saving and loading adapters: ``adapter.safetensors`` + ``adapter.json``, no pickle anywhere.
+
+``adapter.json`` holds the method, its options, the wrapped module names, every tensor's shape, the lorakit
+version, a fingerprint of the base weights the adapter was trained on, and the SHA-256 of the tensor file
+(so truncation or corruption is detected before anything touches the model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lorakit._version import __version__
+from lorakit.adapt.model import (
+    _record,
+    adapter_tensors,
+    attach_config,
+    check_fits,
+    fill,
+    remove,
+    target_fingerprint,
+    target_shapes,
+)
+from lorakit.errors import AdapterFileError, ConfigError, IncompatibleAdapterError
+from lorakit.formats.layout import FORMAT, FORMAT_VERSION, META_FILE, TENSORS_FILE, is_peft_dir
+from lorakit.formats.peft_import import load_peft
+from lorakit.methods import get_method
+from lorakit.util.files import atomic_write, sha256_file, write_json
+
+
+def save(model: nn.Module, path: str | os.PathLike[str], name: str = "default",
+         extra: dict[str, Any] | None = None) -> Path:
+    """Write adapter ``name`` to directory ``path`` (created if needed); returns the directory.
+
+    Both files are written atomically (temp file + rename), tensors first, so an interrupted save never
+    leaves a readable but inconsistent adapter.
+    """
+    rec = _record(model, name)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    # clone: safetensors refuses tensors that share storage (views, tied tensors)
+    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in adapter_tensors(model, name).items()}
+    atomic_write(out / TENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lorakit_version": __version__,
+        "name": name,
+        "method": rec.method,
+        "config": rec.config.model_dump(mode="json"),
+        "targets": rec.targets,
+        "layer_shapes": target_shapes(model, name),
+        "shapes": {k: list(t.shape) for k, t in tensors.items()},
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+        "base_fingerprint": rec.fingerprint,
+        "tensors_sha256": sha256_file(out / TENSORS_FILE),
+        "extra": {**rec.extra, **(extra or {})},
+    }
+    write_json(out / META_FILE, meta)
+    return out
+
+
+def read_adapter(path: str | os.PathLike[str], *, tensors: bool = True) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read and verify an adapter directory: ``(metadata, tensors)``. Raises :class:`AdapterFileError`."""
+    d = Path(path)
+    meta_path, tensor_path = d / META_FILE, d / TENSORS_FILE
+    if not d.is_dir():
+        raise AdapterFileError(f"{d}: no such adapter directory")
+    if not meta_path.is_file() or not tensor_path.is_file():
+        raise AdapterFileError(f"{d}: not a lorakit adapter (needs {META_FILE} and {TENSORS_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFileError(f"{meta_path}: corrupted metadata ({e})") from None
+    required = ("format", "method", "config", "targets", "shapes", "base_fingerprint", "tensors_sha256")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or any(k not in meta for k in required):
+        raise AdapterFileError(f"{meta_path}: not lorakit adapter metadata (missing or wrong fields)")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterFileError(f"{d}: written by a newer lorakit ({meta.get('lorakit_version')}); upgrade lorakit")
+    if not tensors:
+        return meta, {}
+    if sha256_file(tensor_path) != meta["tensors_sha256"]:
+        raise AdapterFileError(f"{tensor_path}: checksum mismatch, the file is truncated or corrupted")
+    try:
+        loaded = load_file(str(tensor_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(f"{tensor_path}: unreadable tensor file ({e})") from None
+    if {k: list(v.shape) for k, v in loaded.items()} != meta["shapes"]:
+        raise AdapterFileError(f"{d}: tensor file and metadata disagree on tensor names or shapes")
+    return meta, loaded
+
+
+def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None, *,
+         force: bool = False) -> nn.Module:
+    """Attach the adapter saved in ``path`` to ``model`` and fill it; returns ``model``.
+
+    Args:
+        name: the name to give it on this model (default: the name it was saved under).
+        force: load even if the base-weight fingerprint differs (e.g. a deliberately modified base).
+
+    Raises:
+        AdapterFileError: missing, truncated, corrupted or foreign files.
+        IncompatibleAdapterError: the model lacks the targeted modules, their shapes differ, or (unless
+            ``force``) the base weights are not the ones the adapter was trained on.
+        The model is left unchanged on any error.
+
+    A Hugging Face PEFT LoRA/DoRA directory (``adapter_config.json``, no ``adapter.json``) is read by
+    :func:`lorakit.formats.peft_import.load_peft` (it has no fingerprint, so ``force`` does not apply).
+    """
+    if is_peft_dir(path):
+        return load_peft(model, path, name)
+    meta, tensors = read_adapter(path)
+    name = name or meta.get("name") or "default"
+    method, targets = meta["method"], list(meta["targets"])
+    try:
+        config = get_method(method).config_cls.parse(meta["config"])
+    except ConfigError as e:
+        raise AdapterFileError(f"{path}: saved options are not valid for method {method!r} ({e})") from None
+    check_fits(model, method, meta.get("layer_shapes") or {})
+    fp = target_fingerprint(model, method, targets)
+    if fp != meta["base_fingerprint"] and not force:
+        raise IncompatibleAdapterError(
+            f"{path}: adapter was trained on different base weights (fingerprint {meta['base_fingerprint']} "
+            f"!= this model's {fp}); pass force=True to load anyway")
+    attach_config(model, config, method, name=name, targets=targets, init=False)
+    try:
+        fill(model, name, tensors)
+    except BaseException:
+        remove(model, name)
+        raise
+    rec = _record(model, name)
+    rec.fingerprint = meta["base_fingerprint"]
+    rec.extra = dict(meta.get("extra") or {})
+    return model

@@ -1,0 +1,191 @@
+"""Reading Hugging Face PEFT LoRA and DoRA adapters into lorakit (``lorakit.load`` of a PEFT directory).
+
+A PEFT LoRA adapter is a directory with ``adapter_config.json`` and ``adapter_model.safetensors`` (layout read
+from PEFT 0.21's ``tuners/lora`` and checked against files it writes; see :mod:`lorakit.formats.peft_export`
+for the tensor names). The adapter becomes a lorakit ``lora`` (or ``dora``) adapter computing what PEFT does;
+every PEFT feature whose math lorakit does not reproduce is refused by name, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from lorakit.adapt.model import _record, attach_config, remove
+from lorakit.core.layers import AdaptedLayer, LayerKind, layer_kind, weight_view
+from lorakit.errors import AdapterFileError, IncompatibleAdapterError
+from lorakit.formats.layout import PEFT_CONFIG_FILE as CONFIG_FILE
+from lorakit.formats.layout import PEFT_PREFIX as PREFIX
+from lorakit.formats.layout import PEFT_WEIGHTS_FILE as WEIGHTS_FILE
+from lorakit.methods import get_method
+
+#: Config fields that change PEFT's math in ways lorakit's LoRA/DoRA do not reproduce: must be falsy.
+_UNSUPPORTED_FIELDS = ("lora_bias", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config",
+                       "velora_config", "monteclora_config", "kasa_config", "layer_replication",
+                       "target_parameters", "trainable_token_indices", "megatron_config", "lora_ga_config")
+#: ``init_lora_weights`` values that change the base weights (the adapter needs the modified base) or the forward.
+_UNSUPPORTED_INITS = re.compile(r"pissa.*|olora|corda|loftq|mica", re.IGNORECASE)
+_KEY = re.compile(r"(?P<module>.+)\.(?P<tensor>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
+                  r"|lora_magnitude_vector(?:\.weight)?|base_layer\.weight)")
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    if not (path / CONFIG_FILE).is_file():
+        raise AdapterFileError(f"{path}: not a PEFT adapter directory (no {CONFIG_FILE})")
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFileError(f"{path / CONFIG_FILE}: corrupted config ({e})") from None
+    if not (path / WEIGHTS_FILE).is_file():
+        pickled = (path / "adapter_model.bin").is_file()
+        raise AdapterFileError(
+            f"{path}: no {WEIGHTS_FILE}" + ("; adapter_model.bin is a pickle, which lorakit never loads: re-save it "
+                                            "with save_pretrained(..., safe_serialization=True)" if pickled else ""))
+    try:
+        tensors = load_file(str(path / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(f"{path / WEIGHTS_FILE}: unreadable tensor file ({e})") from None
+    return config, tensors
+
+
+def _check_config(config: dict[str, Any], where: Path) -> None:
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise IncompatibleAdapterError(f"{where}: PEFT adapter type {kind!r} is not LoRA; lorakit reads PEFT LoRA "
+                                       "and DoRA adapters")
+    problems = [f"{k}={config[k]!r}" for k in _UNSUPPORTED_FIELDS if config.get(k)]
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r} (trained base biases)")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save={config['modules_to_save']!r} (fully trained modules)")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and _UNSUPPORTED_INITS.fullmatch(init):
+        problems.append(f"init_lora_weights={init!r} (the adapter expects modified base weights)")
+    if problems:
+        raise IncompatibleAdapterError(f"{where}: this PEFT adapter uses features lorakit does not reproduce: "
+                                       + "; ".join(problems))
+
+
+def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key matching the end of the module name."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _group(tensors: dict[str, Tensor], where: Path) -> dict[str, dict[str, Tensor]]:
+    """``{module: {slot: tensor}}`` from PEFT's flat keys; slots ``A``, ``B`` (linear), ``eA``, ``eB``
+    (embedding), ``magnitude`` (DoRA) and ``base`` (an embedding's base weight, saved by PEFT alongside)."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    unknown = []
+    for key, t in tensors.items():
+        m = _KEY.fullmatch(key.removeprefix(PREFIX))
+        if m is None:
+            unknown.append(key)
+            continue
+        kind = m["tensor"]
+        slot = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "eA", "lora_embedding_B": "eB",
+                "base_layer.weight": "base"}.get(kind, "magnitude")
+        groups.setdefault(m["module"], {})[slot] = t
+    if unknown:
+        shown = ", ".join(unknown[:4]) + (f", ... ({len(unknown)} keys)" if len(unknown) > 4 else "")
+        raise IncompatibleAdapterError(f"{where}: tensors lorakit cannot map onto a LoRA/DoRA adapter: {shown}")
+    return groups
+
+
+def load_peft(model: nn.Module, path: str | os.PathLike[str], name: str | None = None) -> nn.Module:
+    """Attach the PEFT LoRA or DoRA adapter in directory ``path`` to ``model`` as a lorakit adapter.
+
+    The adapter becomes a lorakit ``"lora"`` (or ``"dora"``) adapter with the same ``r``, ``alpha``,
+    ``use_rslora`` and dropout, on exactly the modules the file holds tensors for, and computes what PEFT does.
+
+    Args:
+        model: the base model the adapter was trained on.
+        path: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        name: the adapter's name on ``model`` (default ``"default"``).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        AdapterFileError: missing, pickled or unreadable files.
+        IncompatibleAdapterError: not a LoRA adapter, a PEFT feature lorakit does not reproduce (trained biases,
+            ``modules_to_save``, per-layer ranks or alphas that differ, DoRA on embeddings, ...), or tensors that
+            do not fit the model. The model is left unchanged on any error.
+    """
+    where = Path(path)
+    config, tensors = _read(where)
+    _check_config(config, where)
+    groups = _group(tensors, where)
+    dora = bool(config.get("use_dora"))
+    modules = dict(model.named_modules())
+    plan: dict[str, dict[str, Tensor]] = {}
+    settings: set[tuple[int, float]] = set()
+    for module, g in groups.items():
+        target = modules.get(module)
+        kind = layer_kind(target) if target is not None else None
+        if kind is None:
+            raise IncompatibleAdapterError(f"{where}: module {module!r} is missing from the model or cannot be adapted")
+        emb = kind is LayerKind.EMBEDDING
+        a, b = (g.get("eA"), g.get("eB")) if emb else (g.get("A"), g.get("B"))
+        w = weight_view(target)  # (d_out, d_in)
+        if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] \
+                or (a.shape[1], b.shape[0]) != (w.shape[1], w.shape[0]):
+            raise IncompatibleAdapterError(
+                f"{where}: {module}: LoRA tensors missing or of the wrong shape for this "
+                f"{kind.value} layer (d_out, d_in) = {tuple(w.shape)}: "
+                f"{ {k: tuple(v.shape) for k, v in g.items()} }")
+        own = (target.base if isinstance(target, AdaptedLayer) else target).weight.detach()
+        if "base" in g and (g["base"].shape != own.shape or not torch.allclose(
+                g["base"].float(), own.float().cpu(), rtol=1e-2, atol=1e-3)):
+            raise IncompatibleAdapterError(f"{where}: {module}: the adapter carries base weights that differ from "
+                                           "this model's (a resized or trained embedding); lorakit cannot load them")
+        entry = {"lora_A": a, "lora_B": b}
+        if dora:
+            if emb or "magnitude" not in g:
+                raise IncompatibleAdapterError(f"{where}: {module}: DoRA needs a magnitude vector on a linear layer "
+                                               "(lorakit has no DoRA for embeddings)")
+            entry["magnitude"] = g["magnitude"].reshape(-1)
+        elif "magnitude" in g:
+            raise IncompatibleAdapterError(f"{where}: {module}: a DoRA magnitude in an adapter with use_dora false")
+        r = int(a.shape[0])
+        r_cfg = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", r))
+        if r_cfg != r:
+            raise AdapterFileError(f"{where}: {module}: rank {r} in the tensors but {r_cfg} in the config")
+        alpha = config.get("lora_alpha", 8)  # PEFT's default
+        settings.add((r, float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha))))
+        plan[module] = entry
+    if not plan:
+        raise AdapterFileError(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors")
+    if len(settings) > 1:
+        raise IncompatibleAdapterError(
+            f"{where}: the layers use different (rank, alpha) pairs {sorted(settings)} (rank_pattern/alpha_pattern); "
+            "a lorakit adapter has one rank and one alpha")
+    (r, alpha), = settings
+    order = [n for n in modules if n in plan]  # model order
+    name = name or "default"
+    method = "dora" if dora else "lora"
+    options = get_method(method).config_cls.parse({"targets": order, "r": r, "alpha": alpha,
+                                                   "use_rslora": bool(config.get("use_rslora", False)),
+                                                   "dropout": float(config.get("lora_dropout") or 0.0)})
+    attach_config(model, options, method, name=name, targets=order, init=False)
+    try:
+        with torch.no_grad():
+            for target, adapter in _record(model, name).modules.items():
+                adapter.load_tensors(plan[target], where=f"{where}:{target}")
+                # new modules start in training mode: follow the model's, or an eval model would drop out
+                adapter.train(model.get_submodule(target).base.training)
+    except BaseException:
+        remove(model, name)
+        raise
+    _record(model, name).extra = {"imported_from": "peft"}
+    return model

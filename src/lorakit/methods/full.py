@@ -1,0 +1,53 @@
+"""Full fine-tuning: the baseline every comparison needs.
+
+Not a layer adapter: every selected base parameter itself trains (``W = W0 + dW`` with ``dW`` dense and
+unconstrained). Merge and unmerge are no-ops, since the weights already hold the update; saving stores the
+trained parameters themselves.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+from torch import nn
+
+from lorakit.core.contract import AdapterConfig, Method, Targets
+from lorakit.errors import TargetError
+
+
+class FullConfig(AdapterConfig):
+    """Options of full fine-tuning.
+
+    Attributes:
+        targets: ``"all"`` (every parameter of the model, the default), a list of module names or
+            suffixes whose parameters train, or a regex matching full module names.
+    """
+
+    targets: Targets = "all"
+
+
+class Full(Method):
+    """Marks base parameters trainable (``layer_method = False``); the one place that handles such a method is
+    :mod:`lorakit.adapt.model` (attach, trainability, saved tensors, loading)."""
+
+    method: ClassVar[str] = "full"
+    config_cls: ClassVar[type[FullConfig]] = FullConfig
+    layer_method: ClassVar[bool] = False
+
+    @staticmethod
+    def select(model: nn.Module, config: FullConfig) -> list[str]:
+        """Names of the parameters that train under ``config.targets``."""
+        names = [n for n, _ in model.named_parameters()]
+        t = config.targets
+        if t == "all":
+            return names
+        if isinstance(t, str):
+            pattern = re.compile(t)
+            mods = [m for m, _ in model.named_modules() if m and pattern.fullmatch(m)]
+        else:
+            mods = [m for m, _ in model.named_modules() if m and any(m == s or m.endswith("." + s) for s in t)]
+        chosen = [n for n in names if any(n.startswith(m + ".") for m in mods)]
+        if not chosen:
+            raise TargetError(f"full fine-tuning targets {t!r} matched no parameters")
+        return chosen

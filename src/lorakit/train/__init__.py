@@ -1,0 +1,3 @@
+"""Layer 5, training: the run config, data, model loading, the Trainer, checkpoints, distributed runs,
+metrics, the optimizer.
+"""

@@ -1,0 +1,334 @@
+"""The training run's configuration: typed sections validated at the boundary, read from YAML.
+
+A run is described by one YAML file with five sections::
+
+    model:    {path: bundled://tiny-base, dtype: auto}
+    adapter:  {method: lora, r: 16, alpha: 32, targets: all-linear}
+    data:     {train: train.jsonl, max_length: 512}
+    training: {lr: 2.0e-4, max_steps: 200, batch_size: 8}
+    output:   {dir: runs/lora}
+
+Any value can be overridden from the command line with dotted keys (``training.lr=1e-3``), each value read
+as a YAML scalar. Every error names the field path and, for unknown keys or choices, the allowed values.
+The ``adapter`` section takes the method's own options (validated by the method's config class) next to
+the few keys lorakit itself reads (``method``, ``name``, ``init_batches``, ``train_head``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from lorakit.errors import ConfigError
+from lorakit.methods import AdapterConfig, get_method
+from lorakit.util import resources
+from lorakit.util.files import write_text
+from lorakit.util.validation import parse
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The base model.
+
+    Attributes:
+        path: a local directory, a Hugging Face hub id, or ``bundled://NAME`` for a model shipped inside
+            lorakit (``bundled://tiny-base``).
+        task: ``causal-lm`` (``AutoModelForCausalLM``) or ``classification``
+            (``AutoModelForSequenceClassification``).
+        dtype: weight dtype; ``auto`` keeps the checkpoint's.
+        tokenizer: tokenizer location when it differs from ``path``.
+        num_labels: number of classes (classification).
+        trust_remote_code: allow model code from the hub repository.
+        attn_implementation: ``sdpa``, ``eager``... (``None``: the transformers default).
+    """
+
+    path: str
+    task: Literal["causal-lm", "classification"] = "causal-lm"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tokenizer: str | None = None
+    num_labels: int = Field(2, ge=2)
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+#: Keys of the ``adapter`` section that lorakit reads itself; every other key is a method option.
+ADAPTER_KEYS = ("method", "name", "init_batches", "train_head")
+
+
+class AdapterSection(BaseModel):
+    """The adapter: ``method`` plus that method's own options, written flat beside it.
+
+    Attributes:
+        method: a name in :data:`lorakit.METHODS`.
+        name: the adapter's name on the model.
+        init_batches: cap on the training batches handed to methods with a data-driven init (LoRA-SB's
+            gradient estimate, which stops by itself after its ``init_examples``); ``None``: up to one
+            epoch. Unused by other methods.
+        train_head: for classification, also train the task head in full (a freshly initialised head
+            must train); saved next to the adapter as ``head/``.
+        Other keys: the method's options (``r``, ``alpha``, ``targets``...), validated by its config class.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    method: str = "lora"
+    name: str = "default"
+    init_batches: int | None = Field(None, ge=1)
+    train_head: bool = True
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The method's own options (everything but :data:`ADAPTER_KEYS`)."""
+        return dict(self.model_extra or {})
+
+    _typed: tuple[str, AdapterConfig] | None = PrivateAttr(None)
+
+    def method_config(self) -> AdapterConfig:
+        """The options validated by the method's config class (:class:`ConfigError` otherwise): the typed
+        config that attach receives. Validated once, and again only if the section was changed since."""
+        key = json.dumps([self.method, self.options], sort_keys=True, default=str)
+        if self._typed is None or self._typed[0] != key:
+            try:
+                cls = get_method(self.method)
+            except ConfigError as e:
+                raise ConfigError(f"adapter.method: {e}") from None
+            try:
+                self._typed = (key, cls.config_cls.parse(self.options))
+            except ConfigError as e:
+                raise ConfigError(f"adapter: {e} (lorakit's own adapter keys: {', '.join(ADAPTER_KEYS)})") from None
+        return self._typed[1]
+
+
+class DataConfig(_Section):
+    """Training and evaluation data (JSONL files).
+
+    Attributes:
+        train: JSONL file; each line one of ``{"text"}``, ``{"prompt", "completion"}``, ``{"messages"}``
+            (chat), or ``{"text", "label"}`` for classification.
+        eval: held-out JSONL file; ``None`` splits ``eval_fraction`` of ``train`` off instead.
+        eval_fraction: share of ``train`` held out when ``eval`` is not given (0 disables evaluation).
+        max_length: longest sequence in tokens; longer examples are truncated (and counted).
+        packing: concatenate examples into full ``max_length`` blocks (no padding); causal LM only.
+        format: ``auto`` (from the first line's keys) or one of the formats above.
+        labels: class names for classification data whose ``label`` is a string.
+        add_eos: end each text/completion with the tokenizer's end-of-sequence token.
+    """
+
+    train: str
+    eval: str | None = None
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_length: int = Field(512, ge=2)
+    packing: bool = False
+    format: Literal["auto", "text", "prompt_completion", "chat", "classification"] = "auto"
+    labels: list[str] | None = None
+    add_eos: bool = True
+
+
+class TrainingConfig(_Section):
+    """The optimisation.
+
+    Attributes:
+        seed: seeds Python, NumPy and torch, the data order and the held-out split.
+        max_steps: optimizer steps; ``None`` runs ``epochs`` passes over the data.
+        epochs: passes over the training data when ``max_steps`` is not set.
+        batch_size: examples per micro-batch.
+        grad_accum: micro-batches per optimizer step (effective batch = batch_size x grad_accum).
+        lr: peak learning rate.
+        loraplus_ratio: LoRA+ (https://arxiv.org/abs/2402.12354): learning rate of B = ratio x that of A.
+        weight_decay: AdamW decoupled weight decay (matrices only; vectors such as gates are not decayed).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        schedule: learning-rate schedule after warm-up.
+        warmup_steps: linear warm-up steps (overrides ``warmup_ratio``).
+        warmup_ratio: warm-up as a share of the total steps.
+        min_lr_ratio: the schedule's final learning rate as a share of ``lr``.
+        max_grad_norm: clip the global gradient norm to this (``None``: no clipping).
+        precision: ``auto`` picks bf16 autocast on GPUs that support it (fp16 otherwise), fp32 on CPU.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        fused: lorakit's fast paths (fused adapter linears, one shared ``x A^T`` for sibling projections,
+            fused linear cross-entropy): the same function with less time and memory; ``false`` runs the
+            plain reference path.
+        compile: ``torch.compile`` each decoder layer; ``auto``: on CUDA only.
+        eval_every: evaluate every N steps (besides before and after training); ``None``: only those two.
+        eval_batch_size: micro-batch size for evaluation (default: ``batch_size``).
+        log_every: write training metrics every N steps.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
+        fsdp: under ``torchrun``, shard the frozen base model over the processes with FSDP2 (for models that do
+            not fit one GPU); the adapter stays replicated. ``false``: DDP (see :mod:`lorakit.train.distributed`).
+    """
+
+    seed: int = 0
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    loraplus_ratio: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    fused: bool = True
+    compile: bool | Literal["auto"] = "auto"
+    eval_every: int | None = Field(None, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    log_every: int = Field(1, ge=1)
+    device: str = "auto"
+    fsdp: bool = False
+
+
+class OutputConfig(_Section):
+    """Where the run writes.
+
+    Attributes:
+        dir: the run directory: ``adapter/``, ``checkpoints/``, ``metrics.jsonl``, ``loss.png``,
+            ``config.yaml``, ``run.json``.
+        save_every: write a checkpoint every N steps (one is always written at the end).
+        keep_checkpoints: how many recent checkpoints to keep.
+        tensorboard: also log to TensorBoard when it is installed.
+        plot: write ``loss.png`` at the end.
+        progress: show a progress bar.
+    """
+
+    dir: str
+    save_every: int | None = Field(None, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    tensorboard: bool = True
+    plot: bool = True
+    progress: bool = True
+
+
+class TrainConfig(_Section):
+    """A whole training run (see the module docstring for the YAML layout)."""
+
+    model: ModelConfig
+    adapter: AdapterSection = AdapterSection()
+    data: DataConfig
+    training: TrainingConfig = TrainingConfig()
+    output: OutputConfig
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Validate a nested mapping; :class:`ConfigError` lists every problem with its field path."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config must be a mapping of sections, got {type(data).__name__}")
+        cfg = parse(cls, data, "invalid config")
+        cfg.adapter.method_config()
+        if cfg.data.packing and cfg.model.task != "causal-lm":
+            raise ConfigError("data.packing: packing is only for model.task=causal-lm")
+        if cfg.data.format == "classification" and cfg.model.task != "classification":
+            raise ConfigError("data.format: classification data needs model.task=classification")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible nested dict (adapter options flat in ``adapter``), as written to YAML."""
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """Identity of the run: everything but the ``output`` section (which does not change the result)."""
+        d = self.to_dict()
+        d.pop("output")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = (),
+                base: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Read ``path`` (YAML), apply ``key.path=value`` overrides, and validate.
+
+    Args:
+        path: the YAML file (``None``: start from ``base`` or an empty mapping).
+        overrides: ``section.key=value`` strings; values are parsed as YAML scalars (``1e-3``, ``true``,
+            ``[q_proj, v_proj]``).
+        base: a mapping to start from instead of a file.
+
+    Raises:
+        ConfigError: unreadable or malformed YAML, bad override syntax, or invalid values.
+    """
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data = read_yaml(path)
+    for item in overrides:
+        apply_override(data, item)
+    return TrainConfig.parse(data)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping in a YAML file; :class:`ConfigError` with the line number on syntax errors."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{p}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the config must be a mapping of sections (model, adapter, data, training, "
+                          f"output), got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``data[a][b] = value`` for ``item = "a.b=value"`` (value parsed as YAML), in place."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: expected section.key=value (e.g. training.lr=1e-3)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not valid YAML: keep the literal string
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config as YAML (a valid input to :func:`load_config`)."""
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def resolve_model_path(path: str) -> str:
+    """``bundled://NAME`` -> the bundled model's directory; other values are returned unchanged."""
+    return resources.resolve(path, model=True, what="model.path")
+
+
+__all__ = [
+    "AdapterSection",
+    "DataConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "TrainConfig",
+    "TrainingConfig",
+    "load_config",
+    "resolve_model_path",
+    "save_config",
+]

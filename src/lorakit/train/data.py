@@ -1,0 +1,391 @@
+"""Training data: JSONL in, padded tensor batches out.
+
+Each line of a JSONL file is one example, in one of four formats (``data.format: auto`` reads the first
+line's keys; every line must then use the same format):
+
+- ``{"text": ...}``: plain language modelling, loss on every token.
+- ``{"prompt": ..., "completion": ...}``: loss only on the completion tokens (and the end-of-sequence token).
+- ``{"messages": [{"role": ..., "content": ...}, ...]}``: chat, rendered with the tokenizer's chat template
+  when it has one; loss only on the assistant turns.
+- ``{"text": ..., "label": ...}``: sequence classification (``label``: class index or name).
+
+Tokens that carry no loss get the label ``-100`` (PyTorch's ``ignore_index``). Examples longer than
+``max_length`` are cut (and counted); an example left with no trainable token is dropped (and counted).
+With packing, examples are concatenated into ``max_length`` blocks instead (nothing is cut or padded).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lorakit.core.collectives import IGNORE
+from lorakit.errors import LorakitError
+
+if TYPE_CHECKING:
+    from lorakit.train.config import DataConfig
+
+FORMATS = ("text", "prompt_completion", "chat", "classification")
+
+
+class DataError(LorakitError, ValueError):
+    """A data file is missing, empty, or has a malformed line (the message names file and line)."""
+
+
+@dataclass
+class Example:
+    """One tokenized example.
+
+    Attributes:
+        input_ids: token ids.
+        labels: per-token labels (``-100`` where no loss) for language modelling, a class index for
+            classification.
+    """
+
+    input_ids: list[int]
+    labels: list[int] | int
+
+
+@dataclass
+class Dataset:
+    """Tokenized examples plus what happened while building them.
+
+    Attributes:
+        examples: the examples, in file order.
+        format: the data format (one of :data:`FORMATS`).
+        n_truncated: examples cut to ``max_length``.
+        n_dropped: examples dropped because truncation left no trainable token.
+        source: where the examples came from (for messages).
+    """
+
+    examples: list[Example]
+    format: str
+    n_truncated: int = 0
+    n_dropped: int = 0
+    source: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+
+# --- reading -----------------------------------------------------------------------------------------------
+Record = tuple[int, dict[str, Any]]  # (1-based line number, parsed object)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
+    """Parse a JSONL file; :class:`DataError` names the file and line of the first bad line.
+
+    Every line must hold one JSON object; blank lines are errors too (they usually mean a broken export).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such data file")
+    records: list[Record] = []
+    with open(p, encoding="utf-8") as f:
+        try:
+            lines = f.read().split("\n")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise DataError(f"{p}:{i}: empty line (each line must be one JSON object)")
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{p}:{i}: expected a JSON object, got {type(obj).__name__}")
+        records.append((i, obj))
+    if not records:
+        raise DataError(f"{p}: no examples (the file is empty)")
+    return records
+
+
+def detect_format(obj: dict[str, Any], task: str) -> str:
+    """The format a record's keys imply (see the module docstring)."""
+    if "messages" in obj:
+        return "chat"
+    if "prompt" in obj or "completion" in obj:
+        return "prompt_completion"
+    if "label" in obj or task == "classification":
+        return "classification"
+    return "text"
+
+
+_REQUIRED = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",),
+             "classification": ("text", "label")}
+
+
+def check_record(obj: dict[str, Any], fmt: str, where: str) -> None:
+    """Raise :class:`DataError` unless ``obj`` is a well-formed record of ``fmt``."""
+    missing = [k for k in _REQUIRED[fmt] if k not in obj]
+    if missing:
+        raise DataError(f"{where}: missing key(s) {missing} for format {fmt!r} (keys present: {sorted(obj)})")
+    for k in ("text", "prompt", "completion"):
+        if k in _REQUIRED[fmt] and not isinstance(obj[k], str):
+            raise DataError(f"{where}: {k!r} must be a string, got {type(obj[k]).__name__}")
+    if fmt in ("text", "classification") and not obj["text"].strip():
+        raise DataError(f"{where}: 'text' is empty")
+    if fmt == "prompt_completion" and not obj["completion"]:
+        raise DataError(f"{where}: 'completion' is empty (nothing to learn)")
+    if fmt == "chat":
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{j}] must be an object with string 'role' and 'content'")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{where}: no 'assistant' message (nothing to learn)")
+
+
+# --- tokenizing --------------------------------------------------------------------------------------------
+def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _eos(tokenizer: Any) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    """Chat text from the tokenizer's template, or a plain ``role: content`` layout when it has none."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + ("assistant:" if generation_prompt else "")
+
+
+def _chat_example(tokenizer: Any, messages: list[dict[str, str]], where: str) -> tuple[list[int], list[int]]:
+    """Tokens and labels of a conversation; only assistant turns carry labels.
+
+    The text of assistant turn ``i`` is ``render(messages[:i+1])`` minus ``render(messages[:i])`` with the
+    generation prompt, so any prefix-consistent template works without special markers. Each segment is
+    tokenized on its own, the way prompts are tokenized at generation time.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""  # text already turned into tokens
+    with_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def add(text: str, train: bool) -> None:
+        piece = _encode(tokenizer, text, special=not with_template and not ids)
+        ids.extend(piece)
+        labels.extend(piece if train else [IGNORE] * len(piece))
+
+    try:
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = render_chat(tokenizer, messages[:i], True)
+            turn = render_chat(tokenizer, messages[:i + 1], False)
+            if not prompt.startswith(done) or not turn.startswith(prompt):
+                raise DataError(f"{where}: the chat template is not prefix-consistent; cannot locate the "
+                                "assistant turns (use prompt/completion data instead)")
+            add(prompt[len(done):], False)
+            add(turn[len(prompt):], True)
+            done = turn
+        full = render_chat(tokenizer, messages, False)
+    except DataError:
+        raise
+    except Exception as e:  # template errors (jinja raises its own types)
+        raise DataError(f"{where}: chat template failed: {e}") from None
+    if full.startswith(done) and full[len(done):]:
+        add(full[len(done):], False)
+    if not with_template:
+        ids.extend(_eos(tokenizer))
+        labels.extend(_eos(tokenizer))
+    return ids, labels
+
+
+def encode_record(tokenizer: Any, obj: dict[str, Any], fmt: str, *, add_eos: bool, where: str,
+                  label_names: Sequence[str] | None = None, num_labels: int = 2) -> Example:
+    """Tokenize one record (not truncated)."""
+    eos = _eos(tokenizer) if add_eos else []
+    if fmt == "text":
+        ids = _encode(tokenizer, obj["text"], True) + eos
+        return Example(ids, list(ids))
+    if fmt == "prompt_completion":
+        p = _encode(tokenizer, obj["prompt"], True)
+        c = _encode(tokenizer, obj["completion"], False) + eos
+        return Example(p + c, [IGNORE] * len(p) + c)
+    if fmt == "chat":
+        ids, labels = _chat_example(tokenizer, obj["messages"], where)
+        return Example(ids, labels)
+    label = obj["label"]
+    if isinstance(label, str):
+        if not label_names or label not in label_names:
+            raise DataError(f"{where}: label {label!r} is not in data.labels ({list(label_names or [])})")
+        label = list(label_names).index(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_labels:
+        raise DataError(f"{where}: label must be an integer in [0, {num_labels}) or a name in data.labels, "
+                        f"got {obj['label']!r}")
+    return Example(_encode(tokenizer, obj["text"], True), label)
+
+
+def tokenize(records: Sequence[Record], tokenizer: Any, *, fmt: str = "auto", task: str = "causal-lm",
+             max_length: int = 512, truncate: bool = True, add_eos: bool = True,
+             label_names: Sequence[str] | None = None, num_labels: int = 2, source: str = "") -> Dataset:
+    """Check, tokenize and truncate ``records`` into a :class:`Dataset`."""
+    if not records:
+        raise DataError(f"{source}: no examples")
+    if fmt == "auto":
+        fmt = detect_format(records[0][1], task)
+    if (fmt == "classification") != (task == "classification"):
+        raise DataError(f"{source}: format {fmt!r} does not fit model.task={task!r}")
+    out = Dataset([], fmt, source=source)
+    for line, obj in records:
+        where = f"{source}:{line}"
+        check_record(obj, fmt, where)
+        ex = encode_record(tokenizer, obj, fmt, add_eos=add_eos, where=where, label_names=label_names,
+                           num_labels=num_labels)
+        if truncate and len(ex.input_ids) > max_length:
+            out.n_truncated += 1
+            ex.input_ids = ex.input_ids[:max_length]
+            if isinstance(ex.labels, list):
+                ex.labels = ex.labels[:max_length]
+        if isinstance(ex.labels, list) and all(x == IGNORE for x in ex.labels[1:]):
+            out.n_dropped += 1  # causal LM shifts labels by one: the first label is never predicted
+            continue
+        out.examples.append(ex)
+    if not out.examples:
+        raise DataError(f"{source}: every example was dropped (no trainable tokens within "
+                        f"max_length={max_length})")
+    return out
+
+
+def pack(data: Dataset, max_length: int) -> Dataset:
+    """Concatenate examples into blocks of ``max_length`` tokens (the last block may be shorter).
+
+    Attention crosses example boundaries inside a block (plain packing); every example ends with EOS, so
+    the model sees where one stops.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for ex in data.examples:
+        assert isinstance(ex.labels, list)
+        ids.extend(ex.input_ids)
+        labels.extend(ex.labels)
+    blocks = [Example(ids[i:i + max_length], labels[i:i + max_length]) for i in range(0, len(ids), max_length)]
+    blocks = [b for b in blocks if isinstance(b.labels, list) and any(x != IGNORE for x in b.labels[1:])]
+    return Dataset(blocks, data.format, 0, data.n_dropped, data.source,
+                   {**data.stats, "packed_from": len(data.examples)})
+
+
+def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """A seeded held-out split: ``(train, held_out)``, held-out ``max(1, round(n * fraction))`` records."""
+    n_eval = max(1, round(len(records) * fraction))
+    if len(records) - n_eval < 1:
+        raise DataError(f"too few examples ({len(records)}) to hold out {fraction:.0%} for evaluation; "
+                        "give data.eval or set data.eval_fraction=0")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+# --- batching ----------------------------------------------------------------------------------------------
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad a list of examples into ``input_ids``/``attention_mask``/``labels`` tensors ``(B, T)``
+    (``labels`` is ``(B,)`` for classification)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    token_labels = isinstance(examples[0].labels, list)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long) if token_labels else \
+        torch.tensor([e.labels for e in examples], dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        mask[i, :n] = 1
+        if token_labels:
+            labels[i, :n] = torch.tensor(e.labels, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class BatchOrder:
+    """A reproducible, resumable order of micro-batches over several epochs.
+
+    Micro-batch ``k`` (counted from the start of training across epochs) is a pure function of ``k``,
+    the seed and the dataset size, so a resumed run needs only ``k`` to continue exactly where it stopped.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.batches_per_epoch = math.ceil(n / batch_size)
+        self._cache: tuple[int, list[int]] | None = None
+
+    def _perm(self, epoch: int) -> list[int]:
+        if self._cache is None or self._cache[0] != epoch:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                order = torch.randperm(self.n, generator=g).tolist()
+            else:
+                order = list(range(self.n))
+            self._cache = (epoch, order)
+        return self._cache[1]
+
+    def indices(self, k: int) -> list[int]:
+        """Example indices of micro-batch ``k``."""
+        epoch, b = divmod(k, self.batches_per_epoch)
+        return self._perm(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
+
+    def epoch_of(self, k: int) -> float:
+        return k / self.batches_per_epoch
+
+
+def iter_batches(data: Dataset, batch_size: int, pad_id: int) -> Iterator[dict[str, Tensor]]:
+    """Sequential (unshuffled) padded batches over ``data``, e.g. for evaluation."""
+    for i in range(0, len(data), batch_size):
+        yield collate(data.examples[i:i + batch_size], pad_id)
+
+
+# --- the whole pipeline --------------------------------------------------------------------------------------
+def load_datasets(cfg: DataConfig, tokenizer: Any, *, task: str, seed: int,
+                  num_labels: int = 2) -> tuple[Dataset, Dataset | None]:
+    """Read, split, tokenize (and pack) the training and evaluation data described by ``cfg``.
+
+    Returns:
+        ``(train, eval)``; ``eval`` is ``None`` when there is no eval file and ``eval_fraction`` is 0.
+    """
+    train_records = read_jsonl(cfg.train)
+    eval_records: list[Record] | None = None
+    eval_source = cfg.eval or ""
+    if cfg.eval is not None:
+        eval_records = read_jsonl(cfg.eval)
+    elif cfg.eval_fraction > 0:
+        train_records, eval_records = split_records(train_records, cfg.eval_fraction, seed)
+        eval_source = f"{cfg.train} (held-out split)"
+
+    def build(records: list[Record], source: str) -> Dataset:
+        ds = tokenize(records, tokenizer, fmt=cfg.format, task=task, max_length=cfg.max_length,
+                      truncate=not cfg.packing, add_eos=cfg.add_eos, label_names=cfg.labels,
+                      num_labels=num_labels, source=source)
+        return pack(ds, cfg.max_length) if cfg.packing else ds
+
+    train = build(train_records, cfg.train)
+    evald = build(eval_records, eval_source) if eval_records else None
+    if evald is not None and evald.format != train.format:
+        raise DataError(f"{eval_source}: format {evald.format!r} differs from the training data's "
+                        f"{train.format!r}")
+    return train, evald
+
+
+__all__ = ["IGNORE", "BatchOrder", "DataError", "Dataset", "Example", "collate", "pack",
+           "iter_batches", "load_datasets", "read_jsonl", "split_records", "tokenize"]

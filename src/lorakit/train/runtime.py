@@ -1,0 +1,80 @@
+"""The environment of a training run: device precision, seeds, the learning-rate schedule, and signals."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from lorakit.errors import ConfigError
+
+
+def lr_factor(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based).
+
+    Linear warm-up ``(step + 1) / warmup``, then ``constant``, ``linear`` or ``cosine`` decay from 1 to
+    ``min_ratio`` over the remaining steps (cosine: ``m + (1 - m) (1 + cos(pi p)) / 2``, ``p`` the progress).
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 1 - p if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * p))
+    return min_ratio + (1 - min_ratio) * shape
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (``None``: plain fp32)."""
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        if not cuda:
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and not cuda:
+        raise ConfigError("training.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("training.precision=bf16: this GPU does not support bf16; use fp16")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def stop_on_signals(request_stop: Callable[[], bool]) -> Iterator[None]:
+    """Turn Ctrl-C and SIGTERM into a stop request, so the loop stops between steps (never in the middle of
+    an optimizer update) and saves a checkpoint.
+
+    Args:
+        request_stop: called on each signal; returns whether a stop was already requested, in which case a
+            second Ctrl-C aborts at once (``KeyboardInterrupt``).
+
+    Outside the main thread (where Python cannot install handlers) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if request_stop() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

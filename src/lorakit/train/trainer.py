@@ -1,0 +1,528 @@
+"""The training loop behind ``lorakit train``: ``lorakit.Trainer(model, config).fit()``.
+
+One loop serves every method in :data:`lorakit.METHODS`; what differs between methods comes from the
+method itself: its options (validated by its config class), its data-driven init (``attach(...,
+init_batches=...)`` when the method :attr:`~lorakit.Method.needs_init_data`, e.g. LoRA-SB), its
+training callbacks (:func:`lorakit.training_callbacks`: Delta-LoRA's base update, rank1-sum's pruner) and its
+LoRA+ parameter split (:func:`lorakit.optimizer`).
+
+Each optimizer step::
+
+    for each of grad_accum micro-batches:  loss = model(**batch).loss + sum(callback regularizers)
+                                           (loss / grad_accum).backward()       # under autocast
+    clip the global gradient norm; callbacks.before_step(); optimizer.step(); callbacks.step()
+    scheduler.step(); optimizer.zero_grad()
+
+Resuming restores the adapter, optimizer, scheduler, grad scaler, callback states, every RNG and the data
+position (micro-batch ``k`` is a pure function of ``k``, see :class:`lorakit.train.data.BatchOrder`), so on CPU an
+interrupted-and-resumed run ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lorakit._version import __version__
+from lorakit.adapt.model import adapters as adapter_records
+from lorakit.adapt.model import attach, attach_config, remove, set_active, trainable_parameters, training_callbacks
+from lorakit.adapt.targets import HEAD_NAMES
+from lorakit.core import lowrank
+from lorakit.core.callbacks import Callbacks, TrainingCallback
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.fast import speed
+from lorakit.formats.native import load as load_adapter
+from lorakit.formats.native import save as save_adapter
+from lorakit.methods import get_method
+from lorakit.train import distributed
+from lorakit.train.checkpoint import (
+    RUN_FILE,
+    latest_checkpoint,
+    load_training_checkpoint,
+    prepare_run_dir,
+    rng_state,
+    save_training_checkpoint,
+    write_json,
+)
+from lorakit.train.config import TrainConfig, load_config, save_config
+from lorakit.train.data import IGNORE, BatchOrder, Dataset, collate, iter_batches, load_datasets
+from lorakit.train.loading import HEAD_ADAPTER, load_model, load_tokenizer, resolve_device
+from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLogger, plot_losses, read_metrics
+from lorakit.train.optim import optimizer as make_optimizer
+from lorakit.train.runtime import lr_factor, resolve_precision, seed_everything, stop_on_signals
+
+
+class TrainingError(LorakitError, RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` did.
+
+    Attributes:
+        step: optimizer steps done. total_steps: steps planned.
+        output_dir: the run directory. adapter_dir: the saved final adapter (``None`` if interrupted).
+        checkpoint: the last checkpoint written.
+        eval_start, eval_end: evaluation metrics before and after training (empty without eval data).
+        interrupted: stopped early by Ctrl-C / SIGTERM (a checkpoint was saved; resume with ``--resume``).
+    """
+
+    step: int
+    total_steps: int
+    output_dir: Path
+    adapter_dir: Path | None
+    checkpoint: Path | None
+    eval_start: dict[str, float] = field(default_factory=dict)
+    eval_end: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+
+
+@dataclass
+class _Position:
+    """Where the run is: optimizer steps done, micro-batches consumed, non-pad tokens seen."""
+
+    step: int = 0
+    micro: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class _Run:
+    """The objects of one ``fit`` call, passed around the loop."""
+
+    order: BatchOrder
+    total: int
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: torch.amp.GradScaler
+    own_callbacks: list[TrainingCallback]  # the method's (checkpointed)
+    callbacks: Callbacks  # the method's, then the user's
+    metrics: MetricsLogger
+    pos: _Position
+    result: FitResult
+    ranks: dict[str, int] | None = None  # last logged per-layer ranks
+
+
+class Trainer:
+    """Fine-tune a model with any lorakit method from a :class:`~lorakit.train.config.TrainConfig`.
+
+    Example::
+
+        cfg = lorakit.load_config("run.yaml", ["training.lr=1e-3"])
+        result = lorakit.Trainer(None, cfg).fit()          # loads cfg.model, attaches cfg.adapter
+        result = lorakit.Trainer(model, cfg, tokenizer=tok).fit(resume=True)
+
+    Args:
+        model: the base model, or a model that already carries the adapter named ``config.adapter.name``
+            (its method must be ``config.adapter.method``); ``None`` loads ``config.model``.
+        config: a TrainConfig, a mapping of sections, or a YAML path.
+        tokenizer: the tokenizer (default: loaded from ``config.model``).
+        train_data, eval_data: tokenized datasets to use instead of ``config.data``.
+        callbacks: extra :class:`~lorakit.TrainingCallback` objects driven by the loop after the method's
+            own (only the method's callbacks are checkpointed).
+        log: where progress messages go (default: stderr, above the progress bar).
+    """
+
+    def __init__(self, model: nn.Module | None, config: TrainConfig | Mapping[str, Any] | str | os.PathLike[str],
+                 *, tokenizer: Any = None, train_data: Dataset | None = None, eval_data: Dataset | None = None,
+                 callbacks: Sequence[TrainingCallback] = (), log: Callable[[str], None] | None = None) -> None:
+        if isinstance(config, TrainConfig):
+            self.config = config
+        elif isinstance(config, Mapping):
+            self.config = TrainConfig.parse(config)
+        else:
+            self.config = load_config(config)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.train_data, self.eval_data = train_data, eval_data
+        self.extra_callbacks = list(callbacks)
+        self._log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+        # under torchrun: join the process group; each process trains on its own GPU, process 0 speaks
+        self.dist, self.device = distributed.setup(self.config, resolve_device(self.config.training.device))
+        if not self.dist.is_main:
+            self._log = lambda msg: None
+        self.amp_dtype = resolve_precision(self.config.training.precision, self.device)
+        self._stop = False  # set by a signal on this process
+        self._stopping = False  # agreed by every process at the end of a step
+
+    # --- setup -----------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.config.adapter.name
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def prepare(self) -> None:
+        """Load what is not loaded yet: tokenizer, model, data; move the model to the device (``fit`` and
+        ``evaluate`` call it)."""
+        cfg = self.config
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(cfg.model)
+        if self.model is None:
+            self.model = load_model(cfg.model, pad_token_id=self.tokenizer.pad_token_id)
+        if cfg.model.task == "classification" and getattr(self.model.config, "pad_token_id", None) is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if self.train_data is None:
+            self.train_data, loaded_eval = load_datasets(cfg.data, self.tokenizer, task=cfg.model.task,
+                                                         seed=cfg.training.seed, num_labels=cfg.model.num_labels)
+            self.eval_data = self.eval_data or loaded_eval
+        if not self.dist.fsdp:  # FSDP moves each shard to the device itself (the whole model may not fit)
+            self.model.to(self.device)
+
+    def _head_name(self) -> str | None:
+        if self.config.model.task != "classification" or not self.config.adapter.train_head:
+            return None
+        heads = [n for n, _ in self.model.named_children() if n in HEAD_NAMES]
+        if not heads:
+            raise ConfigError(f"adapter.train_head: no task head ({sorted(HEAD_NAMES)}) found on "
+                              f"{type(self.model).__name__}")
+        return heads[0]
+
+    def _init_batches(self) -> Iterator[dict[str, Tensor]]:
+        """Training batches for a data-driven init, in a seeded order of their own (so the training order,
+        and therefore a resumed run, does not depend on how many the method read)."""
+        assert self.train_data is not None
+        order = BatchOrder(len(self.train_data), self.dist.global_batch(self.config.training.batch_size),
+                           self.config.training.seed + 1)  # LoRA-SB splits each global batch over processes
+        n = order.batches_per_epoch if self.config.adapter.init_batches is None else \
+            min(order.batches_per_epoch, self.config.adapter.init_batches)
+        for k in range(n):
+            yield self._to_device(collate([self.train_data.examples[i] for i in order.indices(k)], self._pad_id))
+
+    def _attach(self) -> None:
+        model, a = self.model, self.config.adapter
+        existing = adapter_records(model)
+        if a.name in existing:
+            if existing[a.name].method != a.method:
+                raise ConfigError(f"adapter.method={a.method!r} but the model already carries adapter "
+                                  f"{a.name!r} of method {existing[a.name].method!r}")
+            self._log(f"using the {a.method} adapter {a.name!r} already attached to the model")
+        else:
+            data_init = get_method(a.method).needs_init_data
+            runtime = {"init_batches": self._init_batches()} if data_init else {}
+            # a data-driven init runs forward/backward passes: use the training precision for them
+            with self._autocast() if data_init else contextlib.nullcontext():
+                attach_config(model, a.method_config(), a.method, name=a.name, runtime=runtime)
+        head = self._head_name()
+        if head is not None and HEAD_ADAPTER not in adapter_records(model):
+            attach(model, "full", name=HEAD_ADAPTER, targets=[head])
+            set_active(model, [a.name, HEAD_ADAPTER])
+
+    def _restore_adapter(self, ckpt: Path) -> None:
+        """Replace the adapter(s) on the model by the checkpoint's."""
+        for n in (self.name, HEAD_ADAPTER):
+            if n in adapter_records(self.model):
+                remove(self.model, n)
+        load_adapter(self.model, ckpt / "adapter", name=self.name)
+        if (ckpt / "adapter" / HEAD_ADAPTER).is_dir():
+            load_adapter(self.model, ckpt / "adapter" / HEAD_ADAPTER, name=HEAD_ADAPTER, force=True)
+            set_active(self.model, [self.name, HEAD_ADAPTER])
+
+    @property
+    def _pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _speed_up(self, model: nn.Module) -> None:
+        """Gradient checkpointing, shared projections and per-layer compile, as configured."""
+        t = self.config.training
+        if t.gradient_checkpointing:
+            speed.enable_checkpointing(model)
+            if hasattr(model.config, "use_cache"):
+                model.config.use_cache = False
+        if t.fused:
+            speed.group_projections(model)
+        if t.compile is True or (t.compile == "auto" and self.device.type == "cuda"):
+            speed.compile_layers(model)
+
+    def _loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The model's loss on ``batch``; causal LMs go through the fused linear cross-entropy (no
+        ``(tokens, vocab)`` logits) when fast paths are on."""
+        if self.config.training.fused and batch["labels"].dim() == 2 and not self.dist.fsdp:  # FSDP: root forward
+            return speed.causal_lm_loss(model, batch["input_ids"], batch["labels"],
+                                        attention_mask=batch["attention_mask"])
+        return model(**batch).loss
+
+    # --- evaluation ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, data: Dataset | None = None) -> dict[str, float]:
+        """Loss (token-weighted) and perplexity, or loss and accuracy for classification, on ``data``
+        (default: the evaluation data)."""
+        if self.model is None or self.train_data is None:
+            self.prepare()
+        data = data if data is not None else self.eval_data
+        if data is None or len(data) == 0:
+            return {}
+        model = self.model
+        was_training = model.training
+        model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        correct = 0
+        bs = self.config.training.eval_batch_size or self.config.training.batch_size
+        for batch in iter_batches(self.dist.eval_shard(data), bs, self._pad_id):
+            batch = self._to_device(batch)
+            labels = batch["labels"]
+            with self._autocast():
+                if labels.dim() == 1:  # classification: loss is a mean over examples
+                    out = model(**batch)
+                    loss, n = out.loss, labels.numel()
+                    correct += int((out.logits.argmax(-1) == labels).sum())
+                else:  # causal LM: a mean over predicted (shifted, non-ignored) tokens
+                    loss, n = self._loss(model, batch), int((labels[:, 1:] != IGNORE).sum())
+            total += loss.double() * n
+            count += n
+        model.train(was_training)
+        total, count, correct = self.dist.eval_sum(total, count, correct)
+        loss = float(total / max(count, 1))
+        if data.format == "classification":
+            return {"eval_loss": loss, "eval_accuracy": correct / max(count, 1)}
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    # --- training --------------------------------------------------------------------------------------------
+    def fit(self, *, resume: bool = False, overwrite: bool = False) -> FitResult:
+        """Train, checkpoint, evaluate and save the adapter into ``output.dir/adapter``.
+
+        Args:
+            resume: continue from the latest checkpoint in ``output.dir`` (start fresh if there is none).
+            overwrite: replace a previous run in ``output.dir``.
+
+        Raises:
+            RunDirError: ``output.dir`` holds another run (or this one, without ``resume``/``overwrite``).
+            TrainingError: the loss became NaN or infinite (the last good checkpoint is kept).
+        """
+        with lowrank.fused(self.config.training.fused):
+            return self._fit(resume=resume, overwrite=overwrite)
+
+    def _fit(self, *, resume: bool, overwrite: bool) -> FitResult:
+        cfg, t = self.config, self.config.training
+        out = Path(cfg.output.dir)
+        resuming = self.dist.main_only(prepare_run_dir, out, cfg.fingerprint(), cfg.to_dict(), resume=resume,
+                                       overwrite=overwrite)
+        seed_everything(t.seed)  # before loading: a fresh task head is initialised randomly
+        self.prepare()
+        assert self.model is not None and self.train_data is not None
+        model = self.model
+        order = BatchOrder(len(self.train_data), self.dist.global_batch(t.batch_size), t.seed)
+        total = t.max_steps or max(1, math.ceil(t.epochs * order.batches_per_epoch / t.grad_accum))
+        # process 0's view: on several nodes output.dir must be shared, or reading it fails (no silent divergence)
+        ckpt = self.dist.main_only(latest_checkpoint, out) if resuming else None
+        if ckpt is not None:
+            self._restore_adapter(ckpt)
+        else:
+            self._attach()
+            if self.dist.is_main:
+                write_json(out / RUN_FILE, {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
+                                            "lorakit_version": __version__})
+                save_config(cfg, out / "config.yaml")
+        self._speed_up(model)
+        # under torchrun: DDP, or FSDP2 (after checkpointing/compile, and before the optimizer: FSDP moves the
+        # adapter to the device); then each process draws its own dropout masks
+        self._forward = self.dist.wrap(model, self._loss, log=self._log)
+        self.dist.reseed(t.seed)
+        model.train()
+
+        opt = make_optimizer(model, t.lr, loraplus_ratio=t.loraplus_ratio, weight_decay=t.weight_decay,
+                             betas=t.betas, eps=t.eps)
+        warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
+            s, total=total, warmup=warmup, schedule=t.schedule, min_ratio=t.min_lr_ratio))
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
+        # The method's own rules are part of the run's state (checkpointed); extra callbacks are not.
+        own = training_callbacks(model, opt, total_steps=total)
+        pos = _Position()
+        if ckpt is not None:
+            pos = _Position(**load_training_checkpoint(ckpt, optimizer=opt, scheduler=sched, scaler=scaler,
+                                                       callbacks=own, rank=self.dist.rank, world=self.dist.world))
+            self._log(f"resumed from {ckpt} at step {pos.step}/{total}")
+        metrics = MetricsLogger(out, tensorboard=cfg.output.tensorboard,
+                                resume_step=pos.step if ckpt is not None else None) \
+            if self.dist.is_main else distributed.NullMetrics()
+        run = _Run(order, total, opt, sched, scaler, own, Callbacks(own + self.extra_callbacks), metrics, pos,
+                   FitResult(pos.step, total, out, None, ckpt))
+        try:
+            if ckpt is None:
+                self._log_start(run)
+                run.result.eval_start = self._eval_and_log(run, 0)
+            else:
+                run.result.eval_start = _eval_at(out, 0)
+            self._loop(run)
+        finally:
+            run.metrics.close()
+        if run.result.interrupted:
+            return run.result
+        run.result.adapter_dir = self.dist.main_only(self._save_final, out, run.result)
+        if cfg.output.plot and self.dist.is_main:
+            plot_losses(out / METRICS_FILE, out / PLOT_FILE, title=f"{cfg.adapter.method} on {cfg.model.path}")
+        return run.result
+
+    def _log_start(self, run: _Run) -> None:
+        d, model = self.train_data, self.model
+        assert d is not None and model is not None
+        n_train = trainable_parameters(model)
+        n_all = sum(p.numel() for p in model.parameters())
+        info = {"method": self.config.adapter.method, "trainable_params": n_train, "total_params": n_all,
+                "train_examples": len(d), "eval_examples": len(self.eval_data or []), "total_steps": run.total,
+                "truncated": d.n_truncated, "dropped": d.n_dropped, "device": str(self.device),
+                "precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32"}
+        run.metrics.log("info", 0, **info)
+        self._log(f"{info['method']}: {n_train:,} trainable of {n_all:,} parameters "
+                  f"({100 * n_train / n_all:.3f}%); {len(d)} training examples, {run.total} steps on "
+                  f"{self.device} ({info['precision']})")
+        if d.n_truncated or d.n_dropped:
+            self._log(f"data: {d.n_truncated} example(s) truncated to max_length={self.config.data.max_length}, "
+                      f"{d.n_dropped} dropped (no trainable token left)")
+
+    def _eval_and_log(self, run: _Run, step: int) -> dict[str, float]:
+        res = self.evaluate()
+        if res:
+            run.metrics.log("eval", step, **res)
+            self._log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+        return res
+
+    def _step(self, run: _Run) -> tuple[float, Tensor | None, int]:
+        """One optimizer step over ``grad_accum`` micro-batches: ``(mean loss, grad norm, non-pad tokens)``.
+
+        Raises:
+            TrainingError: the loss is NaN or infinite (checked before the update, so nothing is changed).
+        """
+        t, data, model = self.config.training, self.train_data, self.model
+        assert data is not None and model is not None
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for i in range(t.grad_accum):
+            # this process's shard of the global micro-batch, its loss weight, the global batch's tokens
+            batch, weight, n_tokens = self.dist.micro_batch(data.examples, run.order.indices(run.pos.micro),
+                                                            self._pad_id)
+            run.pos.micro += 1
+            tokens += n_tokens
+            batch = self._to_device(batch)
+            with self._autocast():
+                loss = run.callbacks.regularize(self._forward(batch, sync=i == t.grad_accum - 1) * weight)
+            loss_sum += loss.detach().float()
+            run.scaler.scale(loss / t.grad_accum).backward()
+        self._forward.finish()
+        # one sync per step: a NaN must stop the run at once (on every process: the loss is all-reduced)
+        loss_value = self.dist.mean(loss_sum) / t.grad_accum
+        if not math.isfinite(loss_value):
+            last = f"; the last good checkpoint is {run.result.checkpoint}" if run.result.checkpoint else ""
+            raise TrainingError(f"loss is {loss_value} at step {run.pos.step + 1}; stopping{last}. "
+                                "Lower training.lr, enable gradient clipping, or check the data.")
+        run.scaler.unscale_(run.opt)
+        params = [p for g in run.opt.param_groups for p in g["params"]]  # re-read: pruning may swap tensors
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
+        run.callbacks.before_step()
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        run.callbacks.step()  # after the update, before zero_grad: the rank pruner reads the gradients
+        run.sched.step()
+        run.opt.zero_grad(set_to_none=True)
+        run.pos.step += 1
+        run.result.step = run.pos.step
+        self._stopping = self.dist.any(self._stop)  # every process stops after the same step
+        return loss_value, grad_norm, tokens
+
+    def _loop(self, run: _Run) -> None:
+        t, out = self.config.training, self.config.output
+        bar = tqdm(total=run.total, initial=run.pos.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not out.progress or not self.dist.is_main, file=sys.stderr)
+        window_tokens, window_start = 0, time.perf_counter()
+        saved_at = run.pos.step if run.result.checkpoint is not None else -1
+        with stop_on_signals(self._request_stop):
+            while run.pos.step < run.total and not self._stopping:
+                loss, grad_norm, tokens = self._step(run)
+                window_tokens += tokens
+                run.pos.tokens += tokens
+                step = run.pos.step
+                bar.update(1)
+                if step % t.log_every == 0 or step == run.total:
+                    tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                    lr = run.opt.param_groups[0]["lr"]
+                    values: dict[str, Any] = {"loss": loss, "lr": lr, "tokens_per_s": round(tps, 1),
+                                              "tokens": run.pos.tokens,
+                                              "epoch": round(run.order.epoch_of(run.pos.micro), 4)}
+                    if grad_norm is not None:
+                        values["grad_norm"] = float(grad_norm)
+                    run.metrics.log("train", step, **values)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+                    window_tokens, window_start = 0, time.perf_counter()
+                    self._log_ranks(run, step)
+                if (t.eval_every and step % t.eval_every == 0) or step == run.total:
+                    run.result.eval_end = self._eval_and_log(run, step)
+                if (out.save_every and step % out.save_every == 0) or step == run.total:
+                    self._save_checkpoint(run)
+                    saved_at = step
+        bar.close()
+        if self._stopping:
+            run.result.interrupted = True
+            if saved_at != run.pos.step:
+                self._save_checkpoint(run)
+            self._log(f"interrupted at step {run.pos.step}/{run.total}; checkpoint saved to "
+                      f"{run.result.checkpoint}. Continue with `lorakit train CONFIG --resume`.")
+
+    def _request_stop(self) -> bool:
+        """Signal handler: ask the loop to stop after this step; returns whether a stop was already asked."""
+        before, self._stop = self._stop, True
+        if not before:
+            self._log("stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
+        return before
+
+    def _log_ranks(self, run: _Run, step: int) -> None:
+        """Log the per-layer ranks of dynamic-rank methods (callbacks with a ``ranks()`` method) on change."""
+        for cb in run.callbacks:
+            ranks_fn = getattr(cb, "ranks", None)
+            if callable(ranks_fn):
+                ranks = dict(ranks_fn())
+                if ranks != run.ranks:
+                    run.metrics.log("ranks", step, total_rank=sum(ranks.values()), ranks=ranks)
+                    run.ranks = ranks
+                return
+
+    def _save_checkpoint(self, run: _Run) -> None:
+        names = [self.name] + ([HEAD_ADAPTER] if HEAD_ADAPTER in adapter_records(self.model) else [])
+        rngs = self.dist.gather(rng_state())  # every process's RNG (None on one process); process 0 writes
+        run.result.checkpoint = self.dist.main_only(
+            save_training_checkpoint, self.config.output.dir, run.pos.step, model=self.model, adapters=names,
+            optimizer=run.opt, scheduler=run.sched, scaler=run.scaler, callbacks=run.own_callbacks,
+            position=asdict(run.pos), keep=self.config.output.keep_checkpoints, rng=rngs)
+
+    def _save_final(self, out: Path, result: FitResult) -> Path:
+        cfg = self.config
+        extra = {"base_model": cfg.model.path, "tokenizer": cfg.model.tokenizer or cfg.model.path,
+                 "task": cfg.model.task, "num_labels": cfg.model.num_labels, "dtype": cfg.model.dtype,
+                 "trained_steps": result.step, "run": cfg.fingerprint()}
+        path = save_adapter(self.model, out / "adapter", self.name, extra=extra)
+        if HEAD_ADAPTER in adapter_records(self.model):
+            save_adapter(self.model, path / HEAD_ADAPTER, HEAD_ADAPTER, extra=extra)
+        self._log(f"adapter saved to {path}")
+        return path
+
+
+def _eval_at(out: Path, step: int) -> dict[str, float]:
+    """The eval metrics logged at ``step`` in ``out/metrics.jsonl`` (empty if none)."""
+    p = out / METRICS_FILE
+    records = read_metrics(p) if p.is_file() else []
+    for r in records:
+        if r.get("kind") == "eval" and r.get("step") == step:
+            return {k: v for k, v in r.items() if k.startswith("eval_")}
+    return {}
+
+
+__all__ = ["FitResult", "Trainer", "TrainingError"]
