@@ -21,6 +21,8 @@ demo: $(STAMP)
 	$(PY) -m lorakit demo
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports    # the layer contract in .importlinter
+	$(PY) scripts/check_import_cycles.py
 	$(PY) -m pytest
 
 bench: $(STAMP)

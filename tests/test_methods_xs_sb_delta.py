@@ -13,7 +13,7 @@ from torch import Tensor, nn
 import lorakit
 from lorakit.adapt.model import adapter_modules
 from lorakit.core.layers import AdaptedLayer
-from lorakit.core.lowrank import fused
+from lorakit.core.lowrank import fused, fused_calls
 
 from .conftest import batch_for, output_of, tiny_llama
 
@@ -91,7 +91,9 @@ def test_xs_forward_and_grads_match_formula(alpha: float | None) -> None:
     w0 = layer.weight.detach()
     with fused(False):
         _check_forward_and_grads(layer, lambda r: w0 + s * ad.lora_B @ r @ ad.lora_A, [ad.lora_R])
+    before = fused_calls()
     _check_forward_and_grads(layer, lambda r: w0 + s * ad.lora_B @ r @ ad.lora_A, [ad.lora_R])
+    assert fused_calls() > before  # the fused path ran
 
 
 def _saved_activations(layer: AdaptedLayer, x: Tensor) -> list[tuple[int, ...]]:

@@ -14,7 +14,7 @@ import lorakit
 from lorakit.adapt.model import adapter_modules, adapter_tensors
 from lorakit.core.collectives import all_reduce_mean_
 from lorakit.core.layers import LayerInfo
-from lorakit.core.lowrank import fused
+from lorakit.core.lowrank import fused, fused_calls
 from lorakit.fast.speed import group_projections, ungroup_projections
 from lorakit.formats.describe import describe, format_description
 from lorakit.methods.rank1_sum import Rank1Sum
@@ -74,7 +74,9 @@ def test_forward_equals_formula_and_starts_unchanged() -> None:
     expected = x @ (layer.weight + dw).T
     with fused(False):
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    before = fused_calls()
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)  # fused path: same function
+    assert fused_calls() == before + 1  # and it did run
     torch.testing.assert_close(ad.delta_weight(layer.weight), dw, rtol=1e-6, atol=1e-6)
 
 

@@ -33,16 +33,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit.core.layers import Conv1D, LayerKind
-
-if TYPE_CHECKING:
-    from lorakit.core.layers import AdaptedLayer
+from lorakit.core.layers import AdaptedLayer, Conv1D, LayerKind
 
 _ENABLED = os.environ.get("LORAKIT_FUSED", "1").strip().lower() not in {"0", "false", "no", "off"}
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -32,8 +32,28 @@ from lorakit.core.collectives import all_reduce_mean_
 from lorakit.core.layers import adapted_layers
 from lorakit.errors import AdapterStateError, ConfigError
 
-if TYPE_CHECKING:
-    from lorakit.methods.rank1_sum import Rank1Sum, Rank1SumConfig
+
+class Components(Protocol):
+    """What the pruner needs of a layer's gated rank-1 components (:class:`lorakit.methods.rank1_sum.Rank1Sum`
+    is the one implementation; the pruner module comes first so that the method can build its pruner)."""
+
+    config: Any  # Rank1SumConfig: the schedule options
+    lora_A: nn.Parameter  # (r, d_in)
+    lora_B: nn.Parameter  # (d_out, r)
+    gate: nn.Parameter  # (r,)
+    mask: Tensor  # (r,) 0/1
+    d_in: int
+    d_out: int
+
+    @property
+    def rank(self) -> int: ...
+
+    def orthogonality(self) -> Tensor: ...
+
+    def select_(self, keep: Tensor) -> dict[str, tuple[nn.Parameter, nn.Parameter]]: ...
+
+    def extend_(self, extra: int, generator: torch.Generator | None = None
+                ) -> dict[str, tuple[nn.Parameter, nn.Parameter]]: ...
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +66,7 @@ SCHEDULE_OPTIONS = frozenset({"target_rank", "t_init", "t_final", "interval", "o
 
 
 # --- helpers shared by the pruner, shrink and grow ----------------------------------------------------------
-def rank1_adapters(model: nn.Module, name: str = "default") -> dict[str, Rank1Sum]:
+def rank1_adapters(model: nn.Module, name: str = "default") -> dict[str, Components]:
     """The per-layer rank1-sum modules of adapter ``name``, in model order (found on the model's layers)."""
     found = {path: layer.adapters[name] for path, layer in adapted_layers(model) if name in layer.adapters}
     if not found:
@@ -62,7 +82,7 @@ def live_ranks(model: nn.Module, name: str = "default") -> dict[str, int]:
     return {t: a.rank for t, a in rank1_adapters(model, name).items()}
 
 
-def check_growth(adapter: Rank1Sum, extra: int, where: str) -> None:
+def check_growth(adapter: Components, extra: int, where: str) -> None:
     """Refuse growth beyond ``min(d_in, d_out)`` components (it would add parameters, not expressiveness)."""
     if extra <= 0:
         raise ConfigError(f"extra_rank must be a positive int, got {extra}")
@@ -111,7 +131,7 @@ def shrink(model: nn.Module, name: str = "default",
     return shrink_adapters(rank1_adapters(model, name), optimizer, name)
 
 
-def shrink_adapters(adapters: Mapping[str, Rank1Sum], optimizer: torch.optim.Optimizer | None = None,
+def shrink_adapters(adapters: Mapping[str, Components], optimizer: torch.optim.Optimizer | None = None,
                     name: str = "default") -> dict[str, Tensor]:
     """:func:`shrink` for the given per-layer adapters."""
     kept: dict[str, Tensor] = {}
@@ -199,7 +219,7 @@ class RankPruner(TrainingCallback):
                     auto_shrink=auto_shrink, **overrides)
 
     @classmethod
-    def for_adapters(cls, adapters: Mapping[str, Rank1Sum], *, name: str = "default", total_steps: int,
+    def for_adapters(cls, adapters: Mapping[str, Components], *, name: str = "default", total_steps: int,
                      optimizer: torch.optim.Optimizer | None = None, auto_shrink: bool | None = None,
                      **overrides: Any) -> RankPruner:
         """A pruner of the given per-layer adapters (what :meth:`Rank1Sum.callbacks` builds): no model needed."""
@@ -208,9 +228,9 @@ class RankPruner(TrainingCallback):
                     **overrides)
         return self
 
-    def _setup(self, adapters: dict[str, Rank1Sum], name: str, *, total_steps: int,
+    def _setup(self, adapters: dict[str, Components], name: str, *, total_steps: int,
                optimizer: torch.optim.Optimizer | None, auto_shrink: bool | None, **overrides: Any) -> None:
-        config: Rank1SumConfig = next(iter(adapters.values())).config
+        config = next(iter(adapters.values())).config  # a Rank1SumConfig
         bad = sorted(set(overrides) - SCHEDULE_OPTIONS)
         if bad:
             raise ConfigError(f"RankPruner cannot override {bad}; schedule options: {sorted(SCHEDULE_OPTIONS)}")

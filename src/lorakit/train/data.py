@@ -23,16 +23,14 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lorakit.core.collectives import IGNORE
 from lorakit.errors import LorakitError
-
-if TYPE_CHECKING:
-    from lorakit.train.config import DataConfig
+from lorakit.train.config import DataConfig
 
 FORMATS = ("text", "prompt_completion", "chat", "classification")
 

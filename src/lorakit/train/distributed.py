@@ -49,7 +49,7 @@ import os
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -58,13 +58,10 @@ from torch import Tensor, nn
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.fast.speed import decoder_layers
 from lorakit.methods import get_method
-from lorakit.train.data import IGNORE, collate
+from lorakit.train.config import TrainConfig
+from lorakit.train.data import IGNORE, Dataset, Example, collate
 from lorakit.train.metrics import MetricsLogger
 from lorakit.train.runtime import seed_everything
-
-if TYPE_CHECKING:
-    from lorakit.train.config import TrainConfig
-    from lorakit.train.data import Dataset, Example
 
 T = TypeVar("T")
 

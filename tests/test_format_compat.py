@@ -1,0 +1,38 @@
+"""Adapters saved by an earlier lorakit load unchanged: the committed files in ``tests/data/adapters-0.1.0``
+were written by lorakit 0.1.0 (the flat-module layout, before the layered package) with
+``make_adapters.py`` beside them, one per method after three training steps, with the logits they gave."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit
+
+from .conftest import batch_for, output_of, tiny_llama
+
+DATA = Path(__file__).parent / "data" / "adapters-0.1.0"
+EXPECTED = json.loads((DATA / "expected_logits.json").read_text())
+
+
+def _base() -> torch.nn.Module:
+    return tiny_llama(seed=0, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=32)
+
+
+def test_every_method_has_a_saved_adapter() -> None:
+    assert sorted(EXPECTED) == sorted(lorakit.METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
+def test_adapter_saved_by_0_1_0_loads_and_computes_the_same(method: str) -> None:
+    model = _base()
+    lorakit.load(model, DATA / method)
+    assert lorakit.adapters(model)["default"].method == method
+    got = output_of(model, batch_for(model))[0, :4, :6]
+    torch.testing.assert_close(got, torch.tensor(EXPECTED[method]), rtol=1e-5, atol=1e-5)
+    meta, _ = lorakit.read_adapter(DATA / method)
+    assert meta["lorakit_version"] == "0.1.0" and meta["format_version"] == 1
