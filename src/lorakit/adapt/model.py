@@ -1,135 +1,41 @@
 """Attaching adapters to a model and managing them: the functions behind lorakit's public API.
 
-This is the one module that knows the two kinds of method (:attr:`lorakit.Method.layer_method`): layer adapters,
-whose tensors live in :class:`~lorakit.core.layers.AdaptedLayer` modules, and full fine-tuning, which trains
-the base parameters themselves. Everything above it (saving, loading, export, training) goes through
-:class:`AdapterRecord` and the functions here.
+The adapt layer (this module, :mod:`~lorakit.adapt.records` and :mod:`~lorakit.adapt.tensors`) is the one place
+that knows the two kinds of method (:attr:`lorakit.Method.layer_method`): layer adapters, whose tensors live in
+:class:`~lorakit.core.layers.AdaptedLayer` modules, and full fine-tuning, which trains the base parameters
+themselves. Everything above it (saving, loading, export, training) goes through
+:class:`~lorakit.adapt.records.AdapterRecord` and the functions here.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from lorakit.adapt.records import (
+    _ACTIVE,
+    _RECORDS,
+    SHARED,
+    AdapterRecord,
+    _record,
+    _records,
+    active_adapters,
+    adapter_modules,
+    adapters,
+    shared_module,
+    target_fingerprint,
+    trainable_parameters,
+)
 from lorakit.adapt.targets import find_targets
+from lorakit.adapt.tensors import SHARED_PREFIX, adapter_tensors, check_fits, fill, target_shapes
 from lorakit.core.callbacks import Callbacks
-from lorakit.core.contract import Adapter, AdapterConfig, Method
-from lorakit.core.layers import AdaptedLayer, LayerInfo, adapted_layers, layer_kind, weight_view
-from lorakit.errors import AdapterStateError, ConfigError, IncompatibleAdapterError
+from lorakit.core.contract import Adapter, AdapterConfig
+from lorakit.core.layers import AdaptedLayer, LayerInfo, adapted_layers, weight_view
+from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.methods import get_method
 from lorakit.methods.full import Full
-
-_RECORDS = "_lorakit_adapters"  # attribute on the model: dict[name, AdapterRecord]
-_ACTIVE = "_lorakit_active"  # attribute on the model: list of active adapter names
-SHARED = "lorakit_shared"  # submodule of the model holding per-adapter shared tensors (VeRA)
-
-
-@dataclass
-class AdapterRecord:
-    """What lorakit knows about one named adapter on a model.
-
-    Attributes:
-        name: the adapter's name.
-        method: registry name of its method.
-        config: its validated options.
-        targets: module names it wraps (layer methods) or parameter names it trains (``full``).
-        fingerprint: hash of the targeted base weights at attach time (see :func:`fingerprint`).
-        modules: its per-layer :class:`~lorakit.Adapter` modules by module name, in model order (empty for
-            ``full``).
-        extra: metadata saved with the adapter (e.g. what trained it), refreshed with the method's live
-            :meth:`~lorakit.Adapter.metadata` (rank1-sum's ranks) whenever it is read.
-    """
-
-    name: str
-    method: str
-    config: AdapterConfig
-    targets: list[str]
-    fingerprint: str
-    modules: dict[str, Adapter] = field(default_factory=dict, repr=False)
-    _extra: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def method_cls(self) -> type[Method]:
-        return get_method(self.method)
-
-    @property
-    def is_layer_method(self) -> bool:
-        return self.method_cls.layer_method
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        cls = self.method_cls
-        if self.modules and issubclass(cls, Adapter):
-            self._extra.update(cls.metadata(self.modules))
-        return self._extra
-
-    @extra.setter
-    def extra(self, value: dict[str, Any]) -> None:
-        self._extra = dict(value)
-
-
-# --- small accessors ---------------------------------------------------------------------------------------
-def _records(model: nn.Module) -> dict[str, AdapterRecord]:
-    return model.__dict__.setdefault(_RECORDS, {})
-
-
-def adapters(model: nn.Module) -> dict[str, AdapterRecord]:
-    """The adapters on ``model`` by name, in attach order (a copy; edit through the API)."""
-    return dict(_records(model))
-
-
-def active_adapters(model: nn.Module) -> list[str]:
-    """Names of the active adapters."""
-    return list(model.__dict__.get(_ACTIVE, []))
-
-
-def _record(model: nn.Module, name: str) -> AdapterRecord:
-    recs = _records(model)
-    if name not in recs:
-        raise AdapterStateError(f"model has no adapter named {name!r}; it has {sorted(recs) or 'none'}")
-    return recs[name]
-
-
-def adapter_modules(model: nn.Module, name: str = "default") -> dict[str, Adapter]:
-    """The per-layer adapter modules of adapter ``name``, by wrapped module name."""
-    return dict(_record(model, name).modules)
-
-
-def shared_module(model: nn.Module, name: str) -> nn.Module | None:
-    """The shared tensors of adapter ``name`` (VeRA's random matrices), if its method has any."""
-    store = getattr(model, SHARED, None)
-    return store[name] if store is not None and name in store else None
-
-
-def trainable_parameters(model: nn.Module) -> int:
-    """Number of scalars that train (``requires_grad``), each shared tensor counted once."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def fingerprint(named: Iterable[tuple[str, Tensor]]) -> str:
-    """A cheap, dtype-robust hash of base weights: names, shapes and 256 evenly spaced values of each,
-    rounded to bfloat16 (so the same checkpoint loaded in fp32 or bf16 gives the same fingerprint)."""
-    h = hashlib.sha256()
-    for name, t in named:
-        flat = t.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), 256), device=flat.device).long()
-        sample = flat[idx].to(torch.bfloat16).float().cpu()
-        h.update(f"{name}:{tuple(t.shape)}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
-def target_fingerprint(model: nn.Module, method: str, targets: list[str]) -> str:
-    """Fingerprint of the base weights an adapter of ``method`` on ``targets`` depends on."""
-    if not get_method(method).layer_method:
-        params = dict(model.named_parameters())
-        return fingerprint((n, params[n]) for n in targets)
-    return fingerprint((n, weight_view(model.get_submodule(n))) for n in targets)
 
 
 # --- attach --------------------------------------------------------------------------------------------------
@@ -353,96 +259,6 @@ def detach(model: nn.Module, merge: bool = True) -> nn.Module:
     return model
 
 
-# --- what defines an adapter: its tensors, the shapes it needs, filling it --------------------------------------
-#: Key prefix of an adapter's shared tensors (VeRA's random matrices) among its saved tensors.
-SHARED_PREFIX = "__shared__."
-
-
-def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
-    """Every tensor that defines adapter ``name``, keyed as saved (``<module>.<tensor>``, shared tensors under
-    :data:`SHARED_PREFIX`, ``full``'s under their parameter names)."""
-    rec = _record(model, name)
-    if not rec.is_layer_method:
-        params = dict(model.named_parameters())
-        return {n: params[n] for n in rec.targets}
-    out: dict[str, Tensor] = {}
-    for target, adapter in rec.modules.items():
-        for key, t in adapter.state_dict().items():
-            out[f"{target}.{key}"] = t
-    shared = shared_module(model, name)
-    if shared is not None:
-        for key, t in shared.state_dict().items():
-            out[SHARED_PREFIX + key] = t
-    return out
-
-
-def target_shapes(model: nn.Module, name: str) -> dict[str, list[int]]:
-    """The shape each target must have for adapter ``name`` to fit: ``(d_out, d_in)`` of each wrapped layer, or
-    each trained parameter's shape (``full``)."""
-    rec = _record(model, name)
-    if rec.is_layer_method:
-        return {t: list(weight_view(model.get_submodule(t)).shape) for t in rec.targets}
-    params = dict(model.named_parameters())
-    return {n: list(params[n].shape) for n in rec.targets}
-
-
-def check_fits(model: nn.Module, method: str, shapes: dict[str, list[int]]) -> None:
-    """Raise :class:`IncompatibleAdapterError` unless ``model`` has every target of ``shapes`` with that shape
-    (see :func:`target_shapes`)."""
-    layer = get_method(method).layer_method
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
-    problems = []
-    for t, shape in shapes.items():
-        if not layer:
-            if t not in params:
-                problems.append(f"missing parameter {t}")
-            elif list(params[t].shape) != shape:
-                problems.append(f"{t}: shape {list(params[t].shape)} != saved {shape}")
-        elif t not in modules:
-            problems.append(f"missing module {t}")
-        elif layer_kind(modules[t]) is None:
-            problems.append(f"{t}: {type(modules[t]).__name__} cannot be adapted")
-        elif list(weight_view(modules[t]).shape) != shape:
-            problems.append(f"{t}: weight (d_out, d_in) {list(weight_view(modules[t]).shape)} != saved {shape}")
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
-        raise IncompatibleAdapterError(f"adapter does not fit this model: {shown}")
-
-
-@torch.no_grad()
-def fill(model: nn.Module, name: str, tensors: dict[str, Tensor], *, where: str = "") -> None:
-    """Copy saved ``tensors`` (keyed as :func:`adapter_tensors` keys them) into adapter ``name``."""
-    rec = _record(model, name)
-    if not rec.is_layer_method:
-        params = dict(model.named_parameters())
-        for n in rec.targets:
-            params[n].copy_(tensors[n])
-        return
-    by_target: dict[str, dict[str, Tensor]] = {t: {} for t in rec.targets}
-    shared: dict[str, Tensor] = {}
-    for key, t in tensors.items():
-        if key.startswith(SHARED_PREFIX):
-            shared[key[len(SHARED_PREFIX):]] = t
-            continue
-        target = max((m for m in by_target if key.startswith(m + ".")), key=len, default=None)  # longest prefix
-        if target is None:
-            raise IncompatibleAdapterError(f"{where}saved tensor {key!r} belongs to no targeted module")
-        by_target[target][key[len(target) + 1:]] = t
-    store = shared_module(model, name)
-    if store is not None:
-        own = store.state_dict()
-        if set(own) != set(shared) or any(own[k].shape != shared[k].shape for k in own):
-            raise IncompatibleAdapterError(f"{where}saved shared tensors do not match the method's")
-        for k, v in shared.items():
-            own[k].copy_(v)
-    elif shared:
-        raise IncompatibleAdapterError(f"{where}saved shared tensors {sorted(shared)} but method {rec.method!r} "
-                                       "has none")
-    for target, adapter in rec.modules.items():
-        adapter.load_tensors(by_target[target], where=f"{where}{target}")
-
-
 # --- training rules ----------------------------------------------------------------------------------------------
 def training_callbacks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                        total_steps: int) -> Callbacks:
@@ -459,3 +275,9 @@ def training_callbacks(model: nn.Module, optimizer: torch.optim.Optimizer | None
             out.extend(cls.callbacks(name, rec.modules, layers, rec.config, optimizer=optimizer,
                                      total_steps=total_steps))
     return out
+
+
+__all__ = ["SHARED", "SHARED_PREFIX", "AdapterRecord", "active_adapters", "adapter_modules", "adapter_tensors",
+           "adapters", "attach", "attach_config", "check_fits", "detach", "fill", "merge", "remove", "set_active",
+           "shared_module", "target_fingerprint", "target_shapes", "trainable_parameters", "training_callbacks",
+           "unmerge"]

@@ -1,0 +1,125 @@
+"""What lorakit knows about the adapters on a model: one :class:`AdapterRecord` per named adapter, kept on the
+model itself, and the accessors the public API and the layers above read them with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.core.contract import Adapter, AdapterConfig, Method
+from lorakit.core.layers import weight_view
+from lorakit.errors import AdapterStateError
+from lorakit.methods import get_method
+
+_RECORDS = "_lorakit_adapters"  # attribute on the model: dict[name, AdapterRecord]
+_ACTIVE = "_lorakit_active"  # attribute on the model: list of active adapter names
+SHARED = "lorakit_shared"  # submodule of the model holding per-adapter shared tensors (VeRA)
+
+
+@dataclass
+class AdapterRecord:
+    """What lorakit knows about one named adapter on a model.
+
+    Attributes:
+        name: the adapter's name.
+        method: registry name of its method.
+        config: its validated options.
+        targets: module names it wraps (layer methods) or parameter names it trains (``full``).
+        fingerprint: hash of the targeted base weights at attach time (see :func:`fingerprint`).
+        modules: its per-layer :class:`~lorakit.Adapter` modules by module name, in model order (empty for
+            ``full``).
+        extra: metadata saved with the adapter (e.g. what trained it), refreshed with the method's live
+            :meth:`~lorakit.Adapter.metadata` (rank1-sum's ranks) whenever it is read.
+    """
+
+    name: str
+    method: str
+    config: AdapterConfig
+    targets: list[str]
+    fingerprint: str
+    modules: dict[str, Adapter] = field(default_factory=dict, repr=False)
+    _extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def method_cls(self) -> type[Method]:
+        return get_method(self.method)
+
+    @property
+    def is_layer_method(self) -> bool:
+        return self.method_cls.layer_method
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        cls = self.method_cls
+        if self.modules and issubclass(cls, Adapter):
+            self._extra.update(cls.metadata(self.modules))
+        return self._extra
+
+    @extra.setter
+    def extra(self, value: dict[str, Any]) -> None:
+        self._extra = dict(value)
+
+
+# --- small accessors ---------------------------------------------------------------------------------------
+def _records(model: nn.Module) -> dict[str, AdapterRecord]:
+    return model.__dict__.setdefault(_RECORDS, {})
+
+
+def adapters(model: nn.Module) -> dict[str, AdapterRecord]:
+    """The adapters on ``model`` by name, in attach order (a copy; edit through the API)."""
+    return dict(_records(model))
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the active adapters."""
+    return list(model.__dict__.get(_ACTIVE, []))
+
+
+def _record(model: nn.Module, name: str) -> AdapterRecord:
+    recs = _records(model)
+    if name not in recs:
+        raise AdapterStateError(f"model has no adapter named {name!r}; it has {sorted(recs) or 'none'}")
+    return recs[name]
+
+
+def adapter_modules(model: nn.Module, name: str = "default") -> dict[str, Adapter]:
+    """The per-layer adapter modules of adapter ``name``, by wrapped module name."""
+    return dict(_record(model, name).modules)
+
+
+def shared_module(model: nn.Module, name: str) -> nn.Module | None:
+    """The shared tensors of adapter ``name`` (VeRA's random matrices), if its method has any."""
+    store = getattr(model, SHARED, None)
+    return store[name] if store is not None and name in store else None
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of scalars that train (``requires_grad``), each shared tensor counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def fingerprint(named: Iterable[tuple[str, Tensor]]) -> str:
+    """A cheap, dtype-robust hash of base weights: names, shapes and 256 evenly spaced values of each,
+    rounded to bfloat16 (so the same checkpoint loaded in fp32 or bf16 gives the same fingerprint)."""
+    h = hashlib.sha256()
+    for name, t in named:
+        flat = t.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), 256), device=flat.device).long()
+        sample = flat[idx].to(torch.bfloat16).float().cpu()
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def target_fingerprint(model: nn.Module, method: str, targets: list[str]) -> str:
+    """Fingerprint of the base weights an adapter of ``method`` on ``targets`` depends on."""
+    if not get_method(method).layer_method:
+        params = dict(model.named_parameters())
+        return fingerprint((n, params[n]) for n in targets)
+    return fingerprint((n, weight_view(model.get_submodule(n))) for n in targets)
