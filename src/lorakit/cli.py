@@ -309,8 +309,8 @@ def compare(
 def bench(
     device: Annotated[str, typer.Option(help="cpu or cuda (default: cuda when available).")] =
     "cuda" if torch.cuda.is_available() else "cpu",
-    methods: Annotated[list[str] | None, typer.Option(help="A method to measure; repeat for several "
-                                                      "(default: every registered method).")] = None,
+    methods: Annotated[str | None, typer.Option(help="Comma-separated methods to measure, e.g. lora,lora-fa "
+                                                "(default: every registered method).")] = None,
     compare_peft: Annotated[bool, typer.Option("--compare-peft", help="Add PEFT's rows for the methods it "
                                                "implements (LoRA, DoRA, VeRA).")] = False,
     out: Annotated[Path | None, typer.Option(help="JSON results file.")] = None,
@@ -326,7 +326,8 @@ def bench(
 ) -> int:
     """Benchmark every method against the frozen-base floor, PEFT and full fine-tuning: step time, tokens/s,
     memory and MFU, in one process."""
-    run_bench(device, methods, compare_peft, out, workload=workload, steps=steps, warmup=warmup,
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    run_bench(device, chosen, compare_peft, out, workload=workload, steps=steps, warmup=warmup,
               compile_layers=compile_layers, threads=threads, checkpointing=checkpointing)
     return 0
 
