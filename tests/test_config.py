@@ -77,11 +77,11 @@ def test_fingerprint_ignores_the_output_section() -> None:
 
 
 def test_run_dir_rules(tmp_path: Path) -> None:
-    a, c = TrainConfig.parse(BASE), TrainConfig.parse({**BASE, "training": {"lr": 1.0}})
+    a, c = TrainConfig.parse(BASE), TrainConfig.parse({**BASE, "training": {"seed": 5}})
     out = tmp_path / "run"
     assert prepare_run_dir(out, a.fingerprint(), a.to_dict(), resume=False, overwrite=False) is False
     (out / "run.json").write_text(json.dumps({"fingerprint": a.fingerprint(), "config": a.to_dict()}))
-    with pytest.raises(RunDirError, match=r"different run \(differs in: training.lr\)"):
+    with pytest.raises(RunDirError, match=r"different run \(differs in: training.seed\)"):
         prepare_run_dir(out, c.fingerprint(), c.to_dict(), resume=True, overwrite=False)
     with pytest.raises(RunDirError, match="pass --resume"):
         prepare_run_dir(out, a.fingerprint(), a.to_dict(), resume=False, overwrite=False)
@@ -89,6 +89,22 @@ def test_run_dir_rules(tmp_path: Path) -> None:
     (out / "keep.txt").write_text("user file")
     assert prepare_run_dir(out, c.fingerprint(), c.to_dict(), resume=False, overwrite=True) is False
     assert not (out / "run.json").exists() and (out / "keep.txt").exists()
+
+
+def test_resume_may_lower_the_learning_rate(tmp_path: Path) -> None:
+    """What a NaN stop advises (a lower training.lr) is allowed on --resume, noted in the log and run.json;
+    without --resume it is still a different run."""
+    a, lower = TrainConfig.parse(BASE), TrainConfig.parse({**BASE, "training": {"lr": 1e-5}})
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({"fingerprint": a.fingerprint(), "config": a.to_dict()}))
+    with pytest.raises(RunDirError, match="training.lr"):
+        prepare_run_dir(out, lower.fingerprint(), lower.to_dict(), resume=False, overwrite=False)
+    said: list[str] = []
+    prepare_run_dir(out, lower.fingerprint(), lower.to_dict(), resume=True, overwrite=False, log=said.append)
+    assert said and "training.lr" in said[0] and "1e-05" in said[0]
+    run = json.loads((out / "run.json").read_text())
+    assert run["fingerprint"] == lower.fingerprint() and run["changes"][0]["training.lr"][1] == 1e-5
 
 
 def test_lr_schedules() -> None:

@@ -1,19 +1,22 @@
 """The ``lorakit`` command line: train, eval, merge, generate, inspect, demo, bench, compare.
 
 Every command is a thin layer over the Python API (:class:`lorakit.Trainer`, :func:`lorakit.load`,
-:func:`lorakit.detach`...). Errors on bad input print one ``error: ...`` line and exit with status 1;
-usage errors exit with 2; an interrupted training run exits with 130 after saving a checkpoint.
+:func:`lorakit.detach`...). Errors print one ``error: ...`` line and exit with status 1 (``--debug`` or
+``LORAKIT_DEBUG=1`` adds the traceback); usage errors exit with 2; no arguments prints the help and exits 0;
+an interrupted training run exits with 130 after saving a checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import torch
 import typer
 
@@ -369,23 +372,53 @@ def tasks_bundle(
 
 
 # --- entry point ------------------------------------------------------------------------------------------------
+#: Set to 1 (or pass ``--debug``) to get the Python traceback of an error instead of the one-line message.
+DEBUG_ENV = "LORAKIT_DEBUG"
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line naming what the operating system refused and on which file (disk full, permission...)."""
+    what = e.strerror or str(e) or type(e).__name__
+    if e.errno == errno.ENOSPC:
+        what = "no space left on device"
+    where = e.filename if e.filename is not None else None
+    return f"{what}: {where}" if where else what
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    The one error boundary of every command: a lorakit error or an operating-system error (disk full,
+    permission denied, missing file) prints one ``error: ...`` line and returns 1, any other error one line
+    that says so; none prints a traceback unless ``--debug`` (anywhere on the line) or ``LORAKIT_DEBUG=1``
+    asks for it. No arguments prints the help and returns 0.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+    args = [a for a in args if a != "--debug"]
+    if not args:
+        args = ["--help"]
     try:
-        rv = app(args=argv, prog_name="lorakit", standalone_mode=False)
-    except click.exceptions.Exit as e:
+        rv = app(args=args, prog_name="lorakit", standalone_mode=False)
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except click.exceptions.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         _say("aborted")
         return 130
-    except KeyboardInterrupt:
-        _say("aborted")
-        return 130
-    except LorakitError as e:
-        _say(f"error: {e}")
+    except typer.TyperException as e:  # usage errors (click's, vendored by typer)
+        e.show()  # type: ignore[attr-defined]
+        code = getattr(e, "exit_code", 2)
+        return 0 if type(e).__name__ == "NoArgsIsHelpError" else code  # `lorakit tasks` alone: its help
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        if isinstance(e, LorakitError):
+            _say(f"error: {e}")
+        elif isinstance(e, OSError):
+            _say(f"error: {describe_os_error(e)}")
+        else:
+            _say(f"error: unexpected {type(e).__name__}: {e}" + ("" if debug else
+                 f" (run again with --debug or {DEBUG_ENV}=1 for the traceback)"))
         return 1
     return rv if isinstance(rv, int) else 0
 

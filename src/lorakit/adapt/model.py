@@ -9,10 +9,12 @@ themselves. Everything above it (saving, loading, export, training) goes through
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lorakit.adapt.records import (
     _ACTIVE,
@@ -29,7 +31,16 @@ from lorakit.adapt.records import (
     trainable_parameters,
 )
 from lorakit.adapt.targets import find_targets
-from lorakit.adapt.tensors import SHARED_PREFIX, adapter_tensors, check_fits, fill, target_shapes
+from lorakit.adapt.tensors import (
+    SHARED_PREFIX,
+    adapter_tensors,
+    check_fits,
+    check_parameters,
+    copy_parameters,
+    fill,
+    fill_modules,
+    target_shapes,
+)
 from lorakit.core.callbacks import Callbacks
 from lorakit.core.contract import Adapter, AdapterConfig
 from lorakit.core.layers import AdaptedLayer, LayerInfo, adapted_layers, weight_view
@@ -61,18 +72,22 @@ def attach(model: nn.Module, method: str, *, name: str = "default", **options: A
 
 
 def attach_config(model: nn.Module, config: AdapterConfig, method: str, *, name: str = "default",
-                  targets: list[str] | None = None, init: bool = True,
-                  runtime: dict[str, Any] | None = None) -> nn.Module:
+                  targets: list[str] | None = None, init: bool = True, runtime: dict[str, Any] | None = None,
+                  tensors: Mapping[str, Tensor] | None = None, where: str = "") -> nn.Module:
     """:func:`attach` with options already validated into ``config`` (what the trainer and loading use).
 
     Args:
         targets: the exact module (or, for ``full``, parameter) names to adapt instead of resolving
             ``config.targets`` (a saved adapter's, in model order).
-        init: initialise the tensors as the method prescribes; ``False`` when they are about to be filled
-            from a saved adapter (costly inits such as an SVD, and data-driven inits, are skipped).
+        init: initialise the tensors as the method prescribes; ``False`` when they are filled from
+            ``tensors`` (costly inits such as an SVD, and data-driven inits, are skipped).
         runtime: runtime-only inputs of the method (LoRA-SB's ``init_batches``).
+        tensors: saved tensors to fill the adapter with (keyed as :func:`adapter_tensors` keys them).
+        where: prefix of error messages about ``tensors`` (the file they came from).
 
-    Everything is built and checked before the model is touched, so an error leaves it as it was.
+    Prepare, then commit: every module is built, checked and filled before the model is touched, so an error
+    leaves the model exactly as it was; a data-driven init, which must run on the attached model, is undone
+    (modules, ``requires_grad`` flags, active adapters) if it fails.
     """
     cls = get_method(method)
     if not isinstance(config, cls.config_cls):
@@ -82,25 +97,35 @@ def attach_config(model: nn.Module, config: AdapterConfig, method: str, *, name:
         raise ConfigError(f"adapter name must be a non-empty string without '.', got {name!r}")
     if name in _records(model):
         raise AdapterStateError(f"model already has an adapter named {name!r}; remove it or pick another name")
+    if any(layer.merged for _, layer in adapted_layers(model)):
+        raise AdapterStateError("cannot attach an adapter while others are merged; call lorakit.unmerge(model) first")
 
     if not cls.layer_method:  # full fine-tuning: the selected base parameters themselves train
         if runtime:
             raise ConfigError(f"method {method!r} takes no option(s) {sorted(runtime)}")
         chosen = targets or Full.select(model, config)  # type: ignore[arg-type]
-        _records(model)[name] = AdapterRecord(name, method, config, chosen, target_fingerprint(model, method, chosen))
+        params = dict(model.named_parameters())
+        if tensors is not None:
+            check_parameters(params, chosen, tensors, where=where)
+        record = AdapterRecord(name, method, config, chosen, target_fingerprint(model, method, chosen))
+        if tensors is not None:  # commit
+            copy_parameters(params, tensors)
+        _records(model)[name] = record
         set_active(model, [name])
         return model
 
     assert issubclass(cls, Adapter)
     if init:
         cls.check_runtime(runtime)
+    elif runtime:
+        raise ConfigError(f"runtime options {sorted(runtime)} only apply to a fresh init")
     chosen = targets or find_targets(model, config.targets)
     modules = {t: model.get_submodule(t) for t in chosen}
     infos = [LayerInfo.of(t, m) for t, m in modules.items()]
     for info in infos:
         cls.check_layer(info, config)
     fp = target_fingerprint(model, method, chosen)
-    # Build everything before touching the model, so an error leaves it as it was.
+    # prepare: build (and fill) everything before touching the model
     shared = cls.create_shared(infos, config, init=init)
     built: dict[str, Adapter] = {}
     for info in infos:
@@ -109,7 +134,10 @@ def attach_config(model: nn.Module, config: AdapterConfig, method: str, *, name:
         if init:
             adapter.init_from_base(weight_view(modules[info.name]))
         built[info.name] = adapter
+    if tensors is not None:
+        fill_modules(built, shared, tensors, method=method, where=where)
 
+    before = _State.of(model)  # commit
     if shared is not None:
         if not hasattr(model, SHARED):
             model.add_module(SHARED, nn.ModuleDict())
@@ -129,8 +157,28 @@ def attach_config(model: nn.Module, config: AdapterConfig, method: str, *, name:
             cls.initialize(model, built, layers, config, **runtime)
         except BaseException:
             remove(model, name)
+            before.restore(model)
             raise
     return model
+
+
+@dataclass
+class _State:
+    """What attaching changes besides the new adapter itself: ``requires_grad`` flags and the active adapters."""
+
+    flags: list[tuple[nn.Parameter, bool]]
+    active: list[str]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _State:
+        return cls([(p, p.requires_grad) for p in model.parameters()], active_adapters(model))
+
+    def restore(self, model: nn.Module) -> None:
+        model.__dict__[_ACTIVE] = list(self.active)
+        for _, layer in adapted_layers(model):
+            layer.active = [n for n in self.active if n in layer.adapters]
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:

@@ -7,10 +7,13 @@ ask which kind they hold.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
 from lorakit.adapt.records import _record, shared_module
+from lorakit.core.contract import Adapter
 from lorakit.core.layers import layer_kind, weight_view
 from lorakit.errors import IncompatibleAdapterError
 from lorakit.methods import get_method
@@ -72,33 +75,62 @@ def check_fits(model: nn.Module, method: str, shapes: dict[str, list[int]]) -> N
 
 
 @torch.no_grad()
-def fill(model: nn.Module, name: str, tensors: dict[str, Tensor], *, where: str = "") -> None:
-    """Copy saved ``tensors`` (keyed as :func:`adapter_tensors` keys them) into adapter ``name``."""
+def fill(model: nn.Module, name: str, tensors: Mapping[str, Tensor], *, where: str = "") -> None:
+    """Copy saved ``tensors`` (keyed as :func:`adapter_tensors` keys them) into adapter ``name`` of ``model``."""
     rec = _record(model, name)
     if not rec.is_layer_method:
         params = dict(model.named_parameters())
-        for n in rec.targets:
-            params[n].copy_(tensors[n])
+        check_parameters(params, rec.targets, tensors, where=where)
+        copy_parameters(params, tensors)
         return
-    by_target: dict[str, dict[str, Tensor]] = {t: {} for t in rec.targets}
-    shared: dict[str, Tensor] = {}
+    fill_modules(rec.modules, shared_module(model, name), tensors, method=rec.method, where=where)
+
+
+def check_parameters(params: Mapping[str, Tensor], targets: list[str], tensors: Mapping[str, Tensor], *,
+                     where: str = "") -> None:
+    """Refuse saved ``full`` tensors that are not exactly the ``targets`` parameters, shape for shape."""
+    missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
+    if missing or unexpected:
+        raise IncompatibleAdapterError(f"{where}saved tensors do not match the trained parameters "
+                                       f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for n in targets:
+        if n not in params or tuple(params[n].shape) != tuple(tensors[n].shape):
+            have = tuple(params[n].shape) if n in params else None
+            raise IncompatibleAdapterError(f"{where}{n}: saved shape {tuple(tensors[n].shape)} != {have}")
+
+
+@torch.no_grad()
+def copy_parameters(params: Mapping[str, Tensor], tensors: Mapping[str, Tensor]) -> None:
+    """Copy checked ``full`` tensors into the model's parameters."""
+    for n, v in tensors.items():
+        params[n].copy_(v)
+
+
+@torch.no_grad()
+def fill_modules(modules: Mapping[str, Adapter], shared: nn.Module | None, tensors: Mapping[str, Tensor], *,
+                 method: str, where: str = "") -> None:
+    """Fill per-layer adapter ``modules`` (and their ``shared`` tensors) from saved ``tensors``.
+
+    The modules need not be attached yet: loading fills them first and attaches only what loaded.
+    """
+    by_target: dict[str, dict[str, Tensor]] = {t: {} for t in modules}
+    saved_shared: dict[str, Tensor] = {}
     for key, t in tensors.items():
         if key.startswith(SHARED_PREFIX):
-            shared[key[len(SHARED_PREFIX):]] = t
+            saved_shared[key[len(SHARED_PREFIX):]] = t
             continue
         target = max((m for m in by_target if key.startswith(m + ".")), key=len, default=None)  # longest prefix
         if target is None:
             raise IncompatibleAdapterError(f"{where}saved tensor {key!r} belongs to no targeted module")
         by_target[target][key[len(target) + 1:]] = t
-    store = shared_module(model, name)
-    if store is not None:
-        own = store.state_dict()
-        if set(own) != set(shared) or any(own[k].shape != shared[k].shape for k in own):
+    if shared is not None:
+        own = shared.state_dict()
+        if set(own) != set(saved_shared) or any(own[k].shape != saved_shared[k].shape for k in own):
             raise IncompatibleAdapterError(f"{where}saved shared tensors do not match the method's")
-        for k, v in shared.items():
+        for k, v in saved_shared.items():
             own[k].copy_(v)
-    elif shared:
-        raise IncompatibleAdapterError(f"{where}saved shared tensors {sorted(shared)} but method {rec.method!r} "
+    elif saved_shared:
+        raise IncompatibleAdapterError(f"{where}saved shared tensors {sorted(saved_shared)} but method {method!r} "
                                        "has none")
-    for target, adapter in rec.modules.items():
+    for target, adapter in modules.items():  # shared first: a layer may check them (VeRA's checksum)
         adapter.load_tensors(by_target[target], where=f"{where}{target}")

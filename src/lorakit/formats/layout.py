@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lorakit.errors import AdapterFileError
+
 #: lorakit's own format: ``adapter.safetensors`` + ``adapter.json``.
 FORMAT = "lorakit-adapter"
 FORMAT_VERSION = 1
@@ -22,3 +24,13 @@ def is_peft_dir(path: str | os.PathLike[str]) -> bool:
     """``path`` is a PEFT adapter directory (``adapter_config.json``) and not a lorakit one."""
     d = Path(path)
     return (d / PEFT_CONFIG_FILE).is_file() and not (d / META_FILE).is_file()
+
+
+def output_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a directory to write an adapter into (created with its parents); an existing file there is
+    an :class:`AdapterFileError`, not a raw ``FileExistsError``."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise AdapterFileError(f"{out} exists and is not a directory; choose another path for the adapter")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

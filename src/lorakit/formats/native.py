@@ -22,13 +22,11 @@ from lorakit.adapt.model import (
     adapter_tensors,
     attach_config,
     check_fits,
-    fill,
-    remove,
     target_fingerprint,
     target_shapes,
 )
 from lorakit.errors import AdapterFileError, ConfigError, IncompatibleAdapterError
-from lorakit.formats.layout import FORMAT, FORMAT_VERSION, META_FILE, TENSORS_FILE, is_peft_dir
+from lorakit.formats.layout import FORMAT, FORMAT_VERSION, META_FILE, TENSORS_FILE, is_peft_dir, output_dir
 from lorakit.formats.peft_import import load_peft
 from lorakit.methods import get_method
 from lorakit.util.files import atomic_write, sha256_file, write_json
@@ -42,8 +40,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], name: str = "default",
     leaves a readable but inconsistent adapter.
     """
     rec = _record(model, name)
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(path)
     # clone: safetensors refuses tensors that share storage (views, tied tensors)
     tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in adapter_tensors(model, name).items()}
     atomic_write(out / TENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
@@ -128,12 +125,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
         raise IncompatibleAdapterError(
             f"{path}: adapter was trained on different base weights (fingerprint {meta['base_fingerprint']} "
             f"!= this model's {fp}); pass force=True to load anyway")
-    attach_config(model, config, method, name=name, targets=targets, init=False)
-    try:
-        fill(model, name, tensors)
-    except BaseException:
-        remove(model, name)
-        raise
+    attach_config(model, config, method, name=name, targets=targets, init=False, tensors=tensors)
     rec = _record(model, name)
     rec.fingerprint = meta["base_fingerprint"]
     rec.extra = dict(meta.get("extra") or {})

@@ -42,7 +42,6 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,6 +55,7 @@ from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.formats.layout import PEFT_CONFIG_FILE as CONFIG_FILE
 from lorakit.formats.layout import PEFT_PREFIX as PREFIX
 from lorakit.formats.layout import PEFT_WEIGHTS_FILE as WEIGHTS_FILE
+from lorakit.formats.layout import output_dir
 from lorakit.util.files import atomic_write, write_json
 
 log = logging.getLogger("lorakit")
@@ -262,8 +262,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str], name: str = "def
     r = max(1, *(ex.a.shape[0] for ex in layers.values()))
     alpha = cfg.alpha if cfg is not None else float(r)  # folded: scale 1
 
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(path)
     tensors = _peft_tensors(layers, r)
     atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     config = {

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lorakit.adapt.model import _record, attach_config, remove
+from lorakit.adapt.model import _record, attach_config
 from lorakit.core.layers import AdaptedLayer, LayerKind, layer_kind, weight_view
 from lorakit.errors import AdapterFileError, IncompatibleAdapterError
 from lorakit.formats.layout import PEFT_CONFIG_FILE as CONFIG_FILE
@@ -177,15 +177,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike[str], name: str | None =
     options = get_method(method).config_cls.parse({"targets": order, "r": r, "alpha": alpha,
                                                    "use_rslora": bool(config.get("use_rslora", False)),
                                                    "dropout": float(config.get("lora_dropout") or 0.0)})
-    attach_config(model, options, method, name=name, targets=order, init=False)
-    try:
-        with torch.no_grad():
-            for target, adapter in _record(model, name).modules.items():
-                adapter.load_tensors(plan[target], where=f"{where}:{target}")
-                # new modules start in training mode: follow the model's, or an eval model would drop out
-                adapter.train(model.get_submodule(target).base.training)
-    except BaseException:
-        remove(model, name)
-        raise
+    tensors = {f"{target}.{key}": v for target, entry in plan.items() for key, v in entry.items()}
+    attach_config(model, options, method, name=name, targets=order, init=False, tensors=tensors, where=f"{where}:")
     _record(model, name).extra = {"imported_from": "peft"}
     return model

@@ -283,7 +283,24 @@ class DeltaLoraCallback(TrainingCallback):
                 adapter.start()  # right after step K: A_K, B_K are the current factors
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps}
+        """The step count, and for each layer whose base already holds the drift, the base weight itself and its
+        fp32 master copy: a resumed run continues from the very same bits (recomputing ``W0 + D`` would round
+        differently from the step-by-step updates). This makes a checkpoint as large as the adapted weights."""
+        base = {str(i): layer.weight.detach().clone() for i, (layer, a) in enumerate(self.pairs) if a._drift_in_base}
+        master = {str(i): a._master.clone() for i, (_, a) in enumerate(self.pairs)
+                  if a._drift_in_base and a._master is not None}
+        return {"steps": self.steps, "base": base, "master": master}
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
+        for key, w in state.get("base", {}).items():
+            layer, adapter = self.pairs[int(key)]
+            if tuple(w.shape) != tuple(layer.weight.shape):
+                raise AdapterStateError(f"Delta-LoRA state holds a base weight of shape {tuple(w.shape)} for a "
+                                        f"layer of shape {tuple(layer.weight.shape)}")
+            layer.weight.copy_(w)
+            adapter.drift_in_base.fill_(True)
+            adapter._drift_in_base = True
+            m = state.get("master", {}).get(key)
+            adapter._master = None if m is None else m.to(layer.weight.device, torch.float32).clone()

@@ -16,6 +16,9 @@ before deletion for the same reason.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import io
 import os
 import random
 import re
@@ -28,10 +31,12 @@ import torch
 from torch import nn
 
 from lorakit._version import __version__
+from lorakit.adapt.model import adapter_tensors
 from lorakit.core.callbacks import TrainingCallback
 from lorakit.errors import LorakitError
 from lorakit.formats.native import save
 from lorakit.util import files
+from lorakit.util.files import sha256_file
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "state.pt"
@@ -41,7 +46,18 @@ _NAME = re.compile(r"ckpt-(\d+)")
 
 
 class RunDirError(LorakitError, FileExistsError):
-    """The output directory holds a different run (or a finished one) and ``--overwrite`` was not given."""
+    """The output directory holds a different run (or a finished one) and ``--overwrite`` was not given, or
+    another process is training in it."""
+
+
+class CheckpointError(LorakitError, OSError):
+    """A checkpoint could not be written (disk full...) or read back (failed checksum, non-finite values)."""
+
+
+def _os_reason(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on device"
+    return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
 
 
 def checkpoint_root(output_dir: str | os.PathLike[str]) -> Path:
@@ -65,6 +81,96 @@ def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
     """The newest complete checkpoint, or ``None``."""
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """Why ``ckpt`` cannot be trusted (a file missing, or its checksum differs), or ``None`` if it is whole.
+
+    Checkpoints written before checksums were recorded have nothing to verify and pass.
+    """
+    try:
+        files = read_json(ckpt / TRAINER_FILE).get("files")
+    except LorakitError as e:
+        return str(e)
+    if files is None:
+        return None
+    for rel, digest in files.items():
+        f = ckpt / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if sha256_file(f) != digest:
+            return f"{rel} fails its checksum (corrupted)"
+    return None
+
+
+def latest_good_checkpoint(output_dir: str | os.PathLike[str],
+                           log: Callable[[str], None] | None = None) -> Path | None:
+    """The newest complete checkpoint whose files pass their checksums; each one skipped is said in ``log``.
+
+    Raises:
+        CheckpointError: checkpoints exist but none passes (resuming would silently start over).
+    """
+    found = list_checkpoints(output_dir)
+    for _, ckpt in reversed(found):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        if log is not None:
+            log(f"skipping checkpoint {ckpt.name}: {problem}")
+    if found:
+        raise CheckpointError(f"no checkpoint in {checkpoint_root(output_dir)} passes its checksums; pass "
+                              "--overwrite to start over")
+    return None
+
+
+def _non_finite(model: nn.Module, adapters: list[str], optimizer: torch.optim.Optimizer) -> str:
+    """Which of the adapters' tensors and the optimizer state hold NaN or inf ('' if none)."""
+    bad = [n for n in adapters if any(t.is_floating_point() and not bool(torch.isfinite(t).all())
+                                      for t in adapter_tensors(model, n).values())]
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.is_floating_point()]
+    if state and not all(bool(torch.isfinite(v).all()) for v in state):
+        bad.append("the optimizer state")
+    return ", ".join(bad)
+
+
+class RunLock:
+    """An advisory lock on a run directory (``.lock``, ``flock``): one training process at a time.
+
+    The kernel releases it when the process ends, however it ends (SIGKILL included), so a stale lock never
+    blocks a resume. A second process is refused with a message naming the holder's pid.
+    """
+
+    FILE = ".lock"
+
+    def __init__(self, output_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(output_dir) / self.FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(f"{self.path.parent} is in use: another lorakit process (pid {holder}) is training "
+                              "in it; wait for it to finish or choose another output.dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def clean_incomplete(output_dir: str | os.PathLike[str]) -> None:
@@ -100,9 +206,16 @@ def write_checkpoint(output_dir: str | os.PathLike[str], step: int, write: Calla
     final = root / f"ckpt-{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    _fsync_tree(tmp)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        _fsync_tree(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint (it also frees the space)
+        last = latest_checkpoint(output_dir)
+        raise CheckpointError(f"could not write checkpoint {final.name}: {_os_reason(e)}; "
+                              + (f"the last complete checkpoint {last} is intact" if last else
+                                 "no earlier checkpoint exists")) from e
     if final.exists():  # the same step saved twice (e.g. a final save right after a periodic one)
         _delete(final)
     os.replace(tmp, final)
@@ -120,8 +233,15 @@ def _delete(path: Path) -> None:
 
 # --- state files ----------------------------------------------------------------------------------------------
 def save_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """``torch.save`` a dict of tensors and plain values (no custom classes, loadable with weights_only)."""
-    torch.save(state, path)
+    """``torch.save`` a dict of tensors and plain values (no custom classes, loadable with weights_only).
+
+    Serialised in memory first, then written with a plain file write, so a full disk raises ``OSError``
+    (``ENOSPC``) rather than torch's opaque ``basic_ios::clear: iostream error``.
+    """
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    with open(path, "wb") as f:
+        f.write(buf.getbuffer())
 
 
 def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -154,6 +274,11 @@ def save_training_checkpoint(output_dir: str | os.PathLike[str], step: int, *, m
         position: ``step``, ``micro`` (micro-batches consumed) and ``tokens``, written to ``trainer.json``.
         rng: every process's :func:`rng_state` by rank, in a multi-process run (default: this process's).
     """
+    bad = _non_finite(model, adapters, optimizer)
+    if bad:
+        raise CheckpointError(f"refusing to write checkpoint {step}: {bad} hold non-finite values; the last "
+                              f"complete checkpoint is {latest_checkpoint(output_dir)}")
+
     def write(d: Path) -> None:
         save(model, d / "adapter", adapters[0])
         for name in adapters[1:]:
@@ -161,7 +286,9 @@ def save_training_checkpoint(output_dir: str | os.PathLike[str], step: int, *, m
         save_state(d / STATE_FILE, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                     "scaler": scaler.state_dict(), "rng": rng_state() if rng is None else rng,
                                     "callbacks": [cb.state_dict() for cb in callbacks]})
-        write_json(d / TRAINER_FILE, {**position, "lorakit_version": __version__})  # last: trainer.json marks it
+        # last: trainer.json marks the checkpoint complete and holds the checksum of every other file in it
+        files = {str(f.relative_to(d)): sha256_file(f) for f in sorted(d.rglob("*")) if f.is_file()}
+        write_json(d / TRAINER_FILE, {**position, "lorakit_version": __version__, "files": files})
 
     return write_checkpoint(output_dir, step, write, keep=keep)
 
@@ -236,13 +363,19 @@ def _as_tuple(x: Any) -> Any:
 RUN_ARTIFACTS = ("adapter", CKPT_DIR, "metrics.jsonl", "loss.png", "config.yaml", RUN_FILE, "tensorboard")
 
 
+#: Settings a resumed run may change (e.g. after a NaN stop: a lower learning rate); the rest define the run.
+RESUMABLE_CHANGES = ("training.lr", "training.max_grad_norm")
+
+
 def prepare_run_dir(output_dir: str | os.PathLike[str], fingerprint: str, config: dict[str, Any], *,
-                    resume: bool, overwrite: bool) -> bool:
+                    resume: bool, overwrite: bool, log: Callable[[str], None] | None = None) -> bool:
     """Check the output directory against this run and make it ready; returns whether to resume.
 
     - Empty or new directory: start fresh.
     - ``overwrite``: delete the previous run's files and start fresh.
     - Same run (same fingerprint) and ``resume``: continue from the latest checkpoint (fresh if none).
+    - ``resume`` with only :data:`RESUMABLE_CHANGES` changed (what a NaN stop advises): continue with the new
+      values, noted in the log and in ``run.json``'s ``changes``.
     - Otherwise refuse with :class:`RunDirError`, naming the differing settings.
     """
     out = Path(output_dir)
@@ -263,14 +396,27 @@ def prepare_run_dir(output_dir: str | os.PathLike[str], fingerprint: str, config
     prev = read_json(run_file)
     if prev.get("fingerprint") != fingerprint:
         diff = _diff(prev.get("config", {}), config)
-        shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
-        raise RunDirError(f"{out} already holds a different run (differs in: {shown or 'unknown'}); "
-                          "pass --overwrite to replace it or choose another output.dir")
-    if not resume:
+        if not (resume and diff and set(diff) <= set(RESUMABLE_CHANGES)):
+            shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+            allowed = f" (--resume may change only {', '.join(RESUMABLE_CHANGES)})" if resume else ""
+            raise RunDirError(f"{out} already holds a different run (differs in: {shown or 'unknown'}){allowed}; "
+                              "pass --overwrite to replace it or choose another output.dir")
+        changes = {k: [_get(prev.get("config", {}), k), _get(config, k)] for k in diff}
+        if log is not None:
+            log("resuming with changed settings: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
+        write_json(run_file, {**prev, "fingerprint": fingerprint, "config": config,
+                              "changes": [*prev.get("changes", []), changes]})
+    elif not resume:
         raise RunDirError(f"{out} already holds this run; pass --resume to continue it or --overwrite to "
                           "start over")
     clean_incomplete(out)
     return latest_checkpoint(out) is not None
+
+
+def _get(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -285,6 +431,7 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-__all__ = ["RunDirError", "clean_incomplete", "latest_checkpoint", "list_checkpoints", "load_state",
+__all__ = ["CheckpointError", "RunDirError", "RunLock", "clean_incomplete", "latest_checkpoint", "latest_good_checkpoint",
+           "list_checkpoints", "load_state", "verify_checkpoint",
            "load_training_checkpoint", "prepare_run_dir", "rng_state", "save_state", "save_training_checkpoint",
            "set_rng_state", "write_checkpoint"]

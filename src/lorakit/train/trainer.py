@@ -48,7 +48,8 @@ from lorakit.methods import get_method
 from lorakit.train import distributed
 from lorakit.train.checkpoint import (
     RUN_FILE,
-    latest_checkpoint,
+    RunLock,
+    latest_good_checkpoint,
     load_training_checkpoint,
     prepare_run_dir,
     rng_state,
@@ -156,6 +157,7 @@ class Trainer:
         self.amp_dtype = resolve_precision(self.config.training.precision, self.device)
         self._stop = False  # set by a signal on this process
         self._stopping = False  # agreed by every process at the end of a step
+        self._lock: RunLock | None = None  # the run directory's, while fit runs (process 0)
 
     # --- setup -----------------------------------------------------------------------------------------------
     @property
@@ -308,14 +310,26 @@ class Trainer:
             RunDirError: ``output.dir`` holds another run (or this one, without ``resume``/``overwrite``).
             TrainingError: the loss became NaN or infinite (the last good checkpoint is kept).
         """
-        with lowrank.fused(self.config.training.fused):
-            return self._fit(resume=resume, overwrite=overwrite)
+        try:
+            with lowrank.fused(self.config.training.fused):
+                return self._fit(resume=resume, overwrite=overwrite)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _claim_run_dir(self, out: Path, *, resume: bool, overwrite: bool) -> bool:
+        """Lock ``out`` for this run (one process trains in a run directory at a time; process 0 holds the
+        lock for a torchrun job), then check and prepare it; returns whether to resume."""
+        self._lock = RunLock(out).acquire()
+        cfg = self.config
+        return prepare_run_dir(out, cfg.fingerprint(), cfg.to_dict(), resume=resume, overwrite=overwrite,
+                               log=self._log)
 
     def _fit(self, *, resume: bool, overwrite: bool) -> FitResult:
         cfg, t = self.config, self.config.training
         out = Path(cfg.output.dir)
-        resuming = self.dist.main_only(prepare_run_dir, out, cfg.fingerprint(), cfg.to_dict(), resume=resume,
-                                       overwrite=overwrite)
+        resuming = self.dist.main_only(self._claim_run_dir, out, resume=resume, overwrite=overwrite)
         seed_everything(t.seed)  # before loading: a fresh task head is initialised randomly
         self.prepare()
         assert self.model is not None and self.train_data is not None
@@ -323,7 +337,7 @@ class Trainer:
         order = BatchOrder(len(self.train_data), self.dist.global_batch(t.batch_size), t.seed)
         total = t.max_steps or max(1, math.ceil(t.epochs * order.batches_per_epoch / t.grad_accum))
         # process 0's view: on several nodes output.dir must be shared, or reading it fails (no silent divergence)
-        ckpt = self.dist.main_only(latest_checkpoint, out) if resuming else None
+        ckpt = self.dist.main_only(latest_good_checkpoint, out, self._log) if resuming else None
         if ckpt is not None:
             self._restore_adapter(ckpt)
         else:
@@ -349,8 +363,15 @@ class Trainer:
         own = training_callbacks(model, opt, total_steps=total)
         pos = _Position()
         if ckpt is not None:
+            configured = [g["lr"] for g in opt.param_groups]  # this run's (a resume may lower training.lr)
             pos = _Position(**load_training_checkpoint(ckpt, optimizer=opt, scheduler=sched, scaler=scaler,
                                                        callbacks=own, rank=self.dist.rank, world=self.dist.world))
+            if configured != list(sched.base_lrs):
+                sched.base_lrs = configured
+                for g, base in zip(opt.param_groups, configured, strict=True):
+                    g["initial_lr"] = base
+                    g["lr"] = base * lr_factor(sched.last_epoch, total=total, warmup=warmup, schedule=t.schedule,
+                                               min_ratio=t.min_lr_ratio)
             self._log(f"resumed from {ckpt} at step {pos.step}/{total}")
         metrics = MetricsLogger(out, tensorboard=cfg.output.tensorboard,
                                 resume_step=pos.step if ckpt is not None else None) \
@@ -368,9 +389,9 @@ class Trainer:
             run.metrics.close()
         if run.result.interrupted:
             return run.result
+        # every final write in one main_only, which is also a barrier: the processes leave fit together (one
+        # that exits while process 0 still writes can make the other abort in the process group's teardown)
         run.result.adapter_dir = self.dist.main_only(self._save_final, out, run.result)
-        if cfg.output.plot and self.dist.is_main:
-            plot_losses(out / METRICS_FILE, out / PLOT_FILE, title=f"{cfg.adapter.method} on {cfg.model.path}")
         return run.result
 
     def _log_start(self, run: _Run) -> None:
@@ -424,10 +445,19 @@ class Trainer:
         if not math.isfinite(loss_value):
             last = f"; the last good checkpoint is {run.result.checkpoint}" if run.result.checkpoint else ""
             raise TrainingError(f"loss is {loss_value} at step {run.pos.step + 1}; stopping{last}. "
-                                "Lower training.lr, enable gradient clipping, or check the data.")
+                                "Lower training.lr (or set training.max_grad_norm) and run again with --resume, "
+                                "or check the data.")
         run.scaler.unscale_(run.opt)
         params = [p for g in run.opt.param_groups for p in g["params"]]  # re-read: pruning may swap tensors
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
+        # the norm also guards the update: a non-finite gradient must never reach the weights (or a checkpoint)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)
+        if not run.scaler.is_enabled() and not math.isfinite(norm := float(grad_norm)):
+            last = f"; the last good checkpoint is {run.result.checkpoint}" if run.result.checkpoint else ""
+            raise TrainingError(f"gradient norm is {norm} at step {run.pos.step + 1} (loss {loss_value:.4g}); the step "
+                                f"was not applied{last}. Lower training.lr (or set training.max_grad_norm) and "
+                                "run again with --resume, or check the data.")
+        if not t.max_grad_norm:
+            grad_norm = None  # measured, not clipped: not logged as a clipping norm
         run.callbacks.before_step()
         run.scaler.step(run.opt)
         run.scaler.update()
@@ -512,6 +542,8 @@ class Trainer:
         if HEAD_ADAPTER in adapter_records(self.model):
             save_adapter(self.model, path / HEAD_ADAPTER, HEAD_ADAPTER, extra=extra)
         self._log(f"adapter saved to {path}")
+        if cfg.output.plot:
+            plot_losses(out / METRICS_FILE, out / PLOT_FILE, title=f"{cfg.adapter.method} on {cfg.model.path}")
         return path
 
 
