@@ -406,9 +406,12 @@ def main(argv: list[str] | None = None) -> int:
         _say("aborted")
         return 130
     except typer.TyperException as e:  # usage errors (click's, vendored by typer)
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:  # `lorakit tasks` alone: its help
+            typer.echo(ctx.get_help())
+            return 0
         e.show()  # type: ignore[attr-defined]
-        code = getattr(e, "exit_code", 2)
-        return 0 if type(e).__name__ == "NoArgsIsHelpError" else code  # `lorakit tasks` alone: its help
+        return int(getattr(e, "exit_code", 2))
     except Exception as e:
         if debug:
             traceback.print_exc()

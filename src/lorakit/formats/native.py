@@ -115,11 +115,15 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
     meta, tensors = read_adapter(path)
     name = name or meta.get("name") or "default"
     method, targets = meta["method"], list(meta["targets"])
+    shapes = meta.get("layer_shapes")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets) \
+            or not isinstance(shapes, dict) or sorted(targets) != sorted(shapes):
+        raise AdapterFileError(f"{path}: corrupted metadata (targets and layer_shapes disagree)")
     try:
         config = get_method(method).config_cls.parse(meta["config"])
     except ConfigError as e:
         raise AdapterFileError(f"{path}: saved options are not valid for method {method!r} ({e})") from None
-    check_fits(model, method, meta.get("layer_shapes") or {})
+    check_fits(model, method, shapes)
     fp = target_fingerprint(model, method, targets)
     if fp != meta["base_fingerprint"] and not force:
         raise IncompatibleAdapterError(

@@ -1,8 +1,11 @@
 """Save one tiny adapter per method with main's code (format compatibility fixtures)."""
-import json, sys, torch
+import json
+import sys
+
 sys.path.insert(0, ".")
-from tests.conftest import tiny_llama, batch_for, output_of
 import lorakit
+from tests.conftest import batch_for, output_of, tiny_llama
+
 out = sys.argv[1]
 opts = {"lora": {"r": 2}, "dora": {"r": 2}, "lora-fa": {"r": 2}, "vera": {"r": 4},
         "rank1-sum": {"r_init": 3, "target_rank": 2}, "delta-lora": {"r": 2, "delta_start": 0},
