@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +15,9 @@ import pytest
 import yaml
 
 from lorakit.testing import DEMO_DATA, build_tiny_llama, build_tokenizer, record_texts
+from lorakit.train.checkpoint import list_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -56,3 +64,24 @@ def make_config(tiny_run: dict[str, Path], out: Path, *, method: str = "lora", o
     path = out.with_name(out.name + ".yaml")
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def kill_when_checkpointed(cfg: Path, out: Path, step: int, timeout: float = 120) -> bool:
+    """Run ``lorakit train CFG`` in a subprocess and SIGKILL it once a checkpoint of ``step`` or later exists;
+    returns whether it was still running when killed (``False``: it finished or died first)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = list_checkpoints(out)
+            if found and found[-1][0] >= step:
+                break
+            time.sleep(0.01)
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        return alive
+    finally:
+        proc.kill()
+        proc.wait()

@@ -30,7 +30,7 @@ from lorakit.train.checkpoint import (
 )
 from lorakit.train.trainer import Trainer
 
-from .fixtures_train import make_config
+from .fixtures_train import kill_when_checkpointed, make_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -247,20 +247,7 @@ def test_killed_run_resumes_bit_exact(method: str, tiny_run, tmp_path: Path) -> 
     assert main(["train", str(straight)]) == 0
     out = tmp_path / "killed"
     cfg = make_config(tiny_run, out, method=method, options=options, **sections)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            found = list_checkpoints(out)
-            if found and found[-1][0] >= 3:
-                break
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_when_checkpointed(cfg, out, 3)
     if (out / "adapter").exists():
         pytest.skip("the run finished before it could be killed")
     assert main(["train", str(cfg), "--resume"]) == 0

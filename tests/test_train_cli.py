@@ -4,11 +4,7 @@ crash safety, bad input, and the adapters inside `transformers.Trainer`."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import click
@@ -24,7 +20,7 @@ from lorakit.train.config import load_config
 from lorakit.train.metrics import read_metrics
 from lorakit.train.trainer import Trainer
 
-from .fixtures_train import make_config
+from .fixtures_train import kill_when_checkpointed, make_config
 from .test_contract import CASES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,21 +160,7 @@ def test_sigkill_leaves_only_complete_checkpoints(tiny_run, tmp_path: Path) -> N
     out = tmp_path / "run"
     cfg = make_config(tiny_run, out, training={"max_steps": 100_000, "eval_every": None},
                       output={"save_every": 1, "keep_checkpoints": 2}, data={"eval": None, "eval_fraction": 0})
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            found = list_checkpoints(out)
-            if found and found[-1][0] >= 3:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    assert kill_when_checkpointed(cfg, out, 3)  # killed while still training
     for step, path in list_checkpoints(out):
         meta, tensors = lorakit.read_adapter(path / "adapter")  # verifies the checksum
         assert tensors and meta["method"] == "lora"
