@@ -16,7 +16,6 @@ With packing, examples are concatenated into ``max_length`` blocks instead (noth
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -31,6 +30,7 @@ from torch import Tensor
 from lorakit.core.collectives import IGNORE
 from lorakit.errors import LorakitError
 from lorakit.train.config import DataConfig
+from lorakit.util.files import JsonlLineError, iter_jsonl
 
 FORMATS = ("text", "prompt_completion", "chat", "classification")
 
@@ -92,24 +92,12 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such data file")
-    records: list[Record] = []
-    with open(p, encoding="utf-8") as f:
-        try:
-            lines = f.read().split("\n")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            raise DataError(f"{p}:{i}: empty line (each line must be one JSON object)")
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{p}:{i}: expected a JSON object, got {type(obj).__name__}")
-        records.append((i, obj))
+    try:
+        records: list[Record] = list(iter_jsonl(p, blank="error", objects=True))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except JsonlLineError as e:
+        raise DataError(f"{p}:{e.line}: {e.reason}") from None
     if not records:
         raise DataError(f"{p}: no examples (the file is empty)")
     return records

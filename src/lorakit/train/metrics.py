@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lorakit.util.files import atomic_write, write_text
+from lorakit.util.files import atomic_write, iter_jsonl, write_text
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -65,13 +65,7 @@ def _clean(v: Any) -> Any:
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every record of a ``metrics.jsonl`` file (a torn last line, from a killed run, is skipped)."""
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return [record for _, record in iter_jsonl(path, bad="skip")]
 
 
 def plot_losses(metrics_path: str | os.PathLike[str], out_path: str | os.PathLike[str], title: str = "") -> Path:

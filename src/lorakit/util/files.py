@@ -67,17 +67,46 @@ def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
         raise LorakitError(f"{path}: unreadable {what} ({e})") from None
 
 
-def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
-    """``(line number, value)`` for every non-blank line of a JSONL file.
+class JsonlLineError(ValueError):
+    """A line of a JSONL file that is not what the caller asked for (``line``: its 1-based number)."""
+
+    def __init__(self, line: int, reason: str) -> None:
+        super().__init__(f"line {line}: {reason}")
+        self.line, self.reason = line, reason
+
+
+def iter_jsonl(path: str | os.PathLike[str], *, blank: str = "skip", bad: str = "raise",
+               objects: bool = False) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for every line of a JSONL file: the one JSONL reader of lorakit.
+
+    Args:
+        blank: ``"skip"`` blank lines, or ``"error"`` (a blank line inside a data file usually means a broken
+            export).
+        bad: ``"raise"`` on a malformed line, or ``"skip"`` it (a log whose last line a killed run tore).
+        objects: every value must be a JSON object.
 
     Raises:
-        json.JSONDecodeError: a malformed line (callers add the file name and line to their own error type).
-        OSError, UnicodeDecodeError: unreadable file.
+        JsonlLineError: a blank (``blank="error"``), malformed or non-object line, with its number and reason.
+        OSError, UnicodeDecodeError: the file cannot be read as UTF-8 text.
     """
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                yield n, json.loads(line)
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            if blank == "error":
+                raise JsonlLineError(n, "empty line (each line must be one JSON object)")
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            if bad == "skip":
+                continue
+            raise JsonlLineError(n, f"malformed JSON ({e.msg} at column {e.colno})") from None
+        if objects and not isinstance(value, dict):
+            raise JsonlLineError(n, f"expected a JSON object, got {type(value).__name__}")
+        yield n, value
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
