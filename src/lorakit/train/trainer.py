@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from lorakit.adapt.model import attach, attach_config, remove, set_active, train
 from lorakit.adapt.targets import HEAD_NAMES
 from lorakit.core import lowrank
 from lorakit.core.callbacks import Callbacks, TrainingCallback
-from lorakit.errors import ConfigError, LorakitError
+from lorakit.errors import ConfigError
 from lorakit.fast import speed
 from lorakit.formats.native import load as load_adapter
 from lorakit.formats.native import save as save_adapter
@@ -59,61 +59,10 @@ from lorakit.train.checkpoint import (
 from lorakit.train.config import TrainConfig, load_config, save_config
 from lorakit.train.data import IGNORE, BatchOrder, Dataset, collate, iter_batches, load_datasets
 from lorakit.train.loading import HEAD_ADAPTER, load_model, load_tokenizer, resolve_device
-from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLogger, plot_losses, read_metrics
+from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLogger, plot_losses
 from lorakit.train.optim import optimizer as make_optimizer
+from lorakit.train.run import FitResult, Position, RunState, TrainingError, logged_eval
 from lorakit.train.runtime import lr_factor, resolve_precision, seed_everything, stop_on_signals
-
-
-class TrainingError(LorakitError, RuntimeError):
-    """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
-
-
-@dataclass
-class FitResult:
-    """What :meth:`Trainer.fit` did.
-
-    Attributes:
-        step: optimizer steps done. total_steps: steps planned.
-        output_dir: the run directory. adapter_dir: the saved final adapter (``None`` if interrupted).
-        checkpoint: the last checkpoint written.
-        eval_start, eval_end: evaluation metrics before and after training (empty without eval data).
-        interrupted: stopped early by Ctrl-C / SIGTERM (a checkpoint was saved; resume with ``--resume``).
-    """
-
-    step: int
-    total_steps: int
-    output_dir: Path
-    adapter_dir: Path | None
-    checkpoint: Path | None
-    eval_start: dict[str, float] = field(default_factory=dict)
-    eval_end: dict[str, float] = field(default_factory=dict)
-    interrupted: bool = False
-
-
-@dataclass
-class _Position:
-    """Where the run is: optimizer steps done, micro-batches consumed, non-pad tokens seen."""
-
-    step: int = 0
-    micro: int = 0
-    tokens: int = 0
-
-
-@dataclass
-class _Run:
-    """The objects of one ``fit`` call, passed around the loop."""
-
-    order: BatchOrder
-    total: int
-    opt: torch.optim.Optimizer
-    sched: Any
-    scaler: torch.amp.GradScaler
-    own_callbacks: list[TrainingCallback]  # the method's (checkpointed)
-    callbacks: Callbacks  # the method's, then the user's
-    metrics: MetricsLogger
-    pos: _Position
-    result: FitResult
-    ranks: dict[str, int] | None = None  # last logged per-layer ranks
 
 
 class Trainer:
@@ -361,10 +310,10 @@ class Trainer:
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
         # The method's own rules are part of the run's state (checkpointed); extra callbacks are not.
         own = training_callbacks(model, opt, total_steps=total)
-        pos = _Position()
+        pos = Position()
         if ckpt is not None:
             configured = [g["lr"] for g in opt.param_groups]  # this run's (a resume may lower training.lr)
-            pos = _Position(**load_training_checkpoint(ckpt, optimizer=opt, scheduler=sched, scaler=scaler,
+            pos = Position(**load_training_checkpoint(ckpt, optimizer=opt, scheduler=sched, scaler=scaler,
                                                        callbacks=own, rank=self.dist.rank, world=self.dist.world))
             if configured != list(sched.base_lrs):
                 sched.base_lrs = configured
@@ -376,14 +325,14 @@ class Trainer:
         metrics = MetricsLogger(out, tensorboard=cfg.output.tensorboard,
                                 resume_step=pos.step if ckpt is not None else None) \
             if self.dist.is_main else distributed.NullMetrics()
-        run = _Run(order, total, opt, sched, scaler, own, Callbacks(own + self.extra_callbacks), metrics, pos,
+        run = RunState(order, total, opt, sched, scaler, own, Callbacks(own + self.extra_callbacks), metrics, pos,
                    FitResult(pos.step, total, out, None, ckpt))
         try:
             if ckpt is None:
                 self._log_start(run)
                 run.result.eval_start = self._eval_and_log(run, 0)
             else:
-                run.result.eval_start = _eval_at(out, 0)
+                run.result.eval_start = logged_eval(out, 0)
             self._loop(run)
         finally:
             run.metrics.close()
@@ -394,7 +343,7 @@ class Trainer:
         run.result.adapter_dir = self.dist.main_only(self._save_final, out, run.result)
         return run.result
 
-    def _log_start(self, run: _Run) -> None:
+    def _log_start(self, run: RunState) -> None:
         d, model = self.train_data, self.model
         assert d is not None and model is not None
         n_train = trainable_parameters(model)
@@ -411,14 +360,14 @@ class Trainer:
             self._log(f"data: {d.n_truncated} example(s) truncated to max_length={self.config.data.max_length}, "
                       f"{d.n_dropped} dropped (no trainable token left)")
 
-    def _eval_and_log(self, run: _Run, step: int) -> dict[str, float]:
+    def _eval_and_log(self, run: RunState, step: int) -> dict[str, float]:
         res = self.evaluate()
         if res:
             run.metrics.log("eval", step, **res)
             self._log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
         return res
 
-    def _step(self, run: _Run) -> tuple[float, Tensor | None, int]:
+    def _step(self, run: RunState) -> tuple[float, Tensor | None, int]:
         """One optimizer step over ``grad_accum`` micro-batches: ``(mean loss, grad norm, non-pad tokens)``.
 
         Raises:
@@ -469,7 +418,7 @@ class Trainer:
         self._stopping = self.dist.any(self._stop)  # every process stops after the same step
         return loss_value, grad_norm, tokens
 
-    def _loop(self, run: _Run) -> None:
+    def _loop(self, run: RunState) -> None:
         t, out = self.config.training, self.config.output
         bar = tqdm(total=run.total, initial=run.pos.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not out.progress or not self.dist.is_main, file=sys.stderr)
@@ -514,7 +463,7 @@ class Trainer:
             self._log("stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
         return before
 
-    def _log_ranks(self, run: _Run, step: int) -> None:
+    def _log_ranks(self, run: RunState, step: int) -> None:
         """Log the per-layer ranks of dynamic-rank methods (callbacks with a ``ranks()`` method) on change."""
         for cb in run.callbacks:
             ranks_fn = getattr(cb, "ranks", None)
@@ -525,7 +474,7 @@ class Trainer:
                     run.ranks = ranks
                 return
 
-    def _save_checkpoint(self, run: _Run) -> None:
+    def _save_checkpoint(self, run: RunState) -> None:
         names = [self.name] + ([HEAD_ADAPTER] if HEAD_ADAPTER in adapter_records(self.model) else [])
         rngs = self.dist.gather(rng_state())  # every process's RNG (None on one process); process 0 writes
         run.result.checkpoint = self.dist.main_only(
@@ -547,14 +496,7 @@ class Trainer:
         return path
 
 
-def _eval_at(out: Path, step: int) -> dict[str, float]:
-    """The eval metrics logged at ``step`` in ``out/metrics.jsonl`` (empty if none)."""
-    p = out / METRICS_FILE
-    records = read_metrics(p) if p.is_file() else []
-    for r in records:
-        if r.get("kind") == "eval" and r.get("step") == step:
-            return {k: v for k, v in r.items() if k.startswith("eval_")}
-    return {}
+
 
 
 __all__ = ["FitResult", "Trainer", "TrainingError"]
