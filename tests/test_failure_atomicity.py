@@ -158,6 +158,60 @@ def test_bad_adapter_files_leave_the_model_unchanged(method: str, how: str, inde
         shutil.rmtree(d, ignore_errors=True)
 
 
+PEFT_KEYS = ["r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
+             "peft_type", "bias", "target_modules", "modules_to_save", "init_lora_weights"]
+PEFT_VALUES = st.one_of(BAD_VALUES, st.dictionaries(st.text(max_size=4), BAD_VALUES, max_size=2))
+
+
+def _damaged_peft_load(method: str, how: str, value: Any, onto_adapted: bool) -> None:
+    source = _model()
+    _attach_valid(source, method)
+    d = Path(tempfile.mkdtemp())
+    try:
+        lorakit.export_peft(source, d / "p")
+        cfg_path, weights = d / "p" / "adapter_config.json", d / "p" / "adapter_model.safetensors"
+        if how == "truncate":
+            weights.write_bytes(weights.read_bytes()[:100])
+        else:
+            cfg = json.loads(cfg_path.read_text())
+            cfg[how] = value
+            cfg_path.write_text(json.dumps(cfg))
+        model = _model()
+        if onto_adapted:
+            _attach_valid(model, "lora", name="other")
+        _expect_clean_failure(model, lambda: lorakit.load(model, d / "p", name="peft"))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@SETTINGS
+@given(how=st.sampled_from([*PEFT_KEYS, "truncate"]), value=PEFT_VALUES, onto_adapted=st.booleans())
+def test_bad_peft_files_leave_the_model_unchanged(method: str, how: str, value: Any, onto_adapted: bool) -> None:
+    _damaged_peft_load(method, how, value, onto_adapted)
+
+
+@pytest.mark.parametrize(("how", "value"), [("lora_alpha", "abc"), ("lora_alpha", None), ("lora_dropout", "a"),
+                                            ("use_rslora", "yes"), ("rank_pattern", 5), ("r", "x")])
+def test_bad_peft_config_values_are_clear_errors(how: str, value: Any) -> None:
+    """Values found by hand that once escaped as ValueError/TypeError/AttributeError or loaded silently."""
+    model = _model()
+    source = _model()
+    _attach_valid(source, "lora")
+    d = Path(tempfile.mkdtemp())
+    try:
+        lorakit.export_peft(source, d / "p")
+        cfg = json.loads((d / "p" / "adapter_config.json").read_text())
+        cfg[how] = value
+        (d / "p" / "adapter_config.json").write_text(json.dumps(cfg))
+        before = _state(model)
+        with pytest.raises(lorakit.AdapterFileError):
+            lorakit.load(model, d / "p")
+        _assert_same(before, _state(model))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 # --- bad call orders ---------------------------------------------------------------------------------------------
 CALLS = ["attach-again", "attach-while-merged", "set-active-unknown", "set-active-while-merged", "remove-unknown",
          "load-same-name", "export-merged", "save-onto-file", "merge", "unmerge", "grow", "pruner"]

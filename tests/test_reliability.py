@@ -90,9 +90,14 @@ def _flip(path: Path, offset: int = -40) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("victim", [STATE_FILE, "adapter/adapter.safetensors"])
-def test_a_bit_flipped_checkpoint_is_skipped_for_the_previous_one(victim: str, tiny_run, tmp_path: Path,
-                                                                  capsys) -> None:
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(("victim", "damage"), [(STATE_FILE, _flip), ("adapter/adapter.safetensors", _flip),
+                                                (STATE_FILE, _truncate), ("adapter/adapter.json", _truncate)])
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(victim: str, damage, tiny_run, tmp_path: Path,
+                                                              capsys) -> None:
     sections = {"training": {"max_steps": 4}, "output": {"save_every": 2, "keep_checkpoints": 3}}
     straight = make_config(tiny_run, tmp_path / "straight", **sections)
     assert main(["train", str(straight)]) == 0
@@ -101,7 +106,7 @@ def test_a_bit_flipped_checkpoint_is_skipped_for_the_previous_one(victim: str, t
     assert main(["train", str(cfg)]) == 0
     newest = latest_checkpoint(out)
     assert newest.name == "ckpt-00000004" and verify_checkpoint(newest) is None
-    _flip(newest / victim)
+    damage(newest / victim)
     assert "checksum" in verify_checkpoint(newest)
     said: list[str] = []
     assert latest_good_checkpoint(out, said.append).name == "ckpt-00000002"

@@ -15,17 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lorakit.adapt.model import _record, attach_config
 from lorakit.core.layers import AdaptedLayer, LayerKind, layer_kind, weight_view
-from lorakit.errors import AdapterFileError, IncompatibleAdapterError
+from lorakit.errors import AdapterFileError, ConfigError, IncompatibleAdapterError
 from lorakit.formats.layout import PEFT_CONFIG_FILE as CONFIG_FILE
 from lorakit.formats.layout import PEFT_PREFIX as PREFIX
 from lorakit.formats.layout import PEFT_WEIGHTS_FILE as WEIGHTS_FILE
 from lorakit.methods import get_method
+from lorakit.util.validation import parse
 
 #: Config fields that change PEFT's math in ways lorakit's LoRA/DoRA do not reproduce: must be falsy.
 _UNSUPPORTED_FIELDS = ("lora_bias", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config",
@@ -54,6 +56,27 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFileError(f"{path / WEIGHTS_FILE}: unreadable tensor file ({e})") from None
     return config, tensors
+
+
+class PeftFields(BaseModel):
+    """The fields of ``adapter_config.json`` lorakit reads, with the types PEFT writes (others pass through)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    r: StrictInt | None = Field(None, gt=0)
+    lora_alpha: StrictInt | StrictFloat = Field(8, gt=0)  # PEFT's default
+    lora_dropout: StrictInt | StrictFloat | None = Field(0.0, ge=0, lt=1)
+    use_rslora: StrictBool | None = False
+    use_dora: StrictBool | None = False
+    rank_pattern: dict[str, StrictInt] | None = None
+    alpha_pattern: dict[str, StrictInt | StrictFloat] | None = None
+
+
+def _fields(config: dict[str, Any], where: Path) -> PeftFields:
+    try:
+        return parse(PeftFields, config, f"{where / CONFIG_FILE}: invalid PEFT config")
+    except ConfigError as e:
+        raise AdapterFileError(str(e)) from None
 
 
 def _check_config(config: dict[str, Any], where: Path) -> None:
@@ -126,7 +149,8 @@ def load_peft(model: nn.Module, path: str | os.PathLike[str], name: str | None =
     config, tensors = _read(where)
     _check_config(config, where)
     groups = _group(tensors, where)
-    dora = bool(config.get("use_dora"))
+    fields = _fields(config, where)
+    dora = bool(fields.use_dora)
     modules = dict(model.named_modules())
     plan: dict[str, dict[str, Tensor]] = {}
     settings: set[tuple[int, float]] = set()
@@ -158,11 +182,10 @@ def load_peft(model: nn.Module, path: str | os.PathLike[str], name: str | None =
         elif "magnitude" in g:
             raise IncompatibleAdapterError(f"{where}: {module}: a DoRA magnitude in an adapter with use_dora false")
         r = int(a.shape[0])
-        r_cfg = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", r))
+        r_cfg = _pattern_value(fields.rank_pattern or {}, module, fields.r if fields.r is not None else r)
         if r_cfg != r:
             raise AdapterFileError(f"{where}: {module}: rank {r} in the tensors but {r_cfg} in the config")
-        alpha = config.get("lora_alpha", 8)  # PEFT's default
-        settings.add((r, float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha))))
+        settings.add((r, float(_pattern_value(fields.alpha_pattern or {}, module, fields.lora_alpha))))
         plan[module] = entry
     if not plan:
         raise AdapterFileError(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors")
@@ -175,8 +198,8 @@ def load_peft(model: nn.Module, path: str | os.PathLike[str], name: str | None =
     name = name or "default"
     method = "dora" if dora else "lora"
     options = get_method(method).config_cls.parse({"targets": order, "r": r, "alpha": alpha,
-                                                   "use_rslora": bool(config.get("use_rslora", False)),
-                                                   "dropout": float(config.get("lora_dropout") or 0.0)})
+                                                   "use_rslora": bool(fields.use_rslora),
+                                                   "dropout": float(fields.lora_dropout or 0.0)})
     tensors = {f"{target}.{key}": v for target, entry in plan.items() for key, v in entry.items()}
     attach_config(model, options, method, name=name, targets=order, init=False, tensors=tensors, where=f"{where}:")
     _record(model, name).extra = {"imported_from": "peft"}
