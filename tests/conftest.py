@@ -63,4 +63,4 @@ def model_name(request) -> str:
     return request.param
 
 
-from .fixtures_train import tiny_run  # noqa: E402,F401  (session fixture: a saved tiny Llama + JSONL files)
+from .fixtures_train import one_thread, tiny_run  # noqa: E402,F401  (session fixture: a saved tiny Llama + JSONL files)

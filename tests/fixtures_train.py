@@ -85,3 +85,14 @@ def kill_when_checkpointed(cfg: Path, out: Path, step: int, timeout: float = 120
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine thread barriers dominate their ops."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -60,6 +60,18 @@ def check_rank(layer: LayerInfo, r: int, method: str) -> None:
             f"(min(d_in={layer.d_in}, d_out={layer.d_out}) = {limit})")
 
 
+def input_dropout(config: LoraConfig, layer: LayerInfo) -> nn.Module:
+    """Dropout on the adapter input, built only when asked for: it makes autograd keep an ``N x d_in`` mask (or
+    a second activation), which frozen-``A`` methods exist to avoid. Embedding inputs are ids: no dropout."""
+    use = config.dropout > 0 and layer.kind is not LayerKind.EMBEDDING
+    return nn.Dropout(config.dropout) if use else nn.Identity()
+
+
+def dropout_p(dropout: nn.Module) -> float:
+    """The drop probability the fused path must apply now (0 in eval mode or without dropout)."""
+    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
 def lora_init_(a: Tensor) -> Tensor:
     """LoRA's A init: kaiming-uniform with ``a = sqrt(5)``, i.e. ``U(-1/sqrt(d_in), 1/sqrt(d_in))``."""
     return nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -84,9 +96,7 @@ class Lora(Adapter):
         if init:
             lora_init_(self.lora_A)
         self.scale = config.scale
-        # Dropout makes autograd keep a second d_in-wide activation; only build it when asked for.
-        use_dropout = config.dropout > 0 and layer.kind is not LayerKind.EMBEDDING
-        self.dropout = nn.Dropout(config.dropout) if use_dropout else nn.Identity()
+        self.dropout = input_dropout(config, layer)
 
     @classmethod
     def check_layer(cls, layer: LayerInfo, config: LoraConfig) -> None:  # type: ignore[override]
@@ -114,9 +124,7 @@ class Lora(Adapter):
         must not inherit this fast path."""
         if type(self).forward is not Lora.forward:
             return None
-        drop = self.dropout
-        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-        return LowRank(self.lora_A, self.lora_B, scale=self.scale, dropout=p)
+        return LowRank(self.lora_A, self.lora_B, scale=self.scale, dropout=dropout_p(self.dropout))
 
     def lora_form(self) -> LoraForm | None:
         """LoRA is PEFT's native form: ``A``, ``B`` and the config's ``r``, ``alpha``, ``use_rslora``."""

@@ -42,7 +42,7 @@ from lorakit.core.callbacks import TrainingCallback
 from lorakit.core.contract import Adapter, AdapterConfig, LoraForm, cast
 from lorakit.core.layers import AdaptedLayer, LayerInfo, LayerKind
 from lorakit.core.lowrank import LowRank
-from lorakit.methods.lora import LoraConfig, check_rank, lora_form, lora_init_
+from lorakit.methods.lora import LoraConfig, check_rank, dropout_p, input_dropout, lora_form, lora_init_
 
 
 class LoraFaConfig(LoraConfig):
@@ -76,9 +76,7 @@ class LoraFa(Adapter):
         self.register_buffer("lora_A", a)  # persistent: it is random, so it must be saved
         self.lora_B = nn.Parameter(torch.zeros(layer.d_out, config.r, **kw))
         self.scale = config.scale
-        # Dropout keeps an N x d_in mask, which is what LoRA-FA exists to avoid: only build it when asked.
-        use_dropout = config.dropout > 0 and layer.kind is not LayerKind.EMBEDDING
-        self.dropout = nn.Dropout(config.dropout) if use_dropout else nn.Identity()
+        self.dropout = input_dropout(config, layer)  # an N x d_in mask: what LoRA-FA exists to avoid
 
     @classmethod
     def check_layer(cls, layer: LayerInfo, config: LoraFaConfig) -> None:  # type: ignore[override]
@@ -113,9 +111,7 @@ class LoraFa(Adapter):
         alone; ``None`` for a subclass that changes the forward."""
         if type(self).forward is not LoraFa.forward:
             return None
-        drop = self.dropout
-        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-        return LowRank(self.lora_A, self.lora_B, scale=self.scale, dropout=p)
+        return LowRank(self.lora_A, self.lora_B, scale=self.scale, dropout=dropout_p(self.dropout))
 
     def lora_form(self) -> LoraForm | None:
         """A frozen ``A`` is still LoRA's ``A``: PEFT stores LoRA-FA natively."""
