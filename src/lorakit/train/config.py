@@ -110,16 +110,21 @@ class AdapterSection(BaseModel):
 
 
 class DataConfig(_Section):
-    """Training and evaluation data (JSONL files).
+    """Training and evaluation data (see :mod:`lorakit.train.sources` for every source and format).
 
     Attributes:
-        train: JSONL file; each line one of ``{"text"}``, ``{"prompt", "completion"}``, ``{"messages"}``
-            (chat), or ``{"text", "label"}`` for classification.
-        eval: held-out JSONL file; ``None`` splits ``eval_fraction`` of ``train`` off instead.
+        train: the training data: a ``.jsonl``, ``.json``, ``.csv``/``.tsv`` or ``.parquet`` file, or a
+            directory written by ``datasets.Dataset.save_to_disk``; records in one of the formats below.
+        eval: held-out data, the same kinds; ``None`` splits ``eval_fraction`` of ``train`` off instead.
         eval_fraction: share of ``train`` held out when ``eval`` is not given (0 disables evaluation).
         max_length: longest sequence in tokens; longer examples are truncated (and counted).
         packing: concatenate examples into full ``max_length`` blocks (no padding); causal LM only.
-        format: ``auto`` (from the first line's keys) or one of the formats above.
+        format: ``auto`` (from the first record's columns), ``text`` (``{"text"}``), ``prompt_completion``
+            (``{"prompt", "completion"}``), ``chat`` (``{"messages"}``), ``classification``
+            (``{"text", "label"}``), ``alpaca`` (``{"instruction", "input", "output"}``) or ``sharegpt``
+            (``{"conversations": [{"from", "value"}]}``).
+        columns: renames, ``{lorakit column: column in the data}``, e.g. ``{prompt: question,
+            completion: answer}``.
         labels: class names for classification data whose ``label`` is a string.
         add_eos: end each text/completion with the tokenizer's end-of-sequence token.
     """
@@ -129,7 +134,8 @@ class DataConfig(_Section):
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_length: int = Field(512, ge=2)
     packing: bool = False
-    format: Literal["auto", "text", "prompt_completion", "chat", "classification"] = "auto"
+    format: Literal["auto", "text", "prompt_completion", "chat", "classification", "alpaca", "sharegpt"] = "auto"
+    columns: dict[str, str] | None = None
     labels: list[str] | None = None
     add_eos: bool = True
 

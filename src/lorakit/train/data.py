@@ -28,15 +28,12 @@ import torch
 from torch import Tensor
 
 from lorakit.core.collectives import IGNORE
-from lorakit.errors import LorakitError
+from lorakit.train import sources
 from lorakit.train.config import DataConfig
+from lorakit.train.sources import DataError
 from lorakit.util.files import JsonlLineError, iter_jsonl
 
 FORMATS = ("text", "prompt_completion", "chat", "classification")
-
-
-class DataError(LorakitError, ValueError):
-    """A data file is missing, empty, or has a malformed line (the message names file and line)."""
 
 
 @dataclass
@@ -101,17 +98,6 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
     if not records:
         raise DataError(f"{p}: no examples (the file is empty)")
     return records
-
-
-def detect_format(obj: dict[str, Any], task: str) -> str:
-    """The format a record's keys imply (see the module docstring)."""
-    if "messages" in obj:
-        return "chat"
-    if "prompt" in obj or "completion" in obj:
-        return "prompt_completion"
-    if "label" in obj or task == "classification":
-        return "classification"
-    return "text"
 
 
 _REQUIRED = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",),
@@ -232,14 +218,16 @@ def tokenize(records: Sequence[Record], tokenizer: Any, *, fmt: str = "auto", ta
     if not records:
         raise DataError(f"{source}: no examples")
     if fmt == "auto":
-        fmt = detect_format(records[0][1], task)
-    if (fmt == "classification") != (task == "classification"):
+        fmt = sources.detect(records[0][1], task, f"{source}:{records[0][0]}")
+    stored = {"alpaca": "prompt_completion", "sharegpt": "chat"}.get(fmt, fmt)  # what the records become
+    if (stored == "classification") != (task == "classification"):
         raise DataError(f"{source}: format {fmt!r} does not fit model.task={task!r}")
-    out = Dataset([], fmt, source=source)
-    for line, obj in records:
+    out = Dataset([], stored, source=source)
+    for line, raw in records:
         where = f"{source}:{line}"
-        check_record(obj, fmt, where)
-        ex = encode_record(tokenizer, obj, fmt, add_eos=add_eos, where=where, label_names=label_names,
+        obj, _ = sources.normalize(raw, fmt, where)
+        check_record(obj, stored, where)
+        ex = encode_record(tokenizer, obj, stored, add_eos=add_eos, where=where, label_names=label_names,
                            num_labels=num_labels)
         if truncate and len(ex.input_ids) > max_length:
             out.n_truncated += 1
@@ -343,6 +331,23 @@ def iter_batches(data: Dataset, batch_size: int, pad_id: int) -> Iterator[dict[s
 
 
 # --- the whole pipeline --------------------------------------------------------------------------------------
+def read_source(source: Any, cfg: DataConfig) -> tuple[list[Record], str]:
+    """The records of a data source (a file, a ``datasets`` directory or object, a list of dicts; see
+    :mod:`lorakit.train.sources`) with ``data.columns`` applied, and the source's name for messages."""
+    records, name = sources.read_records(source, jsonl_reader=read_jsonl)
+    return sources.rename_columns(records, cfg.columns, name), name
+
+
+def dataset_from(source: Any, cfg: DataConfig, tokenizer: Any, *, task: str, num_labels: int = 2) -> Dataset:
+    """Tokenize (and pack) any data source the way :func:`load_datasets` treats ``data.train``: what the
+    trainer does with a ``datasets.Dataset`` or a list of dicts handed to it."""
+    records, name = read_source(source, cfg)
+    ds = tokenize(records, tokenizer, fmt=cfg.format, task=task, max_length=cfg.max_length,
+                  truncate=not cfg.packing, add_eos=cfg.add_eos, label_names=cfg.labels, num_labels=num_labels,
+                  source=name)
+    return pack(ds, cfg.max_length) if cfg.packing else ds
+
+
 def load_datasets(cfg: DataConfig, tokenizer: Any, *, task: str, seed: int,
                   num_labels: int = 2) -> tuple[Dataset, Dataset | None]:
     """Read, split, tokenize (and pack) the training and evaluation data described by ``cfg``.
@@ -350,14 +355,14 @@ def load_datasets(cfg: DataConfig, tokenizer: Any, *, task: str, seed: int,
     Returns:
         ``(train, eval)``; ``eval`` is ``None`` when there is no eval file and ``eval_fraction`` is 0.
     """
-    train_records = read_jsonl(cfg.train)
+    train_records, train_source = read_source(cfg.train, cfg)
     eval_records: list[Record] | None = None
     eval_source = cfg.eval or ""
     if cfg.eval is not None:
-        eval_records = read_jsonl(cfg.eval)
+        eval_records, eval_source = read_source(cfg.eval, cfg)
     elif cfg.eval_fraction > 0:
         train_records, eval_records = split_records(train_records, cfg.eval_fraction, seed)
-        eval_source = f"{cfg.train} (held-out split)"
+        eval_source = f"{train_source} (held-out split)"
 
     def build(records: list[Record], source: str) -> Dataset:
         ds = tokenize(records, tokenizer, fmt=cfg.format, task=task, max_length=cfg.max_length,
@@ -365,7 +370,7 @@ def load_datasets(cfg: DataConfig, tokenizer: Any, *, task: str, seed: int,
                       num_labels=num_labels, source=source)
         return pack(ds, cfg.max_length) if cfg.packing else ds
 
-    train = build(train_records, cfg.train)
+    train = build(train_records, train_source)
     evald = build(eval_records, eval_source) if eval_records else None
     if evald is not None and evald.format != train.format:
         raise DataError(f"{eval_source}: format {evald.format!r} differs from the training data's "
@@ -373,5 +378,5 @@ def load_datasets(cfg: DataConfig, tokenizer: Any, *, task: str, seed: int,
     return train, evald
 
 
-__all__ = ["IGNORE", "BatchOrder", "DataError", "Dataset", "Example", "collate", "pack",
-           "iter_batches", "load_datasets", "read_jsonl", "split_records", "tokenize"]
+__all__ = ["IGNORE", "BatchOrder", "DataError", "Dataset", "Example", "collate", "dataset_from", "iter_batches",
+           "load_datasets", "pack", "read_jsonl", "read_source", "split_records", "tokenize"]

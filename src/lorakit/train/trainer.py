@@ -57,7 +57,7 @@ from lorakit.train.checkpoint import (
     write_json,
 )
 from lorakit.train.config import TrainConfig, load_config, save_config
-from lorakit.train.data import IGNORE, BatchOrder, Dataset, collate, iter_batches, load_datasets
+from lorakit.train.data import IGNORE, BatchOrder, Dataset, collate, dataset_from, iter_batches, load_datasets
 from lorakit.train.loading import HEAD_ADAPTER, load_model, load_tokenizer, resolve_device
 from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLogger, plot_losses
 from lorakit.train.optim import optimizer as make_optimizer
@@ -79,7 +79,9 @@ class Trainer:
             (its method must be ``config.adapter.method``); ``None`` loads ``config.model``.
         config: a TrainConfig, a mapping of sections, or a YAML path.
         tokenizer: the tokenizer (default: loaded from ``config.model``).
-        train_data, eval_data: tokenized datasets to use instead of ``config.data``.
+        train_data, eval_data: data to use instead of ``config.data``'s files: a tokenized
+            :class:`~lorakit.train.data.Dataset`, or records to tokenize as ``config.data`` says (a
+            ``datasets.Dataset``, a list of dicts, a file path; formats and ``data.columns`` as for files).
         callbacks: extra :class:`~lorakit.TrainingCallback` objects driven by the loop after the method's
             own (only the method's callbacks are checkpointed).
         log: where progress messages go (default: stderr, above the progress bar).
@@ -128,10 +130,15 @@ class Trainer:
             self.model = load_model(cfg.model, pad_token_id=self.tokenizer.pad_token_id)
         if cfg.model.task == "classification" and getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        task, n = cfg.model.task, cfg.model.num_labels
         if self.train_data is None:
-            self.train_data, loaded_eval = load_datasets(cfg.data, self.tokenizer, task=cfg.model.task,
-                                                         seed=cfg.training.seed, num_labels=cfg.model.num_labels)
-            self.eval_data = self.eval_data or loaded_eval
+            self.train_data, loaded_eval = load_datasets(cfg.data, self.tokenizer, task=task, seed=cfg.training.seed,
+                                                         num_labels=n)
+            self.eval_data = self.eval_data if self.eval_data is not None else loaded_eval
+        elif not isinstance(self.train_data, Dataset):  # records (a datasets.Dataset, dicts): tokenize them
+            self.train_data = dataset_from(self.train_data, cfg.data, self.tokenizer, task=task, num_labels=n)
+        if self.eval_data is not None and not isinstance(self.eval_data, Dataset):
+            self.eval_data = dataset_from(self.eval_data, cfg.data, self.tokenizer, task=task, num_labels=n)
         if not self.dist.fsdp:  # FSDP moves each shard to the device itself (the whole model may not fit)
             self.model.to(self.device)
 

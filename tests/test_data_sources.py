@@ -1,0 +1,160 @@
+"""The data people bring: JSON, CSV, parquet, datasets directories and objects; alpaca and ShareGPT records;
+column renames; clear errors naming the file, the row and what each format needs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from lorakit.cli import main
+from lorakit.train.config import DataConfig
+from lorakit.train.data import IGNORE, DataError, dataset_from, load_datasets, read_source
+from lorakit.train.sources import alpaca_prompt
+from lorakit.train.trainer import Trainer
+
+from .fixtures_train import make_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ALPACA = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": " 5"},
+          {"instruction": "Say hello.", "input": "", "output": " hello"}]
+SHAREGPT = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi?"},
+                               {"from": "gpt", "value": "Hello."}]}]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_run):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_run["base"])
+
+
+def _cfg(train: Path | str, **kw) -> DataConfig:
+    return DataConfig(train=str(train), eval_fraction=0, max_length=64, **kw)
+
+
+def _write(rows: list[dict], path: Path) -> Path:
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".csv":
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    elif path.suffix == ".parquet":
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    else:  # a datasets directory
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.json", "a.csv", "a.parquet", "saved"])
+def test_every_source_gives_the_same_records(name: str, tmp_path: Path) -> None:
+    path = _write(ALPACA, tmp_path / name)
+    records, source = read_source(path, _cfg(path))
+    assert [obj for _, obj in records] == ALPACA and source == str(path)
+
+
+def test_alpaca_becomes_prompt_completion(tmp_path: Path, tok) -> None:
+    ds = dataset_from(ALPACA, _cfg("x"), tok, task="causal-lm")
+    assert ds.format == "prompt_completion"
+    prompt = tok(alpaca_prompt("Add the numbers.", "2 and 3"))["input_ids"]
+    ex = ds.examples[0]
+    assert ex.input_ids[:len(prompt)] == prompt and all(y == IGNORE for y in ex.labels[:len(prompt)])
+    assert [y for y in ex.labels if y != IGNORE] == tok(" 5", add_special_tokens=False)["input_ids"] + \
+        [tok.eos_token_id]
+    assert "### Input" not in alpaca_prompt("Say hello.", "")  # an empty input adds no section
+
+
+def test_sharegpt_becomes_chat(tok) -> None:
+    ds = dataset_from(SHAREGPT, _cfg("x"), tok, task="causal-lm")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                {"role": "assistant", "content": "Hello."}]
+    same = dataset_from([{"messages": messages}], _cfg("x"), tok, task="causal-lm")  # what it must equal
+    assert ds.format == "chat"
+    assert ds.examples[0].input_ids == same.examples[0].input_ids
+    assert ds.examples[0].labels == same.examples[0].labels and any(y != IGNORE for y in ds.examples[0].labels)
+
+
+def test_csv_values_stay_strings(tmp_path: Path, tok) -> None:
+    path = _write([{"prompt": "Is it zero?", "completion": " 0"}, {"prompt": "One?", "completion": " 1"}],
+                  tmp_path / "a.csv")
+    records, _ = read_source(path, _cfg(path))
+    assert records[0][1]["completion"] == " 0"  # the string as written, not the integer 0
+    assert records[0][0] == 2  # the CSV line it came from (after the header)
+    assert dataset_from(path, _cfg(path), tok, task="causal-lm").format == "prompt_completion"
+
+
+def test_column_renames(tmp_path: Path, tok) -> None:
+    rows = [{"question": "2+2?", "answer": " 4"}]
+    path = _write(rows, tmp_path / "q.jsonl")
+    ds = dataset_from(path, _cfg(path, columns={"prompt": "question", "completion": "answer"}), tok,
+                      task="causal-lm")
+    assert ds.format == "prompt_completion" and len(ds) == 1
+    with pytest.raises(DataError, match=r"q.jsonl:1: data.columns names column\(s\) \['answr'\]"):
+        dataset_from(path, _cfg(path, columns={"completion": "answr"}), tok, task="causal-lm")
+
+
+def test_unknown_columns_say_what_each_format_needs(tmp_path: Path, tok) -> None:
+    path = _write([{"question": "2+2?", "answer": " 4"}], tmp_path / "q.csv")
+    with pytest.raises(DataError) as e:
+        dataset_from(path, _cfg(path), tok, task="causal-lm")
+    msg = str(e.value)
+    assert "q.csv:2" in msg and "['answer', 'question']" in msg and "alpaca: instruction, output" in msg
+    assert "sharegpt: conversations" in msg and "data.columns" in msg
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("a,b\n1,2,3\n", "q.csv:2: more cells"), ("a,b\n1\n", "q.csv:2: fewer cells"), ("a,b\n", "only a header"),
+])
+def test_bad_csv_names_the_line(content: str, message: str, tmp_path: Path, tok) -> None:
+    path = tmp_path / "q.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        dataset_from(path, _cfg(path), tok, task="causal-lm")
+
+
+def test_bad_sharegpt_and_alpaca_records(tok) -> None:
+    with pytest.raises(DataError, match=r"list:1: conversations\[0\]: unknown speaker 'robot'"):
+        dataset_from([{"conversations": [{"from": "robot", "value": "x"}]}], _cfg("x"), tok, task="causal-lm")
+    with pytest.raises(DataError, match="'output' must be a string"):
+        dataset_from([{"instruction": "a", "output": 3}], _cfg("x"), tok, task="causal-lm")
+    with pytest.raises(DataError, match="not one written by datasets"):
+        read_source(Path(__file__).parent, _cfg("x"))
+
+
+def test_trainer_takes_a_datasets_dataset(tiny_run, tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in Path(tiny_run["train"]).read_text().splitlines()]
+    ds = datasets.Dataset.from_list([{"instruction": r["prompt"], "input": "", "output": r["completion"]}
+                                     for r in rows])
+    cfg = make_config(tiny_run, tmp_path / "run", training={"max_steps": 2}, data={"eval": None})
+    trainer = Trainer(None, cfg, train_data=ds, eval_data=ds.select(range(4)))
+    result = trainer.fit()
+    assert result.step == 2 and trainer.train_data.format == "prompt_completion" and len(trainer.eval_data) == 4
+    assert result.eval_end["eval_loss"] < result.eval_start["eval_loss"] + 1.0
+    assert torch.isfinite(torch.tensor(result.eval_end["eval_loss"]))
+
+
+def test_cli_trains_on_a_csv_alpaca_file(tiny_run, tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in Path(tiny_run["train"]).read_text().splitlines()]
+    path = _write([{"instruction": r["prompt"], "input": "", "output": r["completion"]} for r in rows],
+                  tmp_path / "train.csv")
+    cfg = make_config(tiny_run, tmp_path / "run", training={"max_steps": 2},
+                      data={"train": str(path), "eval": None, "eval_fraction": 0.1})
+    assert main(["train", str(cfg)]) == 0
+    assert (tmp_path / "run" / "adapter" / "adapter.json").is_file()
+
+
+def test_load_datasets_reads_eval_of_another_kind(tmp_path: Path, tok) -> None:
+    train = _write(ALPACA * 3, tmp_path / "t.parquet")
+    evalf = _write(ALPACA, tmp_path / "e.json")
+    tr, ev = load_datasets(DataConfig(train=str(train), eval=str(evalf), max_length=64), tok, task="causal-lm",
+                           seed=0)
+    assert len(tr) == 6 and len(ev) == 2 and tr.format == ev.format == "prompt_completion"
