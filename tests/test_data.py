@@ -72,11 +72,17 @@ def test_truncation_is_counted_and_empty_examples_dropped(tok, tmp_path: Path) -
     assert ds.n_truncated == 2 and ds.n_dropped == 2 and len(ds) == 1
 
 
-def test_packing_fills_blocks(tok, tmp_path: Path) -> None:
+def test_packing_fills_blocks_with_whole_examples(tok, tmp_path: Path) -> None:
     ds = tokenize(_records(tmp_path, [{"text": t} for t in TEXTS * 3]), tok)
     packed = pack(ds, 16)
-    assert all(len(b.input_ids) == 16 for b in packed.examples[:-1])
-    assert sum(len(b.input_ids) for b in packed.examples) == ds.n_tokens
+    assert all(len(b.input_ids) <= 16 for b in packed.examples) and len(packed) < len(ds)
+    assert sum(len(b.input_ids) for b in packed.examples) == ds.n_tokens  # nothing cut: every example fits
+    flat = [i for b in packed.examples for i in b.input_ids]
+    assert flat == [i for e in ds.examples for i in e.input_ids]  # in order, whole
+    assert any(len(set(b.segments)) > 1 for b in packed.examples)
+    for b in packed.examples:  # each example's first token is never predicted from the one before it
+        starts = [k for k in range(1, len(b.segments)) if b.segments[k] != b.segments[k - 1]]
+        assert all(b.labels[k] == IGNORE for k in starts)
 
 
 def test_classification_labels(tok, tmp_path: Path) -> None:

@@ -177,7 +177,8 @@ PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "ph
 
 
 def causal_lm_loss(model: nn.Module, input_ids: Tensor | None = None, labels: Tensor | None = None, *,
-                   attention_mask: Tensor | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+                   attention_mask: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                   position_ids: Tensor | None = None) -> Tensor:
     """The model's causal-LM loss, through :func:`lorakit.fast.cross_entropy.linear_cross_entropy` when possible.
 
     Same value as ``model(input_ids, labels=labels).loss``, without the ``(N, V)`` logits (and without the
@@ -192,7 +193,8 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor | None = None, labels: Te
     if (not lowrank.fused_enabled() or model_type not in PLAIN_HEAD_MODELS or type(head) is not nn.Linear
             or not isinstance(body, nn.Module) or body is model):
         return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                     labels=labels).loss
+                     position_ids=position_ids, labels=labels).loss
     hidden = body(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                  position_ids=position_ids,
                   use_cache=False)[0]  # (B, T, H)
     return linear_cross_entropy(hidden, head.weight, labels, head.bias)

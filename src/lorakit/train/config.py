@@ -118,7 +118,8 @@ class DataConfig(_Section):
         eval: held-out data, the same kinds; ``None`` splits ``eval_fraction`` of ``train`` off instead.
         eval_fraction: share of ``train`` held out when ``eval`` is not given (0 disables evaluation).
         max_length: longest sequence in tokens; longer examples are truncated (and counted).
-        packing: concatenate examples into full ``max_length`` blocks (no padding); causal LM only.
+        packing: pack whole examples into ``max_length`` blocks, each example attending only to itself
+            (positions restart, block-diagonal mask); causal LM only.
         format: ``auto`` (from the first record's columns), ``text`` (``{"text"}``), ``prompt_completion``
             (``{"prompt", "completion"}``), ``chat`` (``{"messages"}``), ``classification``
             (``{"text", "label"}``), ``alpaca`` (``{"instruction", "input", "output"}``) or ``sharegpt``

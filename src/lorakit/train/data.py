@@ -11,7 +11,7 @@ line's keys; every line must then use the same format):
 
 Tokens that carry no loss get the label ``-100`` (PyTorch's ``ignore_index``). Examples longer than
 ``max_length`` are cut (and counted); an example left with no trainable token is dropped (and counted).
-With packing, examples are concatenated into ``max_length`` blocks instead (nothing is cut or padded).
+With packing, whole examples share ``max_length`` blocks, each attending only to itself (see :func:`pack`).
 """
 
 from __future__ import annotations
@@ -44,10 +44,12 @@ class Example:
         input_ids: token ids.
         labels: per-token labels (``-100`` where no loss) for language modelling, a class index for
             classification.
+        segments: for a packed block (:func:`pack`), the example each token belongs to (0, 0, 1, 1, 1...).
     """
 
     input_ids: list[int]
     labels: list[int] | int
+    segments: list[int] | None = None  # packed blocks: which example each token belongs to
 
 
 @dataclass
@@ -245,20 +247,41 @@ def tokenize(records: Sequence[Record], tokenizer: Any, *, fmt: str = "auto", ta
 
 
 def pack(data: Dataset, max_length: int) -> Dataset:
-    """Concatenate examples into blocks of ``max_length`` tokens (the last block may be shorter).
+    """Pack whole examples into blocks of at most ``max_length`` tokens, without leaks between them.
 
-    Attention crosses example boundaries inside a block (plain packing); every example ends with EOS, so
-    the model sees where one stops.
+    Examples go into blocks in order, each whole (one longer than ``max_length`` is cut, and counted, as
+    without packing); a block is closed when the next example does not fit. Inside a block every example
+    keeps its own positions (they restart at 0) and attends only to itself: :func:`collate` turns the
+    segments into ``position_ids`` and a block-diagonal causal ``attention_mask`` ``(B, 1, T, T)``. The first
+    token of each example carries no label (it would be predicted from the previous example), so the packed
+    loss is exactly the sum of the examples' own losses.
     """
+    blocks: list[Example] = []
     ids: list[int] = []
     labels: list[int] = []
+    segments: list[int] = []
+    truncated = 0
+
+    def close() -> None:
+        if ids and any(x != IGNORE for x in labels[1:]):
+            blocks.append(Example(list(ids), list(labels), list(segments)))
+        ids.clear()
+        labels.clear()
+        segments.clear()
+
     for ex in data.examples:
         assert isinstance(ex.labels, list)
-        ids.extend(ex.input_ids)
-        labels.extend(ex.labels)
-    blocks = [Example(ids[i:i + max_length], labels[i:i + max_length]) for i in range(0, len(ids), max_length)]
-    blocks = [b for b in blocks if isinstance(b.labels, list) and any(x != IGNORE for x in b.labels[1:])]
-    return Dataset(blocks, data.format, 0, data.n_dropped, data.source,
+        e_ids, e_labels = ex.input_ids, ex.labels
+        if len(e_ids) > max_length:
+            e_ids, e_labels, truncated = e_ids[:max_length], e_labels[:max_length], truncated + 1
+        if len(ids) + len(e_ids) > max_length:
+            close()
+        seg = segments[-1] + 1 if segments else 0
+        ids.extend(e_ids)
+        labels.extend([IGNORE] + e_labels[1:])  # never predicted from the previous example
+        segments.extend([seg] * len(e_ids))
+    close()
+    return Dataset(blocks, data.format, data.n_truncated + truncated, data.n_dropped, data.source,
                    {**data.stats, "packed_from": len(data.examples)})
 
 
@@ -277,7 +300,12 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
 # --- batching ----------------------------------------------------------------------------------------------
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
     """Right-pad a list of examples into ``input_ids``/``attention_mask``/``labels`` tensors ``(B, T)``
-    (``labels`` is ``(B,)`` for classification)."""
+    (``labels`` is ``(B,)`` for classification).
+
+    Packed blocks (examples with ``segments``) also get ``position_ids`` ``(B, T)`` restarting at every example
+    and a boolean ``attention_mask`` ``(B, 1, T, T)``: token ``i`` attends to token ``j <= i`` of its own
+    example only (a padding token to itself, so no attention row is empty).
+    """
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -290,7 +318,28 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
         mask[i, :n] = 1
         if token_labels:
             labels[i, :n] = torch.tensor(e.labels, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.segments is not None for e in examples):
+        batch.update(_packed_attention(examples, width))
+    return batch
+
+
+def _packed_attention(examples: Sequence[Example], width: int) -> dict[str, Tensor]:
+    """``position_ids`` ``(B, T)`` and the block-diagonal causal ``attention_mask`` ``(B, 1, T, T)``."""
+    seg = torch.full((len(examples), width), -1, dtype=torch.long)  # -1: padding
+    for i, e in enumerate(examples):
+        s = e.segments if e.segments is not None else [0] * len(e.input_ids)
+        seg[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    # position of each token inside its example: its index minus the index where its example starts
+    idx = torch.arange(width).expand_as(seg)
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    start_idx = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    positions = (idx - start_idx).masked_fill(seg < 0, 0)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # (T, T)
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)  # (B, T, T)
+    allowed = (same & causal) | torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves
+    return {"position_ids": positions, "attention_mask": allowed[:, None]}
 
 
 class BatchOrder:

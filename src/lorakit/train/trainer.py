@@ -215,7 +215,8 @@ class Trainer:
         ``(tokens, vocab)`` logits) when fast paths are on."""
         if self.config.training.fused and batch["labels"].dim() == 2 and not self.dist.fsdp:  # FSDP: root forward
             return speed.causal_lm_loss(model, batch["input_ids"], batch["labels"],
-                                        attention_mask=batch["attention_mask"])
+                                        attention_mask=batch["attention_mask"],
+                                        position_ids=batch.get("position_ids"))
         return model(**batch).loss
 
     # --- evaluation ----------------------------------------------------------------------------------------
