@@ -128,6 +128,10 @@ class DataConfig(_Section):
             completion: answer}``.
         labels: class names for classification data whose ``label`` is a string.
         add_eos: end each text/completion with the tokenizer's end-of-sequence token.
+        group_by_length: batch examples of similar length together (less padding; the order stays seeded
+            and resumable).
+        max_tokens: a budget of padded tokens per micro-batch (per process): short examples share a batch,
+            ``training.batch_size`` stays the most examples a batch holds.
     """
 
     train: str
@@ -139,6 +143,8 @@ class DataConfig(_Section):
     columns: dict[str, str] | None = None
     labels: list[str] | None = None
     add_eos: bool = True
+    group_by_length: bool = False
+    max_tokens: int | None = Field(None, ge=1)
 
 
 class TrainingConfig(_Section):

@@ -16,7 +16,6 @@ With packing, whole examples share ``max_length`` blocks, each attending only to
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -346,28 +345,94 @@ class BatchOrder:
     """A reproducible, resumable order of micro-batches over several epochs.
 
     Micro-batch ``k`` (counted from the start of training across epochs) is a pure function of ``k``,
-    the seed and the dataset size, so a resumed run needs only ``k`` to continue exactly where it stopped.
+    the seed and the dataset (size, and lengths when they shape the batches), so a resumed run needs only
+    ``k`` to continue exactly where it stopped.
+
+    Args:
+        n: examples.
+        batch_size: examples per micro-batch (at most, with ``max_tokens``).
+        seed: seed of the shuffles (one per epoch).
+        lengths: each example's length in tokens (needed by the two options below).
+        group_by_length: batch examples of similar length together, so less of each batch is padding: each
+            epoch's shuffled order is cut into chunks of ``50 x batch_size`` examples, each chunk is sorted by
+            length and cut into batches, and the batches are shuffled.
+        max_tokens: a token budget per micro-batch: a batch takes examples while ``its size x its longest
+            example`` (the padded tokens) stays within the budget (one example at least, ``batch_size`` at
+            most), so batches of short examples hold more of them.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, *,
+                 lengths: Sequence[int] | None = None, group_by_length: bool = False,
+                 max_tokens: int | None = None) -> None:
+        if (group_by_length or max_tokens is not None) and (lengths is None or len(lengths) != n):
+            raise ValueError("group_by_length and max_tokens need the length of every example")
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
-        self.batches_per_epoch = math.ceil(n / batch_size)
-        self._cache: tuple[int, list[int]] | None = None
+        self.lengths = list(lengths) if lengths is not None else None
+        self.group_by_length, self.max_tokens = group_by_length, max_tokens
+        self._plans: dict[int, list[list[int]]] = {}
+        self._counts: dict[int, int] = {}  # batches of each epoch seen so far (kept: tiny)
+        self.batches_per_epoch = len(self._plan(0))  # epochs may differ by a batch or two with max_tokens
 
     def _perm(self, epoch: int) -> list[int]:
-        if self._cache is None or self._cache[0] != epoch:
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-                order = torch.randperm(self.n, generator=g).tolist()
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def _cut(self, order: list[int]) -> list[list[int]]:
+        """Consecutive batches of ``order``: ``batch_size`` each, or within the token budget."""
+        if self.max_tokens is None:
+            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        assert self.lengths is not None
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        longest = 0
+        for i in order:
+            grown = max(longest, self.lengths[i])
+            if cur and (len(cur) == self.batch_size or grown * (len(cur) + 1) > self.max_tokens):
+                batches.append(cur)
+                cur, grown = [], self.lengths[i]
+            cur.append(i)
+            longest = grown
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        """The micro-batches of one epoch (cached: the plan of an epoch is fixed by the seed)."""
+        if epoch not in self._plans:
+            order = self._perm(epoch)
+            if not self.group_by_length:
+                plan = self._cut(order)
             else:
-                order = list(range(self.n))
-            self._cache = (epoch, order)
-        return self._cache[1]
+                assert self.lengths is not None
+                lengths = self.lengths
+                chunk = 50 * self.batch_size
+                plan = []
+                for s in range(0, len(order), chunk):
+                    plan += self._cut(sorted(order[s:s + chunk], key=lambda i: -lengths[i]))
+                if self.shuffle:
+                    g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 1_000_000_007)
+                    plan = [plan[j] for j in torch.randperm(len(plan), generator=g).tolist()]
+            self._plans = {e: b for e, b in self._plans.items() if e >= epoch - 1}  # keep memory flat
+            self._plans[epoch] = plan
+            self._counts[epoch] = len(plan)
+        return self._plans[epoch]
+
+    def _locate(self, k: int) -> tuple[int, int]:
+        """``(epoch, batch within it)`` of micro-batch ``k``."""
+        if self.max_tokens is None:  # every epoch has the same number of batches
+            return divmod(k, self.batches_per_epoch)
+        epoch = 0
+        while k >= (count := self._counts.get(epoch) or len(self._plan(epoch))):
+            k -= count
+            epoch += 1
+        return epoch, k
 
     def indices(self, k: int) -> list[int]:
         """Example indices of micro-batch ``k``."""
-        epoch, b = divmod(k, self.batches_per_epoch)
-        return self._perm(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
+        epoch, b = self._locate(k)
+        return self._plan(epoch)[b]
 
     def epoch_of(self, k: int) -> float:
         return k / self.batches_per_epoch

@@ -151,12 +151,20 @@ class Trainer:
                               f"{type(self.model).__name__}")
         return heads[0]
 
+    def _batch_order(self, seed: int) -> BatchOrder:
+        """The run's micro-batch order over the global batch (every process draws the same)."""
+        assert self.train_data is not None
+        d = self.config.data
+        lengths = [len(e.input_ids) for e in self.train_data.examples] if d.group_by_length or d.max_tokens else None
+        budget = None if d.max_tokens is None else d.max_tokens * self.dist.world  # the budget is per process
+        return BatchOrder(len(self.train_data), self.dist.global_batch(self.config.training.batch_size), seed,
+                          lengths=lengths, group_by_length=d.group_by_length, max_tokens=budget)
+
     def _init_batches(self) -> Iterator[dict[str, Tensor]]:
         """Training batches for a data-driven init, in a seeded order of their own (so the training order,
         and therefore a resumed run, does not depend on how many the method read)."""
         assert self.train_data is not None
-        order = BatchOrder(len(self.train_data), self.dist.global_batch(self.config.training.batch_size),
-                           self.config.training.seed + 1)  # LoRA-SB splits each global batch over processes
+        order = self._batch_order(self.config.training.seed + 1)  # LoRA-SB splits each global batch over processes
         n = order.batches_per_epoch if self.config.adapter.init_batches is None else \
             min(order.batches_per_epoch, self.config.adapter.init_batches)
         for k in range(n):
@@ -291,7 +299,7 @@ class Trainer:
         self.prepare()
         assert self.model is not None and self.train_data is not None
         model = self.model
-        order = BatchOrder(len(self.train_data), self.dist.global_batch(t.batch_size), t.seed)
+        order = self._batch_order(t.seed)
         total = t.max_steps or max(1, math.ceil(t.epochs * order.batches_per_epoch / t.grad_accum))
         # process 0's view: on several nodes output.dir must be shared, or reading it fails (no silent divergence)
         ckpt = self.dist.main_only(latest_good_checkpoint, out, self._log) if resuming else None
