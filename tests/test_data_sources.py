@@ -250,3 +250,91 @@ def test_grouped_budgeted_run_resumes_bit_exact(tiny_run, tmp_path: Path) -> Non
     a = load_file(tmp_path / "straight" / "adapter" / "adapter.safetensors")
     b = load_file(tmp_path / "broken" / "adapter" / "adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- data larger than memory: streamed once into a memory-mapped token store -------------------------------------
+def test_cached_store_holds_the_same_examples_and_is_reused(tiny_run, tmp_path: Path, tok, monkeypatch) -> None:
+    from lorakit.train import data as data_module
+    from lorakit.train.streaming import load_data
+    from lorakit.train.token_store import TokenStore
+
+    for packing in (False, True):
+        cfg = DataConfig(train=str(tiny_run["train"]), eval=str(tiny_run["eval"]), max_length=48, packing=packing,
+                         cache_dir=str(tmp_path / f"cache{packing}"))
+        said: list[str] = []
+        train, evald = load_data(cfg, tok, task="causal-lm", seed=0, log=said.append)
+        mem_train, mem_eval = load_datasets(cfg.model_copy(update={"cache_dir": None}), tok, task="causal-lm", seed=0)
+        assert isinstance(train.examples, TokenStore) and len(train) == len(mem_train)
+        assert list(train.examples) == mem_train.examples and list(evald.examples) == mem_eval.examples
+        assert train.n_tokens == mem_train.n_tokens and train.format == mem_train.format
+        assert any("tokenizing" in s for s in said)
+
+        def no_tokenizing(*a, **k):
+            raise AssertionError("tokenized again")
+
+        monkeypatch.setattr(data_module, "encode_record", no_tokenizing)
+        said.clear()
+        again, _ = load_data(cfg, tok, task="causal-lm", seed=0, log=said.append)  # the cache, not the file
+        assert list(again.examples) == mem_train.examples and any("using the tokenized cache" in s for s in said)
+        monkeypatch.undo()
+
+
+def test_cached_held_out_split_partitions_the_file(tiny_run, tmp_path: Path, tok) -> None:
+    from lorakit.train.streaming import load_data
+
+    cfg = DataConfig(train=str(tiny_run["train"]), eval_fraction=0.25, max_length=48, cache_dir=str(tmp_path / "c"))
+    train, evald = load_data(cfg, tok, task="causal-lm", seed=3)
+    everything, _ = load_datasets(DataConfig(train=str(tiny_run["train"]), eval_fraction=0, max_length=48), tok,
+                                  task="causal-lm", seed=3)
+    got = sorted(tuple(e.input_ids) for e in [*train.examples, *evald.examples])
+    assert got == sorted(tuple(e.input_ids) for e in everything.examples) and 0 < len(evald) < len(train)
+
+
+def test_training_from_the_cache_equals_training_in_memory(tiny_run, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    mem = make_config(tiny_run, tmp_path / "mem", training={"max_steps": 3})
+    cached = make_config(tiny_run, tmp_path / "cached", training={"max_steps": 3},
+                         data={"cache_dir": str(tmp_path / "cache"), "group_by_length": True})
+    mem_grouped = make_config(tiny_run, tmp_path / "memg", training={"max_steps": 3}, data={"group_by_length": True})
+    for cfg in (mem, cached, mem_grouped):
+        assert main(["train", str(cfg)]) == 0
+    a = load_file(tmp_path / "memg" / "adapter" / "adapter.safetensors")
+    b = load_file(tmp_path / "cached" / "adapter" / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same examples, same order, same bits
+
+
+def test_a_large_file_streams_with_flat_memory(tiny_run, tmp_path: Path) -> None:
+    """Peak RSS while building a store from a ~25 MB JSONL stays small; the in-memory path on the same file
+    grows by several times more (the contrast shows the measurement can fail)."""
+    import subprocess
+    import sys
+
+    big = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "the cat sat on the mat and the dog ran to the door " * 4}) + "\n"
+    with open(big, "w") as f:
+        f.write(line * (25_000_000 // len(line)))
+    code = (
+        "import sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from transformers import AutoTokenizer\n"
+        "from lorakit.evaluation.generation import reset_peak_rss, rss_bytes, window_peak_rss\n"
+        "from lorakit.train.config import DataConfig\n"
+        "from lorakit.train.streaming import load_data\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[2])\n"
+        "before = rss_bytes()\n"
+        "assert reset_peak_rss()\n"
+        "cfg = DataConfig(train=sys.argv[3], eval_fraction=0, max_length=64,"
+        " cache_dir=None if sys.argv[4] == 'memory' else sys.argv[4])\n"
+        "train, _ = load_data(cfg, tok, task='causal-lm', seed=0)\n"
+        "print(len(train), (window_peak_rss() - before) // 1024)\n")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    grown = {}
+    for mode in ("memory", str(tmp_path / "cache")):
+        out = subprocess.run([sys.executable, "-c", code, src, str(tiny_run["base"]), str(big), mode],
+                             capture_output=True, text=True, timeout=600, check=True).stdout.split()
+        grown[mode == "memory"] = (int(out[0]), int(out[1]) / 1024)  # (examples, MiB)
+    (n_store, store_mb), (n_mem, mem_mb) = grown[False], grown[True]
+    assert n_store == n_mem > 100_000
+    print(f"peak RSS growth building {n_store} examples: store {store_mb:.0f} MiB, in memory {mem_mb:.0f} MiB")
+    assert store_mb < 100 and mem_mb > 3 * store_mb, (store_mb, mem_mb)

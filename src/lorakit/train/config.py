@@ -132,6 +132,9 @@ class DataConfig(_Section):
             and resumable).
         max_tokens: a budget of padded tokens per micro-batch (per process): short examples share a batch,
             ``training.batch_size`` stays the most examples a batch holds.
+        cache_dir: stream the data files into memory-mapped token stores here, tokenized once and reused by
+            every run with the same data and settings (for data larger than memory; see
+            :mod:`lorakit.train.streaming`). ``None``: tokenize in memory.
     """
 
     train: str
@@ -145,6 +148,7 @@ class DataConfig(_Section):
     add_eos: bool = True
     group_by_length: bool = False
     max_tokens: int | None = Field(None, ge=1)
+    cache_dir: str | None = None
 
 
 class TrainingConfig(_Section):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,26 +29,11 @@ from torch import Tensor
 from lorakit.core.collectives import IGNORE
 from lorakit.train import sources
 from lorakit.train.config import DataConfig
+from lorakit.train.example import Example
 from lorakit.train.sources import DataError
 from lorakit.util.files import JsonlLineError, iter_jsonl
 
 FORMATS = ("text", "prompt_completion", "chat", "classification")
-
-
-@dataclass
-class Example:
-    """One tokenized example.
-
-    Attributes:
-        input_ids: token ids.
-        labels: per-token labels (``-100`` where no loss) for language modelling, a class index for
-            classification.
-        segments: for a packed block (:func:`pack`), the example each token belongs to (0, 0, 1, 1, 1...).
-    """
-
-    input_ids: list[int]
-    labels: list[int] | int
-    segments: list[int] | None = None  # packed blocks: which example each token belongs to
 
 
 @dataclass
@@ -63,7 +48,7 @@ class Dataset:
         source: where the examples came from (for messages).
     """
 
-    examples: list[Example]
+    examples: Sequence[Example]  # a list, or a memory-mapped TokenStore (data.cache_dir)
     format: str
     n_truncated: int = 0
     n_dropped: int = 0
@@ -75,29 +60,34 @@ class Dataset:
 
     @property
     def n_tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.examples)
+        stored = getattr(self.examples, "n_tokens", None)  # a TokenStore knows without reading
+        return int(stored) if stored is not None else sum(len(e.input_ids) for e in self.examples)
 
 
 # --- reading -----------------------------------------------------------------------------------------------
 Record = tuple[int, dict[str, Any]]  # (1-based line number, parsed object)
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
-    """Parse a JSONL file; :class:`DataError` names the file and line of the first bad line.
-
-    Every line must hold one JSON object; blank lines are errors too (they usually mean a broken export).
-    """
+def read_jsonl_rows(path: str | os.PathLike[str]) -> Iterator[Record]:
+    """The records of a JSONL data file, one line at a time; :class:`DataError` names the file and line of the
+    first bad line. Every line must hold one JSON object; blank lines are errors too (they usually mean a broken
+    export)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such data file")
     try:
-        records: list[Record] = list(iter_jsonl(p, blank="error", objects=True))
+        yield from iter_jsonl(p, blank="error", objects=True)
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except JsonlLineError as e:
         raise DataError(f"{p}:{e.line}: {e.reason}") from None
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
+    """Every record of a JSONL data file (see :func:`read_jsonl_rows`); an empty file is a :class:`DataError`."""
+    records = list(read_jsonl_rows(path))
     if not records:
-        raise DataError(f"{p}: no examples (the file is empty)")
+        raise DataError(f"{Path(path)}: no examples (the file is empty)")
     return records
 
 
@@ -212,37 +202,82 @@ def encode_record(tokenizer: Any, obj: dict[str, Any], fmt: str, *, add_eos: boo
     return Example(_encode(tokenizer, obj["text"], True), label)
 
 
-def tokenize(records: Sequence[Record], tokenizer: Any, *, fmt: str = "auto", task: str = "causal-lm",
-             max_length: int = 512, truncate: bool = True, add_eos: bool = True,
-             label_names: Sequence[str] | None = None, num_labels: int = 2, source: str = "") -> Dataset:
-    """Check, tokenize and truncate ``records`` into a :class:`Dataset`."""
-    if not records:
-        raise DataError(f"{source}: no examples")
-    if fmt == "auto":
-        fmt = sources.detect(records[0][1], task, f"{source}:{records[0][0]}")
-    stored = {"alpaca": "prompt_completion", "sharegpt": "chat"}.get(fmt, fmt)  # what the records become
-    if (stored == "classification") != (task == "classification"):
-        raise DataError(f"{source}: format {fmt!r} does not fit model.task={task!r}")
-    out = Dataset([], stored, source=source)
+def encode_records(records: Iterable[Record], tokenizer: Any, *, fmt: str = "auto", task: str = "causal-lm",
+                   max_length: int = 512, truncate: bool = True, add_eos: bool = True,
+                   label_names: Sequence[str] | None = None, num_labels: int = 2, source: str = "",
+                   counts: Dataset, required: bool = True) -> Iterator[Example]:
+    """Check, tokenize and truncate ``records`` one at a time (streaming: nothing is kept).
+
+    ``counts`` receives the data format (``counts.format``) and the truncated and dropped counts; no record
+    at all is a :class:`DataError` when ``required``.
+    """
+    stored = ""
     for line, raw in records:
+        if not stored:  # the first record decides the format
+            if fmt == "auto":
+                fmt = sources.detect(raw, task, f"{source}:{line}")
+            stored = {"alpaca": "prompt_completion", "sharegpt": "chat"}.get(fmt, fmt)  # what the records become
+            if (stored == "classification") != (task == "classification"):
+                raise DataError(f"{source}: format {fmt!r} does not fit model.task={task!r}")
+            counts.format = stored
         where = f"{source}:{line}"
         obj, _ = sources.normalize(raw, fmt, where)
         check_record(obj, stored, where)
         ex = encode_record(tokenizer, obj, stored, add_eos=add_eos, where=where, label_names=label_names,
                            num_labels=num_labels)
         if truncate and len(ex.input_ids) > max_length:
-            out.n_truncated += 1
+            counts.n_truncated += 1
             ex.input_ids = ex.input_ids[:max_length]
             if isinstance(ex.labels, list):
                 ex.labels = ex.labels[:max_length]
         if isinstance(ex.labels, list) and all(x == IGNORE for x in ex.labels[1:]):
-            out.n_dropped += 1  # causal LM shifts labels by one: the first label is never predicted
+            counts.n_dropped += 1  # causal LM shifts labels by one: the first label is never predicted
             continue
-        out.examples.append(ex)
+        yield ex
+    if not stored and required:
+        raise DataError(f"{source}: no examples")
+
+
+def tokenize(records: Iterable[Record], tokenizer: Any, *, fmt: str = "auto", task: str = "causal-lm",
+             max_length: int = 512, truncate: bool = True, add_eos: bool = True,
+             label_names: Sequence[str] | None = None, num_labels: int = 2, source: str = "") -> Dataset:
+    """Check, tokenize and truncate ``records`` into a :class:`Dataset` (in memory)."""
+    out = Dataset([], "", source=source)
+    out.examples = list(encode_records(records, tokenizer, fmt=fmt, task=task, max_length=max_length,
+                                       truncate=truncate, add_eos=add_eos, label_names=label_names,
+                                       num_labels=num_labels, source=source, counts=out))
     if not out.examples:
         raise DataError(f"{source}: every example was dropped (no trainable tokens within "
                         f"max_length={max_length})")
     return out
+
+
+def pack_blocks(examples: Iterable[Example], max_length: int, counts: Dataset) -> Iterator[Example]:
+    """The blocks of :func:`pack`, one at a time (``counts.n_truncated`` counts the examples cut)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    segments: list[int] = []
+
+    def block() -> Iterator[Example]:
+        if ids and any(x != IGNORE for x in labels[1:]):
+            yield Example(list(ids), list(labels), list(segments))
+        ids.clear()
+        labels.clear()
+        segments.clear()
+
+    for ex in examples:
+        assert isinstance(ex.labels, list)
+        e_ids, e_labels = ex.input_ids, ex.labels
+        if len(e_ids) > max_length:
+            e_ids, e_labels = e_ids[:max_length], e_labels[:max_length]
+            counts.n_truncated += 1
+        if len(ids) + len(e_ids) > max_length:
+            yield from block()
+        seg = segments[-1] + 1 if segments else 0
+        ids.extend(e_ids)
+        labels.extend([IGNORE] + e_labels[1:])  # never predicted from the previous example
+        segments.extend([seg] * len(e_ids))
+    yield from block()
 
 
 def pack(data: Dataset, max_length: int) -> Dataset:
@@ -255,33 +290,10 @@ def pack(data: Dataset, max_length: int) -> Dataset:
     token of each example carries no label (it would be predicted from the previous example), so the packed
     loss is exactly the sum of the examples' own losses.
     """
-    blocks: list[Example] = []
-    ids: list[int] = []
-    labels: list[int] = []
-    segments: list[int] = []
-    truncated = 0
-
-    def close() -> None:
-        if ids and any(x != IGNORE for x in labels[1:]):
-            blocks.append(Example(list(ids), list(labels), list(segments)))
-        ids.clear()
-        labels.clear()
-        segments.clear()
-
-    for ex in data.examples:
-        assert isinstance(ex.labels, list)
-        e_ids, e_labels = ex.input_ids, ex.labels
-        if len(e_ids) > max_length:
-            e_ids, e_labels, truncated = e_ids[:max_length], e_labels[:max_length], truncated + 1
-        if len(ids) + len(e_ids) > max_length:
-            close()
-        seg = segments[-1] + 1 if segments else 0
-        ids.extend(e_ids)
-        labels.extend([IGNORE] + e_labels[1:])  # never predicted from the previous example
-        segments.extend([seg] * len(e_ids))
-    close()
-    return Dataset(blocks, data.format, data.n_truncated + truncated, data.n_dropped, data.source,
-                   {**data.stats, "packed_from": len(data.examples)})
+    out = Dataset([], data.format, data.n_truncated, data.n_dropped, data.source,
+                  {**data.stats, "packed_from": len(data.examples)})
+    out.examples = list(pack_blocks(data.examples, max_length, out))
+    return out
 
 
 def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -369,25 +381,28 @@ class BatchOrder:
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.lengths = list(lengths) if lengths is not None else None
         self.group_by_length, self.max_tokens = group_by_length, max_tokens
-        self._plans: dict[int, list[list[int]]] = {}
+        self._plans: dict[int, Any] = {}  # per epoch: a tuple of index tensors, or a list of index lists
         self._counts: dict[int, int] = {}  # batches of each epoch seen so far (kept: tiny)
         self.batches_per_epoch = len(self._plan(0))  # epochs may differ by a batch or two with max_tokens
 
-    def _perm(self, epoch: int) -> list[int]:
+    def _perm(self, epoch: int) -> Tensor:
+        """The epoch's example order, ``(n,)`` int64 (a tensor: 8 bytes per example, for data of any size)."""
         if not self.shuffle:
-            return list(range(self.n))
+            return torch.arange(self.n)
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n, generator=g).tolist()
+        return torch.randperm(self.n, generator=g)
 
-    def _cut(self, order: list[int]) -> list[list[int]]:
+    def _cut(self, order: Tensor | list[int]) -> Any:
         """Consecutive batches of ``order``: ``batch_size`` each, or within the token budget."""
         if self.max_tokens is None:
+            if isinstance(order, Tensor):  # batches stay views of the order tensor until asked for
+                return order.split(self.batch_size)
             return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         assert self.lengths is not None
         batches: list[list[int]] = []
         cur: list[int] = []
         longest = 0
-        for i in order:
+        for i in (order.tolist() if isinstance(order, Tensor) else order):
             grown = max(longest, self.lengths[i])
             if cur and (len(cur) == self.batch_size or grown * (len(cur) + 1) > self.max_tokens):
                 batches.append(cur)
@@ -398,7 +413,7 @@ class BatchOrder:
             batches.append(cur)
         return batches
 
-    def _plan(self, epoch: int) -> list[list[int]]:
+    def _plan(self, epoch: int) -> Any:
         """The micro-batches of one epoch (cached: the plan of an epoch is fixed by the seed)."""
         if epoch not in self._plans:
             order = self._perm(epoch)
@@ -410,7 +425,7 @@ class BatchOrder:
                 chunk = 50 * self.batch_size
                 plan = []
                 for s in range(0, len(order), chunk):
-                    plan += self._cut(sorted(order[s:s + chunk], key=lambda i: -lengths[i]))
+                    plan += self._cut(sorted(order[s:s + chunk].tolist(), key=lambda i: -lengths[i]))
                 if self.shuffle:
                     g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 1_000_000_007)
                     plan = [plan[j] for j in torch.randperm(len(plan), generator=g).tolist()]
@@ -432,7 +447,8 @@ class BatchOrder:
     def indices(self, k: int) -> list[int]:
         """Example indices of micro-batch ``k``."""
         epoch, b = self._locate(k)
-        return self._plan(epoch)[b]
+        batch = self._plan(epoch)[b]
+        return batch.tolist() if isinstance(batch, Tensor) else list(batch)
 
     def epoch_of(self, k: int) -> float:
         return k / self.batches_per_epoch
@@ -449,7 +465,7 @@ def read_source(source: Any, cfg: DataConfig) -> tuple[list[Record], str]:
     """The records of a data source (a file, a ``datasets`` directory or object, a list of dicts; see
     :mod:`lorakit.train.sources`) with ``data.columns`` applied, and the source's name for messages."""
     records, name = sources.read_records(source, jsonl_reader=read_jsonl)
-    return sources.rename_columns(records, cfg.columns, name), name
+    return list(sources.rename_columns(records, cfg.columns, name)), name
 
 
 def dataset_from(source: Any, cfg: DataConfig, tokenizer: Any, *, task: str, num_labels: int = 2) -> Dataset:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,21 +59,44 @@ def read_records(source: str | os.PathLike[str] | Any, *, jsonl_reader: Any = No
     if not isinstance(source, (str, os.PathLike)):
         return _from_rows(source, type(source).__name__), type(source).__name__
     p = Path(source)
-    name = str(p)
+    if p.is_file() and p.suffix.lower() not in (".csv", ".tsv", ".parquet", ".json"):
+        if jsonl_reader is None:  # pragma: no cover - the trainer always passes it
+            raise DataError(f"{p}: no JSONL reader")
+        return jsonl_reader(p), str(p)
+    if p.is_file() and p.suffix.lower() == ".json":
+        return _read_json(p, jsonl_reader), str(p)
+    records = list(iter_records(p))
+    if not records:
+        raise DataError(f"{p}: no examples" + (" (only a header)" if p.suffix.lower() in (".csv", ".tsv") else ""))
+    return records, str(p)
+
+
+def iter_records(source: str | os.PathLike[str], *, jsonl_rows: Any = None) -> Iterator[Record]:
+    """The records of a data file or ``datasets`` directory, one at a time: a file larger than memory streams
+    (JSONL line by line, CSV row by row, parquet batch by batch, a ``datasets`` directory memory-mapped); a
+    ``.json`` array is read whole.
+
+    Args:
+        jsonl_rows: ``path -> iterator of records`` for JSONL files (lorakit's strict line reader).
+    """
+    p = Path(source)
     if p.is_dir():
-        return _from_rows(_load_from_disk(p), name), name
+        for i, row in enumerate(_load_from_disk(p), 1):
+            yield i, dict(row)
+        return
     if not p.is_file():
         raise DataError(f"{p}: no such data file")
     suffix = p.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        return _read_csv(p, "\t" if suffix == ".tsv" else ","), name
-    if suffix == ".parquet":
-        return _from_rows(_read_parquet(p), name), name
-    if suffix == ".json":
-        return _read_json(p, jsonl_reader), name
-    if jsonl_reader is None:  # pragma: no cover - the trainer always passes it
-        raise DataError(f"{p}: no JSONL reader")
-    return jsonl_reader(p), name
+        yield from _iter_csv(p, "\t" if suffix == ".tsv" else ",")
+    elif suffix == ".parquet":
+        yield from _iter_parquet(p)
+    elif suffix == ".json":
+        yield from _read_json(p, None)
+    else:
+        if jsonl_rows is None:  # pragma: no cover
+            raise DataError(f"{p}: no JSONL reader")
+        yield from jsonl_rows(p)
 
 
 def _from_rows(rows: Iterable[Any], name: str) -> list[Record]:
@@ -104,37 +127,40 @@ def _read_json(p: Path, jsonl_reader: Any) -> list[Record]:
     return _from_rows(data, str(p))
 
 
-def _read_csv(p: Path, delimiter: str) -> list[Record]:
+def _iter_csv(p: Path, delimiter: str) -> Iterator[Record]:
     try:
         with open(p, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             if not reader.fieldnames:
                 raise DataError(f"{p}: no header row")
-            out: list[Record] = []
             for row in reader:
                 if None in row:  # more cells than header columns
                     raise DataError(f"{p}:{reader.line_num}: more cells than the header's "
-                                      f"{len(reader.fieldnames)} columns")
+                                    f"{len(reader.fieldnames)} columns")
                 if any(v is None for v in row.values()):
                     raise DataError(f"{p}:{reader.line_num}: fewer cells than the header's "
-                                      f"{len(reader.fieldnames)} columns")
-                out.append((reader.line_num, dict(row)))
+                                    f"{len(reader.fieldnames)} columns")
+                yield reader.line_num, dict(row)
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
         raise DataError(f"{p}: malformed CSV ({e})") from None
-    if not out:
-        raise DataError(f"{p}: no examples (only a header)")
-    return out
 
 
-def _read_parquet(p: Path) -> list[dict[str, Any]]:
+def _iter_parquet(p: Path) -> Iterator[Record]:
     try:
         import pyarrow.parquet as pq  # comes with `datasets`
     except ImportError:  # pragma: no cover
         raise DataError(f"{p}: reading parquet needs pyarrow (pip install datasets)") from None
     try:
-        return pq.read_table(p).to_pylist()
+        batches = pq.ParquetFile(p).iter_batches(batch_size=1024)
+        n = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+    except DataError:
+        raise
     except Exception as e:  # pyarrow's own error types
         raise DataError(f"{p}: unreadable parquet file ({e})") from None
 
@@ -158,20 +184,19 @@ def _load_from_disk(p: Path) -> Any:
 
 
 # --- formats --------------------------------------------------------------------------------------------------
-def rename_columns(records: list[Record], columns: Mapping[str, str] | None, source: str) -> list[Record]:
-    """Apply ``data.columns`` (``{lorakit name: column in the data}``) to every record."""
+def rename_columns(records: Iterable[Record], columns: Mapping[str, str] | None, source: str) -> Iterator[Record]:
+    """Apply ``data.columns`` (``{lorakit name: column in the data}``) to every record, one at a time."""
     if not columns:
-        return records
-    out = []
+        yield from records
+        return
     for where, obj in records:
         missing = [c for c in columns.values() if c not in obj]
         if missing:
             raise DataError(f"{source}:{where}: data.columns names column(s) {missing} that this record lacks "
-                              f"(columns: {sorted(obj)})")
+                            f"(columns: {sorted(obj)})")
         new = {k: v for k, v in obj.items() if k not in columns.values()}
         new.update({target: obj[col] for target, col in columns.items()})
-        out.append((where, new))
-    return out
+        yield where, new
 
 
 def detect(obj: Mapping[str, Any], task: str, source: str) -> str:

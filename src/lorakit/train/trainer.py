@@ -57,12 +57,13 @@ from lorakit.train.checkpoint import (
     write_json,
 )
 from lorakit.train.config import TrainConfig, load_config, save_config
-from lorakit.train.data import IGNORE, BatchOrder, Dataset, collate, dataset_from, iter_batches, load_datasets
+from lorakit.train.data import IGNORE, BatchOrder, Dataset, collate, dataset_from, iter_batches
 from lorakit.train.loading import HEAD_ADAPTER, load_model, load_tokenizer, resolve_device
 from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLogger, plot_losses
 from lorakit.train.optim import optimizer as make_optimizer
 from lorakit.train.run import FitResult, Position, RunState, TrainingError, logged_eval
 from lorakit.train.runtime import lr_factor, resolve_precision, seed_everything, stop_on_signals
+from lorakit.train.streaming import load_data
 
 
 class Trainer:
@@ -132,8 +133,8 @@ class Trainer:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         task, n = cfg.model.task, cfg.model.num_labels
         if self.train_data is None:
-            self.train_data, loaded_eval = load_datasets(cfg.data, self.tokenizer, task=task, seed=cfg.training.seed,
-                                                         num_labels=n)
+            self.train_data, loaded_eval = load_data(cfg.data, self.tokenizer, task=task, seed=cfg.training.seed,
+                                                     num_labels=n, log=self._log)
             self.eval_data = self.eval_data if self.eval_data is not None else loaded_eval
         elif not isinstance(self.train_data, Dataset):  # records (a datasets.Dataset, dicts): tokenize them
             self.train_data = dataset_from(self.train_data, cfg.data, self.tokenizer, task=task, num_labels=n)
@@ -155,7 +156,10 @@ class Trainer:
         """The run's micro-batch order over the global batch (every process draws the same)."""
         assert self.train_data is not None
         d = self.config.data
-        lengths = [len(e.input_ids) for e in self.train_data.examples] if d.group_by_length or d.max_tokens else None
+        lengths = None
+        if d.group_by_length or d.max_tokens:
+            stored = getattr(self.train_data.examples, "lengths", None)  # a TokenStore: from its offsets
+            lengths = stored() if callable(stored) else [len(e.input_ids) for e in self.train_data.examples]
         budget = None if d.max_tokens is None else d.max_tokens * self.dist.world  # the budget is per process
         return BatchOrder(len(self.train_data), self.dist.global_batch(self.config.training.batch_size), seed,
                           lengths=lengths, group_by_length=d.group_by_length, max_tokens=budget)

@@ -89,24 +89,26 @@ def iter_jsonl(path: str | os.PathLike[str], *, blank: str = "skip", bad: str = 
         JsonlLineError: a blank (``blank="error"``), malformed or non-object line, with its number and reason.
         OSError, UnicodeDecodeError: the file cannot be read as UTF-8 text.
     """
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            if blank == "error":
-                raise JsonlLineError(n, "empty line (each line must be one JSON object)")
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            if bad == "skip":
-                continue
-            raise JsonlLineError(n, f"malformed JSON ({e.msg} at column {e.colno})") from None
-        if objects and not isinstance(value, dict):
-            raise JsonlLineError(n, f"expected a JSON object, got {type(value).__name__}")
-        yield n, value
+    with open(path, encoding="utf-8", newline="\n") as f:  # streamed: a file larger than memory is fine
+        for n, line in enumerate(f, 1):
+            yield from _jsonl_line(n, line, blank=blank, bad=bad, objects=objects)
+
+
+def _jsonl_line(n: int, line: str, *, blank: str, bad: str, objects: bool) -> Iterator[tuple[int, Any]]:
+    """The value of line ``n`` of a JSONL file (nothing for a skipped line)."""
+    if not line.strip():
+        if blank == "error":
+            raise JsonlLineError(n, "empty line (each line must be one JSON object)")
+        return
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        if bad == "skip":
+            return
+        raise JsonlLineError(n, f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if objects and not isinstance(value, dict):
+        raise JsonlLineError(n, f"expected a JSON object, got {type(value).__name__}")
+    yield n, value
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
