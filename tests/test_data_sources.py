@@ -233,15 +233,18 @@ def test_length_grouping_and_token_budget_cover_every_example_once() -> None:
     assert [again.indices(k) for k in (0, 5, 200)] == [budget.indices(k) for k in (0, 5, 200)]  # pure in k
 
 
-def test_grouped_budgeted_run_resumes_bit_exact(tiny_run, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cached", [False, True])
+def test_grouped_budgeted_run_resumes_bit_exact(cached: bool, tiny_run, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     from lorakit.train.config import load_config
 
     from .test_train_cli import _InterruptAt
 
-    sections = {"training": {"max_steps": 6, "batch_size": 16}, "output": {"save_every": 2},
-                "data": {"group_by_length": True, "max_tokens": 300}}
+    data = {"group_by_length": True, "max_tokens": 300}
+    if cached:  # the resumed run reuses the token store the interrupted one built
+        data["cache_dir"] = str(tmp_path / "cache")
+    sections = {"training": {"max_steps": 6, "batch_size": 16}, "output": {"save_every": 2}, "data": data}
     straight = make_config(tiny_run, tmp_path / "straight", **sections)
     assert main(["train", str(straight)]) == 0
     broken = make_config(tiny_run, tmp_path / "broken", **sections)
