@@ -23,6 +23,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from lorakit.util.files import write_json  # noqa: E402
+
 WORDS = ("the cat sat on a mat while dogs ran past old houses near green hills and rivers under bright "
          "stars so people wrote long letters about quiet towns busy markets small boats").split()
 
@@ -93,8 +97,7 @@ def main() -> int:
     res["store_bytes"] = sum(f.stat().st_size for f in (a.dir / "cache").rglob("*") if f.is_file())
     print(json.dumps(res, indent=1))
     if a.out is not None:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(res, indent=1) + "\n")
+        write_json(a.out, res, indent=1)
     return 0
 
 

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO / "src"))
 import lorakit  # noqa: E402
 from lorakit.fast import speed  # noqa: E402
 from lorakit.train.data import IGNORE, Dataset, Example, collate, pack  # noqa: E402
+from lorakit.util.files import write_json  # noqa: E402
 
 
 def _examples(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[Example]:
@@ -114,8 +115,7 @@ def main() -> int:
     res["packed_vs_padded_tokens_per_s"] = res["packed"]["tokens_per_s_overall"] / res["padded"]["tokens_per_s_overall"]
     print(json.dumps({k: res[k] for k in ("tokens", "padded", "packed", "packed_vs_padded_tokens_per_s")}, indent=1))
     if a.out is not None:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(res, indent=1) + "\n")
+        write_json(a.out, res, indent=1)
     return 0
 
 
