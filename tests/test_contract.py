@@ -137,13 +137,13 @@ def test_save_load_round_trip(case: Case, model_name: str, tmp_path) -> None:
     assert lorakit.trainable_parameters(fresh) == lorakit.trainable_parameters(model)
 
 
-def test_training_lowers_loss(case: Case, model_name: str) -> None:
-    model, batch = _attach(case, model_name)
+def train_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], lr: float, steps: int = 8) -> list[float]:
+    """The losses of ``steps`` AdamW steps on ``batch`` with the active adapters' training callbacks."""
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=case.lr)
-    callbacks = lorakit.training_callbacks(model, opt, total_steps=8)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    callbacks = lorakit.training_callbacks(model, opt, total_steps=steps)
     losses = []
-    for _ in range(8):
+    for _ in range(steps):
         loss = callbacks.regularize(model(**batch).loss)
         losses.append(loss.item())
         loss.backward()
@@ -151,4 +151,10 @@ def test_training_lowers_loss(case: Case, model_name: str) -> None:
         opt.step()
         callbacks.step()
         opt.zero_grad()
+    return losses
+
+
+def test_training_lowers_loss(case: Case, model_name: str) -> None:
+    model, batch = _attach(case, model_name)
+    losses = train_losses(model, batch, case.lr)
     assert losses[-1] < losses[0]

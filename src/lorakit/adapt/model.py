@@ -26,6 +26,7 @@ from lorakit.adapt.records import (
     active_adapters,
     adapter_modules,
     adapters,
+    base_identity,
     shared_module,
     target_fingerprint,
     trainable_parameters,
@@ -43,7 +44,7 @@ from lorakit.adapt.tensors import (
 )
 from lorakit.core.callbacks import Callbacks
 from lorakit.core.contract import Adapter, AdapterConfig
-from lorakit.core.layers import AdaptedLayer, LayerInfo, adapted_layers, weight_view
+from lorakit.core.layers import AdaptedLayer, LayerInfo, adapted_layers, base_weight
 from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.methods import get_method
 from lorakit.methods.full import Full
@@ -104,10 +105,13 @@ def attach_config(model: nn.Module, config: AdapterConfig, method: str, *, name:
         if runtime:
             raise ConfigError(f"method {method!r} takes no option(s) {sorted(runtime)}")
         chosen = targets or Full.select(model, config)  # type: ignore[arg-type]
+        Full.check_quantized(model, chosen)
         params = dict(model.named_parameters())
         if tensors is not None:
             check_parameters(params, chosen, tensors, where=where)
-        record = AdapterRecord(name, method, config, chosen, target_fingerprint(model, method, chosen))
+        ident = base_identity(model, method, chosen)
+        record = AdapterRecord(name, method, config, chosen, ident.fingerprint, sketch=ident.sketch,
+                               base_exact=ident.exact)
         if tensors is not None:  # commit
             copy_parameters(params, tensors)
         _records(model)[name] = record
@@ -124,7 +128,7 @@ def attach_config(model: nn.Module, config: AdapterConfig, method: str, *, name:
     infos = [LayerInfo.of(t, m) for t, m in modules.items()]
     for info in infos:
         cls.check_layer(info, config)
-    fp = target_fingerprint(model, method, chosen)
+    ident = base_identity(model, method, chosen)
     # prepare: build (and fill) everything before touching the model
     shared = cls.create_shared(infos, config, init=init)
     built: dict[str, Adapter] = {}
@@ -132,7 +136,7 @@ def attach_config(model: nn.Module, config: AdapterConfig, method: str, *, name:
         adapter = cls(info, config, shared, init=init)
         adapter.train(modules[info.name].training)  # follow the model's train/eval mode (dropout)
         if init:
-            adapter.init_from_base(weight_view(modules[info.name]))
+            adapter.init_from_base(base_weight(modules[info.name]))  # dequantized, one layer at a time
         built[info.name] = adapter
     if tensors is not None:
         fill_modules(built, shared, tensors, method=method, where=where)
@@ -150,7 +154,8 @@ def attach_config(model: nn.Module, config: AdapterConfig, method: str, *, name:
             _replace(model, t, module)
         module.add_adapter(name, adapter)
         layers[t] = module
-    _records(model)[name] = AdapterRecord(name, method, config, chosen, fp, built)
+    _records(model)[name] = AdapterRecord(name, method, config, chosen, ident.fingerprint, built,
+                                          sketch=ident.sketch, base_exact=ident.exact)
     set_active(model, [name])
     if init:
         try:
@@ -230,6 +235,12 @@ def merge(model: nn.Module) -> nn.Module:
             output head): merging would change both. Nothing is merged then.
     """
     layers = list(adapted_layers(model))
+    quantized = [name for name, layer in layers if layer.pending() and layer.quant is not None]
+    if quantized:
+        raise AdapterStateError(
+            f"cannot merge in place into a quantized base ({len(quantized)} layers, e.g. {quantized[0]} is "
+            f"{dict(layers)[quantized[0]].quant}): W0 + dW does not fit in 4/8-bit weights. Call "
+            "lorakit.dequantize(model) first (the merged model is then dense), or keep the adapter unmerged")
     owners: dict[int, list[str]] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         for p_name, p in module.named_parameters(recurse=False, remove_duplicate=False):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.core.contract import Adapter, AdapterConfig, Method
-from lorakit.core.layers import weight_view
+from lorakit.core.layers import SAMPLES, sample_weight, weight_sample, weight_shape
 from lorakit.errors import AdapterStateError
 from lorakit.methods import get_method
 
@@ -32,6 +32,7 @@ class AdapterRecord:
         config: its validated options.
         targets: module names it wraps (layer methods) or parameter names it trains (``full``).
         fingerprint: hash of the targeted base weights at attach time (see :func:`fingerprint`).
+        sketch, base_exact: the rest of the :class:`BaseIdentity` (recognises the base through quantization).
         modules: its per-layer :class:`~lorakit.Adapter` modules by module name, in model order (empty for
             ``full``).
         extra: metadata saved with the adapter (e.g. what trained it), refreshed with the method's live
@@ -44,6 +45,8 @@ class AdapterRecord:
     targets: list[str]
     fingerprint: str
     modules: dict[str, Adapter] = field(default_factory=dict, repr=False)
+    sketch: list[float] = field(default_factory=list, repr=False)
+    base_exact: bool = True
     _extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -104,22 +107,75 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def fingerprint(named: Iterable[tuple[str, Tensor]]) -> str:
-    """A cheap, dtype-robust hash of base weights: names, shapes and 256 evenly spaced values of each,
-    rounded to bfloat16 (so the same checkpoint loaded in fp32 or bf16 gives the same fingerprint)."""
+def _digest(items: Iterable[tuple[str, tuple[int, ...], Tensor]]) -> str:
     h = hashlib.sha256()
-    for name, t in named:
-        flat = t.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), 256), device=flat.device).long()
-        sample = flat[idx].to(torch.bfloat16).float().cpu()
-        h.update(f"{name}:{tuple(t.shape)}".encode())
+    for name, shape, sample in items:
+        h.update(f"{name}:{shape}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:32]
 
 
-def target_fingerprint(model: nn.Module, method: str, targets: list[str]) -> str:
-    """Fingerprint of the base weights an adapter of ``method`` on ``targets`` depends on."""
+def fingerprint(named: Iterable[tuple[str, Tensor]]) -> str:
+    """A cheap, dtype-robust hash of base weights: names, shapes and 256 evenly spaced values of each,
+    rounded to bfloat16 (so the same checkpoint loaded in fp32 or bf16 gives the same fingerprint)."""
+    return _digest((name, tuple(t.shape), sample_weight(t)) for name, t in named)
+
+
+#: Values per target kept in an adapter's base sketch (a subset of the fingerprint's samples).
+SKETCH = 16
+#: Largest relative distance ``||s - s'|| / ||s||`` between two sketches of the same base when one side only
+#: knows its dequantized weights: 4-bit quantization moves weights by ~0.1 of their norm (NF4 0.09, FP4 0.15),
+#: int8 by ~0.005; two different models are ~1.4 apart.
+SKETCH_TOLERANCE = 0.35
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    """What identifies the base weights an adapter depends on.
+
+    Attributes:
+        fingerprint: :func:`fingerprint` of the targets' weights (the original weights of a base quantized by
+            :func:`lorakit.quantize`, so quantizing does not change it).
+        sketch: :data:`SKETCH` sampled values per target, in target order, to recognise the same base through
+            quantization noise when the original weights are unknown.
+        exact: the fingerprint comes from the base model's own weights (``False``: from the dequantized weights
+            of a base quantized elsewhere, e.g. bitsandbytes at load time).
+    """
+
+    fingerprint: str
+    sketch: list[float]
+    exact: bool
+
+    def matches(self, fingerprint: str, sketch: list[float] | None, exact: bool) -> bool:
+        """Whether a saved identity (``fingerprint``, ``sketch``, ``exact``) is this base: the same fingerprint, or,
+        when either side saw only dequantized weights, sketches within :data:`SKETCH_TOLERANCE`."""
+        if fingerprint == self.fingerprint:
+            return True
+        if (exact and self.exact) or not sketch or len(sketch) != len(self.sketch):
+            return False
+        saved, own = torch.tensor(sketch), torch.tensor(self.sketch)
+        norm = float(saved.norm())
+        return norm > 0 and float((saved - own).norm()) / norm <= SKETCH_TOLERANCE
+
+
+def base_identity(model: nn.Module, method: str, targets: list[str]) -> BaseIdentity:
+    """The :class:`BaseIdentity` of the base weights an adapter of ``method`` on ``targets`` depends on."""
+    items: list[tuple[str, tuple[int, ...], Tensor]] = []
+    exact = True
     if not get_method(method).layer_method:
         params = dict(model.named_parameters())
-        return fingerprint((n, params[n]) for n in targets)
-    return fingerprint((n, weight_view(model.get_submodule(n))) for n in targets)
+        items = [(n, tuple(params[n].shape), sample_weight(params[n])) for n in targets]
+    else:
+        for n in targets:
+            module = model.get_submodule(n)
+            sample, ok = weight_sample(module)
+            exact = exact and ok
+            items.append((n, weight_shape(module), sample))
+    step = max(1, SAMPLES // SKETCH)
+    sketch = [round(float(v), 5) for _, _, sample in items for v in sample[::step][:SKETCH]]
+    return BaseIdentity(_digest(items), sketch, exact)
+
+
+def target_fingerprint(model: nn.Module, method: str, targets: list[str]) -> str:
+    """Fingerprint of the base weights an adapter of ``method`` on ``targets`` depends on."""
+    return base_identity(model, method, targets).fingerprint

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lorakit.adapt.records import _record, shared_module
 from lorakit.core.contract import Adapter
-from lorakit.core.layers import layer_kind, weight_view
+from lorakit.core.layers import layer_kind, weight_shape
 from lorakit.errors import IncompatibleAdapterError
 from lorakit.methods import get_method
 
@@ -45,7 +45,7 @@ def target_shapes(model: nn.Module, name: str) -> dict[str, list[int]]:
     each trained parameter's shape (``full``)."""
     rec = _record(model, name)
     if rec.is_layer_method:
-        return {t: list(weight_view(model.get_submodule(t)).shape) for t in rec.targets}
+        return {t: list(weight_shape(model.get_submodule(t))) for t in rec.targets}
     params = dict(model.named_parameters())
     return {n: list(params[n].shape) for n in rec.targets}
 
@@ -67,8 +67,8 @@ def check_fits(model: nn.Module, method: str, shapes: dict[str, list[int]]) -> N
             problems.append(f"missing module {t}")
         elif layer_kind(modules[t]) is None:
             problems.append(f"{t}: {type(modules[t]).__name__} cannot be adapted")
-        elif list(weight_view(modules[t]).shape) != shape:
-            problems.append(f"{t}: weight (d_out, d_in) {list(weight_view(modules[t]).shape)} != saved {shape}")
+        elif list(weight_shape(modules[t])) != shape:
+            problems.append(f"{t}: weight (d_out, d_in) {list(weight_shape(modules[t]))} != saved {shape}")
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
         raise IncompatibleAdapterError(f"adapter does not fit this model: {shown}")

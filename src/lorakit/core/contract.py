@@ -88,6 +88,7 @@ class Method:
             (e.g. LoRA-SB's ``init_batches``); they are passed to :meth:`Adapter.initialize`.
         needs_init_data: attaching needs ``init_batches`` (a data-driven init: LoRA-SB).
         fsdp_unsupported: why FSDP cannot train this method (``None``: it can).
+        quantized_unsupported: why this method cannot train on a quantized base (QLoRA; ``None``: it can).
         rank_tensor: for methods whose rank differs per layer, the ``(r,)`` tensor whose length is a layer's
             stored rank (``lorakit inspect`` reads it from the saved shapes).
         bench_options: the options ``lorakit bench`` measures this method with (PERFORMANCE.md: r 16, alpha 32).
@@ -101,6 +102,7 @@ class Method:
     runtime_options: ClassVar[frozenset[str]] = frozenset()
     needs_init_data: ClassVar[bool] = False
     fsdp_unsupported: ClassVar[str | None] = None
+    quantized_unsupported: ClassVar[str | None] = None
     rank_tensor: ClassVar[str | None] = None
     bench_options: ClassVar[Mapping[str, Any]] = {}
     peft_counterpart: ClassVar[str | None] = None
@@ -136,6 +138,9 @@ class Adapter(Method, nn.Module):
             raise ConfigError(
                 f"method {cls.method!r} cannot adapt {layer.name!r} ({layer.kind.value}); "
                 f"supported layer kinds: {sorted(k.value for k in cls.kinds)}")
+        if layer.quant is not None and cls.quantized_unsupported:
+            raise ConfigError(f"method {cls.method!r} cannot train on a quantized base ({layer.name!r} is "
+                              f"{layer.quant}): {cls.quantized_unsupported}")
 
     @classmethod
     def create_shared(cls, layers: list[LayerInfo], config: AdapterConfig,

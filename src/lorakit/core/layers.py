@@ -7,6 +7,8 @@ Every supported base layer is seen through one convention, PyTorch's: a frozen w
 - Hugging Face GPT-2 ``Conv1D`` stores the transpose, ``weight`` is ``(d_in, d_out)``: ``W0 = weight.T``.
 - ``nn.Embedding`` is a linear map of a one-hot input: ``W0 = weight.T`` with ``d_in = num_embeddings`` and
   ``d_out = embedding_dim``; "``A x``" is then a row lookup of ``A.T``.
+- A quantized linear (torchao NF4/int8, bitsandbytes 4/8-bit; :mod:`lorakit.core.quant`): ``W0 = dequant(Q)``,
+  read one layer at a time by :func:`base_weight`; it cannot be written (no in-place merge).
 
 :class:`AdaptedLayer` holds the base layer (composition, not inheritance) and any number of named adapters.
 Its forward is ``base(x) + sum(adapter(x, base_out) for each active, unmerged adapter)``.
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorakit.core import quant
 from lorakit.errors import AdapterStateError
 
 try:  # transformers is a dependency, but keep the core importable without it
@@ -58,15 +61,73 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, AdaptedLayer) else module
+
+
 def weight_view(module: nn.Module) -> Tensor:
-    """The base weight of ``module`` as a ``(d_out, d_in)`` view that shares storage with the parameter."""
+    """The base weight of ``module`` as a ``(d_out, d_in)`` view that shares storage with the parameter (what
+    merging writes into).
+
+    Raises:
+        AdapterStateError: not an adaptable layer, or a quantized one (its weight cannot be written in place:
+            read it with :func:`base_weight`).
+    """
     kind = layer_kind(module)
-    base = module.base if isinstance(module, AdaptedLayer) else module
+    base = _unwrapped(module)
+    if quant.is_quantized(base):
+        raise AdapterStateError(
+            f"the base weight of this {type(base).__name__} is quantized ({quant.quant_kind(base)}) and cannot be "
+            "written in place; call lorakit.dequantize(model) first (e.g. to merge)")
     if kind is LayerKind.LINEAR:
         return base.weight
     if kind in (LayerKind.CONV1D, LayerKind.EMBEDDING):
         return base.weight.t()
     raise AdapterStateError(f"{type(module).__name__} is not an adaptable layer")
+
+
+def base_weight(module: nn.Module) -> Tensor:
+    """``W0`` of ``module`` as ``(d_out, d_in)``: the :func:`weight_view` of a dense layer, a freshly dequantized
+    tensor (in the layer's compute dtype) of a quantized one. Read-only by contract."""
+    base = _unwrapped(module)
+    if quant.is_quantized(base):
+        return quant.dequantize_weight(base)
+    return weight_view(module)
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of an adaptable layer, dense or quantized (a packed weight's own shape is not it)."""
+    base = _unwrapped(module)
+    if quant.is_quantized(base):
+        return quant.weight_shape(base)
+    d_out, d_in = weight_view(module).shape
+    return int(d_out), int(d_in)
+
+
+#: Values of each weight a base fingerprint samples (evenly spaced over the flattened ``(d_out, d_in)`` weight).
+SAMPLES = 256
+
+
+def sample_weight(w: Tensor) -> Tensor:
+    """:data:`SAMPLES` evenly spaced values of ``w`` (flattened), rounded to bfloat16, as fp32 on the CPU."""
+    flat = w.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), SAMPLES), device=flat.device).long()
+    return flat[idx].to(torch.bfloat16).float().cpu()
+
+
+def weight_sample(module: nn.Module) -> tuple[Tensor, bool]:
+    """``(sample, exact)``: :func:`sample_weight` of ``W0``, and whether it is the base model's own weight.
+
+    A layer quantized by :func:`lorakit.quantize` kept the sample of its original weight (exact); a layer that
+    was quantized elsewhere (bitsandbytes at load time) only has its dequantized weight, which differs from the
+    original by the quantization error (not exact)."""
+    base = _unwrapped(module)
+    kept = base.__dict__.get(quant.ORIGINAL_SAMPLE)
+    if kept is not None:  # quantized by lorakit (or dequantized since): the original weight's sample
+        return kept, True
+    if quant.is_quantized(base):
+        return sample_weight(quant.dequantize_weight(base, torch.float32)), False
+    return sample_weight(weight_view(module)), not base.__dict__.get(quant.DEQUANTIZED, False)
 
 
 @dataclass(frozen=True)
@@ -79,13 +140,19 @@ class LayerInfo:
     d_out: int
     dtype: torch.dtype
     device: torch.device
+    quant: str | None = None
 
     @classmethod
     def of(cls, name: str, module: nn.Module) -> LayerInfo:
-        w = weight_view(module)
+        """The info of an adaptable ``module`` (dense or quantized; raises :class:`AdapterStateError` otherwise)."""
         kind = layer_kind(module)
-        assert kind is not None
-        return cls(name, kind, w.shape[1], w.shape[0], w.dtype, w.device)
+        if kind is None:
+            raise AdapterStateError(f"{type(module).__name__} is not an adaptable layer")
+        base = _unwrapped(module)
+        q = quant.quant_kind(base)
+        d_out, d_in = weight_shape(module)
+        dtype = quant.compute_dtype(base) if q else base.weight.dtype
+        return cls(name, kind, d_in, d_out, dtype, base.weight.device, q)
 
 
 class AdaptedLayer(nn.Module):
@@ -104,6 +171,7 @@ class AdaptedLayer(nn.Module):
         kind = layer_kind(base)
         if kind is None or isinstance(base, AdaptedLayer):
             raise AdapterStateError(f"cannot wrap {type(base).__name__}")
+        quant.pin_layout(base)  # a bitsandbytes 4-bit base keeps one weight layout while adapted
         self.base = base
         self.kind = kind
         self.adapters = nn.ModuleDict()
@@ -113,8 +181,19 @@ class AdaptedLayer(nn.Module):
     # --- geometry -------------------------------------------------------------------------------------
     @property
     def weight(self) -> Tensor:
-        """The base weight as ``(d_out, d_in)`` (a view for Conv1D and Embedding)."""
-        return weight_view(self.base)
+        """The base weight ``W0`` as ``(d_out, d_in)``: a view for Conv1D and Embedding, a dequantized copy for a
+        quantized base (:func:`base_weight`)."""
+        return base_weight(self.base)
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """``(d_out, d_in)`` of the base weight (dense or quantized)."""
+        return weight_shape(self.base)
+
+    @property
+    def quant(self) -> str | None:
+        """The base layer's quantization (:func:`lorakit.core.quant.quant_kind`), ``None`` when dense."""
+        return quant.quant_kind(self.base)
 
     @property
     def bias(self) -> Tensor | None:
@@ -140,6 +219,9 @@ class AdaptedLayer(nn.Module):
         return [n for n in self.active if n not in self.merged]
 
     def forward(self, x: Tensor) -> Tensor:
+        rows = self.__dict__.get("_lorakit_rows")  # per-row adapters (lorakit.per_row): a callable set by adapt
+        if rows is not None:
+            return rows(self, x)
         pending = self.pending()
         if len(pending) == 1:
             fused = self.adapters[pending[0]].fused_forward(x, self)
@@ -153,11 +235,21 @@ class AdaptedLayer(nn.Module):
     # --- merge ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
-        """Add ``delta_weight`` of each named (default: active) adapter into the base weight, once."""
-        for name in self.active if names is None else names:
-            if name in self.adapters and name not in self.merged:
-                self.adapters[name].merge_into(self.weight)
-                self.merged.append(name)
+        """Add ``delta_weight`` of each named (default: active) adapter into the base weight, once.
+
+        Raises:
+            AdapterStateError: the base is quantized (``W0 + dW`` does not fit in its 4 or 8 bits; dequantize
+                the model first).
+        """
+        names = [n for n in (self.active if names is None else names) if n in self.adapters and n not in self.merged]
+        if names and self.quant is not None:
+            raise AdapterStateError(
+                f"cannot merge into a quantized base layer ({self.quant}): W0 + dW does not fit in its quantized "
+                "weight. Call lorakit.dequantize(model) first (or `lorakit merge`, which does), or keep the "
+                "adapter unmerged")
+        for name in names:
+            self.adapters[name].merge_into(self.weight)
+            self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self, names: list[str] | None = None) -> None:

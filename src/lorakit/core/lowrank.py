@@ -15,7 +15,10 @@ the layer in one :class:`torch.autograd.Function` whose backward is written by h
 - it keeps only what the method's gradients need: ``x`` and ``h = A x`` for LoRA; ``h`` alone when ``A`` is
   frozen (LoRA-FA, LoRA-XS, LoRA-SB, VeRA); no copy of the dropped-out input, ever;
 - the update is added to the base output in place (a rank-``r`` ``addmm`` epilogue, no ``(N, d_out)``
-  temporary) and runs in the input's dtype (adapter weights are cast, activations never go to fp32).
+  temporary) and runs in the input's dtype (adapter weights are cast, activations never go to fp32);
+- on a quantized base (QLoRA, :mod:`lorakit.core.quant`) ``W = dequant(Q)`` is materialised for this one layer
+  in forward, freed, and materialised again in backward for the input gradient: only the quantized weight is
+  kept between them.
 
 Dropout stays on the input, as in the reference path (:meth:`lorakit.methods.lora.Lora.forward`), so the two
 paths compute the same function: the mask is drawn with :func:`torch.nn.functional.dropout` on a tensor of
@@ -39,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorakit.core import quant
 from lorakit.core.layers import AdaptedLayer, Conv1D, LayerKind
 
 _ENABLED = os.environ.get("LORAKIT_FUSED", "1").strip().lower() not in {"0", "false", "no", "off"}
@@ -120,12 +124,14 @@ class _LowRankLinear(torch.autograd.Function):
 
     ``h_pre`` replaces ``dropout(x) A^T`` when it was computed outside (one shared GEMM for projections that
     read the same input, see :mod:`lorakit.fast.speed`); ``a`` is then unused and its gradient flows through
-    ``h_pre``.
+    ``h_pre``. ``qbase`` is a quantized base layer: ``weight`` is then ``None`` and ``W`` is dequantized from it
+    when needed (it is frozen: no weight gradient).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, mid: Tensor | None,
-                b: Tensor, out: Tensor | None, h_pre: Tensor | None, scale: float, p: float) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, a: Tensor, mid: Tensor | None,
+                b: Tensor, out: Tensor | None, h_pre: Tensor | None, scale: float, p: float,
+                qbase: nn.Module | None) -> Tensor:
         mask = None
         if h_pre is not None:
             h = h_pre
@@ -138,14 +144,16 @@ class _LowRankLinear(torch.autograd.Function):
         else:
             h = x @ a.t()  # (N, r)
         u = _scaled(_mid(h, mid), scale)  # (N, r): the scale is applied on the small side
-        y = F.linear(x, weight, bias)  # (N, d_out): the base GEMM
+        w = weight if qbase is None else quant.dequantize_weight(qbase, x.dtype)  # (d_out, d_in)
+        y = F.linear(x, w, bias)  # (N, d_out): the base GEMM
+        del w  # a dequantized weight lives for this GEMM only
         y.addmm_(u, _row_scaled(b, out).t())  # rank-r epilogue, in place: no (N, d_out) temporary
 
         need = ctx.needs_input_grad
         a_grad = h_pre is None and need[3]
         keep_x = a_grad or need[1]  # only A's and W's gradients read x
         keep_h = need[4] or need[5] or need[6]  # M's, B's and out's gradients read h
-        ctx.scale, ctx.p, ctx.pre = scale, p, h_pre is not None
+        ctx.scale, ctx.p, ctx.pre, ctx.qbase = scale, p, h_pre is not None, qbase
         ctx.mid_kind = None if mid is None else mid.dim()
         ctx.save_for_backward(x if keep_x else None, h if keep_h else None,
                               mask if (mask is not None and (a_grad or need[0])) else None,
@@ -180,7 +188,9 @@ class _LowRankLinear(torch.autograd.Function):
                 xd = x if mask is None else x * mask * (1.0 / (1.0 - p))
                 g_a = gh.t() @ xd  # (r, d_in)
             if need[0]:
-                g_x = gy @ weight  # (N, d_in): input gradient of the base GEMM
+                w = weight if ctx.qbase is None else quant.dequantize_weight(ctx.qbase, gy.dtype)
+                g_x = gy @ w  # (N, d_in): input gradient of the base GEMM
+                del w
                 if not ctx.pre:
                     if mask is None:
                         g_x.addmm_(gh, a)
@@ -190,23 +200,27 @@ class _LowRankLinear(torch.autograd.Function):
             g_w = gy.t() @ x
         if need[2]:
             g_bias = gy.sum(0, dtype=torch.float32).to(gy.dtype)
-        return g_x, g_w, g_bias, g_a, g_mid, g_b, g_out, g_pre, None, None
+        return g_x, g_w, g_bias, g_a, g_mid, g_b, g_out, g_pre, None, None, None
 
 
 def supports(layer: AdaptedLayer, x: Tensor) -> bool:
     """Whether :func:`lowrank_linear` can replace ``layer``'s plain forward for input ``x``.
 
-    Only plain ``nn.Linear`` / GPT-2 ``Conv1D`` bases without hooks (a subclass such as a quantized linear
-    has its own forward), floating inputs of the weight's dtype, and no autocast (whose casts the fused
-    function would not reproduce).
+    Only plain ``nn.Linear`` / GPT-2 ``Conv1D`` bases and the quantized linears of :mod:`lorakit.core.quant`
+    (dequantized inside the op), without hooks (another subclass has its own forward), floating inputs of the
+    weight's (compute) dtype, and no autocast (whose casts the fused function would not reproduce).
     """
     base = layer.base
-    if layer.kind is LayerKind.LINEAR:
-        plain = type(base) is nn.Linear
+    q = quant.quant_kind(base)
+    if q is not None:
+        plain, dtype = True, (x.dtype if q == "bnb-int8" else quant.compute_dtype(base))  # int8: any input dtype
+    elif layer.kind is LayerKind.LINEAR:
+        plain, dtype = type(base) is nn.Linear, base.weight.dtype
     else:
         plain = layer.kind is LayerKind.CONV1D and Conv1D is not None and type(base) is Conv1D
+        dtype = base.weight.dtype
     return (plain and not base._forward_hooks and not base._forward_pre_hooks
-            and x.is_floating_point() and x.dtype == layer.weight.dtype
+            and x.is_floating_point() and x.dtype == dtype
             and not torch.is_autocast_enabled(x.device.type))
 
 
@@ -229,7 +243,8 @@ def lowrank_linear(x: Tensor, layer: AdaptedLayer, f: LowRank, h: Tensor | None 
     group = layer.__dict__.get("_lorakit_group")
     if h is None and group is not None:
         h = group.lookup(layer, x)
-    _CALLS[0] += 1
+    if not torch.compiler.is_compiling():  # a Python counter would make dynamo guard on it and recompile
+        _CALLS[0] += 1
     dt = x.dtype
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
@@ -238,6 +253,8 @@ def lowrank_linear(x: Tensor, layer: AdaptedLayer, f: LowRank, h: Tensor | None 
     mid = None if f.mid is None else f.mid.to(dt)
     out = None if f.out is None else f.out.to(dt)
     a = f.a if h2 is not None else f.a.to(dt)  # unused (no cast) when h is given
-    y = _LowRankLinear.apply(x2, layer.weight, None if bias is None else bias.to(dt), a, mid, f.b.to(dt), out,
-                             h2, float(f.scale), float(f.dropout) if h2 is None else 0.0)
+    qbase = layer.base if quant.is_quantized(layer.base) else None
+    weight = None if qbase is not None else layer.weight
+    y = _LowRankLinear.apply(x2, weight, None if bias is None else bias.to(dt), a, mid, f.b.to(dt), out,
+                             h2, float(f.scale), float(f.dropout) if h2 is None else 0.0, qbase)
     return y.view(*lead, y.shape[-1])  # (..., d_out)

@@ -11,6 +11,10 @@ tokens. Rows:
 - ``lora[plain]``: LoRA through the reference path (no fused op), the baseline of the fast paths.
 - ``peft:<method>``: PEFT's equivalent (LoRA, DoRA, VeRA) on the same model and inputs.
 - ``full``: full fine-tuning.
+- ``qlora:<scheme>`` (with ``quantize``): LoRA on the base quantized by :func:`lorakit.quantize` (``nf4``,
+  ``int8``, ``bnb-nf4``...), beside bf16 ``lora``; ``peft:qlora:<scheme>``: PEFT's LoRA on the same quantized
+  base (bitsandbytes schemes only: what PEFT's QLoRA uses). ``base_weight_bytes`` is what the frozen weights
+  occupy as stored.
 
 On the CPU the rows are interleaved (each measured round runs every row once, in a rotating order), so a
 change in machine load hits every row alike, and the ratios compare each row's "fast median", the median of
@@ -43,7 +47,10 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.adapt.model import attach, training_callbacks
+from lorakit.adapt.quantize import SCHEMES, quantize
 from lorakit.core import lowrank
+from lorakit.core.layers import AdaptedLayer
+from lorakit.core.quant import is_quantized, weight_bytes
 from lorakit.errors import ConfigError
 from lorakit.evaluation.bench_results import WORKLOADS, Row, Workload, format_table, summarize_rows
 from lorakit.fast import speed
@@ -79,6 +86,8 @@ def _prepare(row: Row, w: Workload, device: str, batch: tuple[Tensor, Tensor], c
     ids, labels = batch
     model = build_model(w, device)
     model.requires_grad_(False)
+    if row.quant:
+        quantize(model, row.quant, device=device)
     if checkpointing:  # every row alike, before PEFT wraps the model (non-reentrant: works for every method)
         speed.enable_checkpointing(model)
     fused_ctx: Callable[[], Any] = nullcontext
@@ -132,6 +141,8 @@ def _prepare(row: Row, w: Workload, device: str, batch: tuple[Tensor, Tensor], c
             opt.zero_grad(set_to_none=True)
 
     row.model, row.step, row.trainable = model, step, sum(p.numel() for p in params)
+    row.base_weight_bytes = sum(weight_bytes(m) for m in model.modules()
+                                if isinstance(m, nn.Linear) and not isinstance(m, AdaptedLayer))
 
 
 def _peft_model(model: nn.Module, method: str, opts: dict[str, Any]) -> nn.Module:
@@ -165,10 +176,13 @@ def _timed(row: Row, device: str) -> None:
 def _state_bytes(model: nn.Module, opt_like: Any = None) -> int:
     """Bytes of parameters, buffers, gradients and AdamW state (each storage once)."""
     seen: dict[int, int] = {}
-    tensors: list[Tensor] = [*model.parameters(), *model.buffers()]
+    quantized = [m for m in model.modules() if is_quantized(m)]
+    skip = {id(m.weight) for m in quantized}  # a quantized weight is a wrapper: count what it stores
+    tensors: list[Tensor] = [t for t in [*model.parameters(), *model.buffers()] if id(t) not in skip]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     for t in tensors:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    seen.update({-1 - i: weight_bytes(m) for i, m in enumerate(quantized)})
     # AdamW keeps two moments per trainable parameter, in the parameter's dtype
     moments = sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return sum(seen.values()) + moments
@@ -177,10 +191,14 @@ def _state_bytes(model: nn.Module, opt_like: Any = None) -> int:
 def _saved_activation_bytes(row: Row) -> int:
     """Bytes autograd keeps for backward during one step (each storage once, parameters excluded)."""
     assert row.model is not None and row.step is not None
-    own = {t.untyped_storage().data_ptr() for t in [*row.model.parameters(), *row.model.buffers()]}
+    mine = [*row.model.parameters(), *row.model.buffers()]
+    own = {t.untyped_storage().data_ptr() for t in mine if _plain(t)}
+    weights = {id(t) for t in mine}
     seen: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
+        if id(t) in weights or not _plain(t):  # a quantized weight (a tensor subclass) is a parameter
+            return t
         ptr = t.untyped_storage().data_ptr()
         if ptr not in own and ptr != 0:
             seen[ptr] = t.untyped_storage().nbytes()
@@ -189,6 +207,11 @@ def _saved_activation_bytes(row: Row) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         row.step()
     return sum(seen.values())
+
+
+def _plain(t: Tensor) -> bool:
+    """Whether ``t`` is an ordinary tensor (not a wrapper subclass such as torchao's NF4, which has no storage)."""
+    return type(t) in (Tensor, nn.Parameter)
 
 
 def matmul_peak(device: str, dtype: torch.dtype) -> float:
@@ -207,8 +230,10 @@ def matmul_peak(device: str, dtype: torch.dtype) -> float:
 
 
 # --- running ----------------------------------------------------------------------------------------------------
-def _rows(methods: list[str], compare_peft: bool) -> list[Row]:
+def _rows(methods: list[str], compare_peft: bool, quantize: list[str]) -> list[Row]:
     rows = [Row("floor", "floor", None)]
+    if quantize and "lora" not in methods:
+        methods = ["lora", *methods]  # QLoRA rows are compared with bf16 LoRA
     for m in methods:
         if m == "full":
             continue
@@ -217,6 +242,10 @@ def _rows(methods: list[str], compare_peft: bool) -> list[Row]:
             rows.append(Row("lora[plain]", "plain", m, _options(m)))
         if compare_peft and METHODS[m].peft_counterpart:
             rows.append(Row(f"peft:{m}", "peft", m, _options(m)))
+    for scheme in quantize:
+        rows.append(Row(f"qlora:{scheme}", "lorakit", "lora", _options("lora"), quant=scheme))
+        if compare_peft and scheme.startswith("bnb-"):
+            rows.append(Row(f"peft:qlora:{scheme}", "peft", "lora", _options("lora"), quant=scheme))
     if "full" in methods:
         rows.append(Row("full", "full", "full", {}))
     return rows
@@ -225,7 +254,7 @@ def _rows(methods: list[str], compare_peft: bool) -> list[Row]:
 def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_peft: bool = False,
               out: str | Path | None = None, *, workload: str | None = None, steps: int | None = None,
               warmup: int | None = None, compile_layers: bool | None = None, threads: int | None = None,
-              checkpointing: bool = False, quiet: bool = False) -> dict[str, Any]:
+              checkpointing: bool = False, quiet: bool = False, quantize: list[str] | None = None) -> dict[str, Any]:
     """Measure the rows described in the module docstring; print a table; write JSON to ``out``.
 
     Args:
@@ -239,6 +268,8 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
         compile_layers: ``torch.compile`` each decoder layer of the lorakit rows (default: on CUDA only).
         threads: CPU threads (default: the workload's, 2 for ``"cpu"``).
         checkpointing: activation checkpointing of every decoder layer in every row (floor and PEFT included).
+        quantize: add QLoRA rows: LoRA on the base quantized with each of these schemes (and PEFT's LoRA on the
+            bitsandbytes ones, with ``compare_peft``).
 
     Returns:
         The results dictionary written to ``out`` (``rows``, ``ratios``, versions, device...).
@@ -255,6 +286,10 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; available: {', '.join(sorted(METHODS))}")
+    quantize = list(quantize or [])
+    bad = [q for q in quantize if q not in SCHEMES]
+    if bad:
+        raise ConfigError(f"unknown quantization(s) {bad}; available: {', '.join(SCHEMES)}")
     steps, warmup = steps or w.steps, w.warmup if warmup is None else warmup
     compile_layers = device == "cuda" if compile_layers is None else compile_layers
     threads = threads or w.threads
@@ -266,7 +301,7 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, w.vocab, (w.batch, w.seq), generator=g).to(device)
     batch = (ids, ids.clone())
-    rows = _rows(methods, compare_peft)
+    rows = _rows(methods, compare_peft, quantize)
     interleave = device == "cpu"
     t0 = time.perf_counter()
     live: list[Row] = []
@@ -303,6 +338,7 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
     peak = max(peak_before, matmul_peak(device, dtype))
     result = summarize_rows(rows, w, device, peak, steps, warmup, compile_layers, threads, methods, interleaved=interleave)
     result["settings"]["checkpointing"] = checkpointing
+    result["settings"]["quantize"] = quantize
     result["elapsed_s"] = round(time.perf_counter() - t0, 1)
     result["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     if not quiet:

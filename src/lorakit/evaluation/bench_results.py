@@ -55,11 +55,13 @@ class Row:
     kind: str  # floor | lorakit | plain | peft | full
     method: str | None
     options: dict[str, Any] = field(default_factory=dict)
+    quant: str | None = None  # the frozen base's quantization (QLoRA rows)
     times: list[float] = field(default_factory=list)
     mem_bytes: int | None = None
     saved_bytes: int | None = None
     trainable: int = 0
     error: str | None = None
+    base_weight_bytes: int | None = None
     step: Callable[[], None] | None = field(default=None, repr=False)
     model: nn.Module | None = field(default=None, repr=False)
 
@@ -117,7 +119,7 @@ def summarize_rows(rows: list[Row], w: Workload, device: str, peak: float, steps
             "step_s_all": [round(t, 5) for t in row.times],
             "tokens_per_s": tokens / med if med else None,
             "peak_mem_bytes": row.mem_bytes, "saved_activation_bytes": row.saved_bytes,
-            "trainable_params": row.trainable,
+            "trainable_params": row.trainable, "quantize": row.quant, "base_weight_bytes": row.base_weight_bytes,
             "mfu": fpt * tokens / med / peak if med else None, "error": row.error,
         }
     floor = by_name["floor"]
@@ -129,6 +131,18 @@ def summarize_rows(rows: list[Row], w: Workload, device: str, peak: float, steps
 
     ratios: dict[str, float | None] = {}
     for name, r in by_name.items():
+        if r["kind"] == "lorakit" and r.get("quantize"):  # QLoRA: against bf16 LoRA, and PEFT's QLoRA if run
+            key = "qlora_" + r["quantize"].replace("-", "_")
+            lora = by_name.get("lora")
+            if lora is not None:
+                r["vs_lora"] = ratios[f"{key}_vs_lora"] = ratio(r, lora, "step_s")
+                ratios[f"{key}_mem_vs_lora"] = ratio(r, lora, "peak_mem_bytes")
+                ratios[f"{key}_base_bytes_vs_lora"] = ratio(r, lora, "base_weight_bytes")
+            p = by_name.get(f"peft:{name}")
+            if p is not None:
+                r["vs_peft"] = ratios[f"{key}_vs_peft"] = ratio(r, p, "step_s")
+                ratios[f"{key}_mem_vs_peft"] = ratio(r, p, "peak_mem_bytes")
+            continue
         if r["kind"] not in ("lorakit", "full") or not r["method"]:
             continue
         key = r["method"].replace("-", "_")

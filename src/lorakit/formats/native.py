@@ -21,8 +21,8 @@ from lorakit.adapt.model import (
     _record,
     adapter_tensors,
     attach_config,
+    base_identity,
     check_fits,
-    target_fingerprint,
     target_shapes,
 )
 from lorakit.errors import AdapterFileError, ConfigError, IncompatibleAdapterError
@@ -56,6 +56,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], name: str = "default",
         "shapes": {k: list(t.shape) for k, t in tensors.items()},
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         "base_fingerprint": rec.fingerprint,
+        "base_sketch": rec.sketch,
+        "base_exact": rec.base_exact,
         "tensors_sha256": sha256_file(out / TENSORS_FILE),
         "extra": {**rec.extra, **(extra or {})},
     }
@@ -124,13 +126,29 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
     except ConfigError as e:
         raise AdapterFileError(f"{path}: saved options are not valid for method {method!r} ({e})") from None
     check_fits(model, method, shapes)
-    fp = target_fingerprint(model, method, targets)
-    if fp != meta["base_fingerprint"] and not force:
+    ident = base_identity(model, method, targets)
+    sketch, exact = _saved_sketch(meta, path)
+    if not force and not ident.matches(meta["base_fingerprint"], sketch, exact):
+        hint = ""
+        if not (ident.exact and exact) and not sketch:
+            hint = (" (one side is a base quantized outside lorakit and the adapter, saved by lorakit "
+                    f"{meta.get('lorakit_version', '?')}, has no base sketch to compare through the quantization)")
         raise IncompatibleAdapterError(
             f"{path}: adapter was trained on different base weights (fingerprint {meta['base_fingerprint']} "
-            f"!= this model's {fp}); pass force=True to load anyway")
+            f"!= this model's {ident.fingerprint}){hint}; pass force=True to load anyway")
     attach_config(model, config, method, name=name, targets=targets, init=False, tensors=tensors)
     rec = _record(model, name)
-    rec.fingerprint = meta["base_fingerprint"]
+    rec.fingerprint, rec.sketch, rec.base_exact = meta["base_fingerprint"], sketch or [], exact
     rec.extra = dict(meta.get("extra") or {})
     return model
+
+
+def _saved_sketch(meta: dict[str, Any], path: str | os.PathLike[str]) -> tuple[list[float] | None, bool]:
+    """The saved base sketch (``None`` if the adapter predates it) and whether the saved fingerprint is exact."""
+    sketch = meta.get("base_sketch")
+    exact = meta.get("base_exact", True)
+    if sketch is not None and (not isinstance(sketch, list) or not all(isinstance(v, (int, float)) for v in sketch)):
+        raise AdapterFileError(f"{path}: corrupted metadata (base_sketch is not a list of numbers)")
+    if not isinstance(exact, bool):
+        raise AdapterFileError(f"{path}: corrupted metadata (base_exact is not a boolean)")
+    return sketch, exact

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lorakit.adapt.model import _record, attach_config
-from lorakit.core.layers import AdaptedLayer, LayerKind, layer_kind, weight_view
+from lorakit.core.layers import AdaptedLayer, LayerKind, layer_kind, weight_shape
 from lorakit.errors import AdapterFileError, ConfigError, IncompatibleAdapterError
 from lorakit.formats.layout import PEFT_CONFIG_FILE as CONFIG_FILE
 from lorakit.formats.layout import PEFT_PREFIX as PREFIX
@@ -161,12 +161,12 @@ def load_peft(model: nn.Module, path: str | os.PathLike[str], name: str | None =
             raise IncompatibleAdapterError(f"{where}: module {module!r} is missing from the model or cannot be adapted")
         emb = kind is LayerKind.EMBEDDING
         a, b = (g.get("eA"), g.get("eB")) if emb else (g.get("A"), g.get("B"))
-        w = weight_view(target)  # (d_out, d_in)
+        d_out, d_in = weight_shape(target)
         if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] \
-                or (a.shape[1], b.shape[0]) != (w.shape[1], w.shape[0]):
+                or (a.shape[1], b.shape[0]) != (d_in, d_out):
             raise IncompatibleAdapterError(
                 f"{where}: {module}: LoRA tensors missing or of the wrong shape for this "
-                f"{kind.value} layer (d_out, d_in) = {tuple(w.shape)}: "
+                f"{kind.value} layer (d_out, d_in) = {(d_out, d_in)}: "
                 f"{ {k: tuple(v.shape) for k, v in g.items()} }")
         own = (target.base if isinstance(target, AdaptedLayer) else target).weight.detach()
         if "base" in g and (g["base"].shape != own.shape or not torch.allclose(

@@ -87,6 +87,9 @@ class DeltaLora(Lora):
     config_cls = DeltaLoraConfig
     kinds = frozenset({LayerKind.LINEAR, LayerKind.CONV1D})
     fsdp_unsupported = "it writes into the base weights, which FSDP shards"
+    quantized_unsupported = ("it adds the change of s B A to W0 after every step, and a 4/8-bit weight cannot "
+                             "take updates far below its quantization step; train it on a dense base "
+                             "(model.quantize: none) or use lora")
     bench_options = {"r": 16, "alpha": 32.0, "delta_start": 0}  # the base update runs in every measured step
     peft_counterpart = None
     config: DeltaLoraConfig

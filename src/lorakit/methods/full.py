@@ -13,7 +13,8 @@ from typing import ClassVar
 from torch import nn
 
 from lorakit.core.contract import AdapterConfig, Method, Targets
-from lorakit.errors import TargetError
+from lorakit.core.quant import quant_kind
+from lorakit.errors import ConfigError, TargetError
 
 
 class FullConfig(AdapterConfig):
@@ -34,6 +35,17 @@ class Full(Method):
     method: ClassVar[str] = "full"
     config_cls: ClassVar[type[FullConfig]] = FullConfig
     layer_method: ClassVar[bool] = False
+    quantized_unsupported: ClassVar[str | None] = (
+        "full fine-tuning trains W itself, and a 4/8-bit weight has no gradient and cannot take small updates; "
+        "train on a dense base (model.quantize: none), or train an adapter (lora) on the quantized one")
+
+    @classmethod
+    def check_quantized(cls, model: nn.Module, chosen: list[str]) -> None:
+        """Refuse to train a parameter of a quantized layer (other parameters, e.g. a task head, may train)."""
+        for mod_name, module in model.named_modules():
+            if quant_kind(module) is not None and any(n.startswith(f"{mod_name}.") for n in chosen):
+                raise ConfigError(f"method 'full' cannot train on a quantized base ({mod_name!r} is "
+                                  f"{quant_kind(module)}): {cls.quantized_unsupported}")
 
     @staticmethod
     def select(model: nn.Module, config: FullConfig) -> list[str]:

@@ -103,7 +103,7 @@ class LoraSb(LoraXs):
                 all-zero gradient (a missing ``init_batches`` is refused by :meth:`check_runtime` first).
         """
         batches = runtime["init_batches"]
-        weights = [layer.weight for layer in layers.values()]
+        weights = [next(layer.base.parameters()) for layer in layers.values()]  # their devices (no dequantizing)
         with _forked_rng(weights, config.init_seed):
             grads = _estimate_gradients(model, layers, batches, config.init_examples)
             for target, adapter in adapters.items():
@@ -147,8 +147,13 @@ def _estimate_gradients(model: nn.Module, layers: Mapping[str, AdaptedLayer], ba
 
     Only the target base weights require grad (temporarily); each ``.grad`` is added to its fp32 buffer and
     freed as soon as it is accumulated. Flags, ``.grad``s and the train/eval mode are restored.
+
+    A quantized base weight (QLoRA) has no gradient: for those layers ``G = sum_tokens g_y^T x`` is accumulated
+    from the layer's input ``x`` and output gradient ``g_y`` instead (:func:`_tap_quantized`), which needs no
+    ``W``: the same sum autograd computes for a dense weight.
     """
-    params = {t: layer.base.weight for t, layer in layers.items()}
+    quantized = {t: layer for t, layer in layers.items() if layer.quant is not None}
+    params = {t: layer.base.weight for t, layer in layers.items() if t not in quantized}
     unique = list({id(p): p for p in params.values()}.values())  # tied weights: one hook, one buffer
     flags = [(p, p.requires_grad) for p in model.parameters()]
     old_grads = [(p, p.grad) for p in unique]
@@ -163,8 +168,9 @@ def _estimate_gradients(model: nn.Module, layers: Mapping[str, AdaptedLayer], ba
             p.requires_grad_(True)
             sums[id(p)] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             handles.append(p.register_post_accumulate_grad_hook(_accumulator(sums[id(p)])))
+        taps = _tap_quantized(quantized, handles)
         model.train()  # the loss of a training step (dropout on), as in the reference
-        device = unique[0].device
+        device = next(next(iter(layers.values())).base.parameters()).device
         seen = 0
         with torch.enable_grad():
             for batch in batches:
@@ -184,7 +190,7 @@ def _estimate_gradients(model: nn.Module, layers: Mapping[str, AdaptedLayer], ba
                     break  # do not pull another batch from the iterable
         if seen == 0:
             raise ConfigError("lora-sb: init_batches yielded no example")
-        all_reduce_sum_([sums[id(p)] for p in unique])  # G over every process, before sign and SVD
+        all_reduce_sum_([sums[id(p)] for p in unique] + list(taps.values()))  # G over every process
     finally:
         for h in handles:
             h.remove()
@@ -193,12 +199,40 @@ def _estimate_gradients(model: nn.Module, layers: Mapping[str, AdaptedLayer], ba
         for p, g in old_grads:
             p.grad = g
         model.train(was_training)
-    out = {}
+    out = dict(taps)
     for t, p in params.items():
         g = sums[id(p)]
         # Conv1D stores W0^T; every grad here is returned as (d_out, d_in)
         out[t] = g.t().contiguous() if layers[t].kind is LayerKind.CONV1D else g
     return out
+
+
+def _tap_quantized(layers: Mapping[str, AdaptedLayer], handles: list[Any]) -> dict[str, Tensor]:
+    """Accumulate ``G = sum g_y^T x`` (fp32, ``(d_out, d_in)``) of each quantized layer through forward hooks.
+
+    Each hook adds a zero that requires grad to the layer output, so backward reaches it even when nothing below
+    trains, and registers a hook on that output's gradient. The hooks' handles are appended to ``handles``.
+    """
+    sums: dict[str, Tensor] = {}
+    for t, layer in layers.items():
+        d_out, d_in = layer.weight_shape
+        p = next(layer.base.parameters())
+        sums[t] = buf = torch.zeros(d_out, d_in, dtype=torch.float32, device=p.device)
+        anchor = torch.zeros((), dtype=torch.float32, device=p.device, requires_grad=True)
+
+        def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor, buf: Tensor = buf,
+                 anchor: Tensor = anchor) -> Tensor:
+            x = args[0].detach()
+            y = out + anchor.to(out.dtype)
+
+            def grad(g: Tensor) -> None:
+                buf.addmm_(g.reshape(-1, g.shape[-1]).t().float(), x.reshape(-1, x.shape[-1]).float())
+
+            y.register_hook(grad)
+            return y
+
+        handles.append(layer.register_forward_hook(hook))
+    return sums
 
 
 def _accumulator(buf: Tensor) -> Any:

@@ -50,6 +50,10 @@ class ModelConfig(_Section):
         num_labels: number of classes (classification).
         trust_remote_code: allow model code from the hub repository.
         attn_implementation: ``sdpa``, ``eager``... (``None``: the transformers default).
+        quantize: keep the frozen base quantized (QLoRA, https://arxiv.org/abs/2305.14314): ``nf4`` or
+            ``int8`` (torchao, :func:`lorakit.quantize` after loading), ``bnb-nf4``, ``bnb-fp4``, ``bnb-int8``
+            (bitsandbytes, through ``BitsAndBytesConfig`` at load time: what PEFT's QLoRA and vLLM use), or
+            ``none``. Needs the ``quant`` extra. Delta-LoRA and full fine-tuning refuse a quantized base.
     """
 
     path: str
@@ -59,6 +63,7 @@ class ModelConfig(_Section):
     num_labels: int = Field(2, ge=2)
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    quantize: Literal["none", "nf4", "int8", "bnb-nf4", "bnb-fp4", "bnb-int8"] = "none"
 
 
 #: Keys of the ``adapter`` section that lorakit reads itself; every other key is a method option.
@@ -251,6 +256,14 @@ class TrainConfig(_Section):
             raise ConfigError("data.packing: packing is only for model.task=causal-lm")
         if cfg.data.format == "classification" and cfg.model.task != "classification":
             raise ConfigError("data.format: classification data needs model.task=classification")
+        if cfg.model.quantize != "none":
+            why = get_method(cfg.adapter.method).quantized_unsupported
+            if why:
+                raise ConfigError(f"model.quantize={cfg.model.quantize}: method {cfg.adapter.method!r} cannot train "
+                                  f"on a quantized base: {why}")
+            if cfg.training.fsdp:
+                raise ConfigError("model.quantize with training.fsdp: FSDP cannot shard quantized weights here; "
+                                  "train a quantized base on one GPU or with DDP (torchrun without fsdp)")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,6 +274,8 @@ class TrainConfig(_Section):
         """Identity of the run: everything but the ``output`` section (which does not change the result)."""
         d = self.to_dict()
         d.pop("output")
+        if d["model"].get("quantize") == "none":
+            d["model"].pop("quantize")  # runs from before the option keep their identity (resumable)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lorakit.adapt.model import set_active
+from lorakit.adapt.quantize import TORCHAO_SCHEMES, quantize
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.formats.native import load, read_adapter
 from lorakit.train.config import ModelConfig, resolve_model_path
@@ -33,12 +34,37 @@ def _dtype_kwargs(dtype: str) -> dict[str, Any]:
     return {key: value}
 
 
-def load_model(cfg: ModelConfig, *, num_labels: int | None = None, pad_token_id: int | None = None) -> nn.Module:
-    """The base model described by ``cfg`` (``AutoModelForCausalLM`` or ``...ForSequenceClassification``)."""
+def _bnb_kwargs(cfg: ModelConfig, device: torch.device) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the base quantized by bitsandbytes (``model.quantize: bnb-*``)."""
+    try:
+        import bitsandbytes  # noqa: F401  (an optional dependency: the ``quant`` extra)
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise ConfigError(f"model.quantize={cfg.quantize} needs bitsandbytes (pip install 'lorakit[quant]'): "
+                          f"{e}") from None
+    # the compute dtype is the model's: bf16 on a GPU unless the config says otherwise, fp32 on the CPU
+    dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if cfg.quantize == "bnb-int8":
+        qc = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantize.removeprefix("bnb-"),
+                                bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+    return {**_dtype_kwargs(str(dtype).removeprefix("torch.")), "quantization_config": qc,
+            "device_map": {"": str(device)}}
+
+
+def load_model(cfg: ModelConfig, *, num_labels: int | None = None, pad_token_id: int | None = None,
+               device: torch.device | str | None = None) -> nn.Module:
+    """The base model described by ``cfg`` (``AutoModelForCausalLM`` or ``...ForSequenceClassification``),
+    quantized as ``cfg.quantize`` says (bitsandbytes at load time, on ``device``; torchao after loading, each
+    weight quantized on ``device``)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(cfg.path)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     kwargs: dict[str, Any] = {**_dtype_kwargs(cfg.dtype), "trust_remote_code": cfg.trust_remote_code}
+    if cfg.quantize.startswith("bnb-"):
+        kwargs.update(_bnb_kwargs(cfg, dev))
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
@@ -51,6 +77,8 @@ def load_model(cfg: ModelConfig, *, num_labels: int | None = None, pad_token_id:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"model.path {cfg.path!r}: cannot load the model ({_first_line(e)})") from None
+    if cfg.quantize in TORCHAO_SCHEMES:
+        quantize(model, cfg.quantize, device=dev)
     return model
 
 
@@ -89,9 +117,9 @@ def _first_line(e: BaseException) -> str:
 
 
 def adapter_model_config(adapter_dir: str | os.PathLike[str], *, base: str | None = None,
-                         dtype: str | None = None) -> ModelConfig:
+                         dtype: str | None = None, quantize: str | None = None) -> ModelConfig:
     """The :class:`ModelConfig` of the base model an adapter saved by ``lorakit train`` was trained on
-    (``base``/``dtype`` override what the adapter recorded)."""
+    (``base``/``dtype``/``quantize`` override what the adapter recorded)."""
     meta, _ = read_adapter(adapter_dir, tensors=False)
     extra = meta.get("extra") or {}
     path = base or extra.get("base_model")
@@ -100,7 +128,9 @@ def adapter_model_config(adapter_dir: str | os.PathLike[str], *, base: str | Non
     tokenizer = None if base else extra.get("tokenizer")
     return parse(ModelConfig, {"path": path, "task": extra.get("task", "causal-lm"),
                                "dtype": dtype or extra.get("dtype", "auto"), "tokenizer": tokenizer,
-                               "num_labels": extra.get("num_labels", 2)}, f"{adapter_dir}: invalid model settings")
+                               "num_labels": extra.get("num_labels", 2),
+                               "quantize": quantize or extra.get("quantize", "none")},
+                 f"{adapter_dir}: invalid model settings")
 
 
 def load_adapter_dir(model: nn.Module, adapter_dir: str | os.PathLike[str], *, force: bool = False) -> str:
@@ -117,10 +147,12 @@ def load_adapter_dir(model: nn.Module, adapter_dir: str | os.PathLike[str], *, f
 
 
 def load_trained(adapter_dir: str | os.PathLike[str], *, base: str | None = None, dtype: str | None = None,
-                 force: bool = False) -> tuple[nn.Module, Any]:
-    """``(model with the adapter loaded, tokenizer)`` for an adapter directory written by ``lorakit train``."""
-    cfg = adapter_model_config(adapter_dir, base=base, dtype=dtype)
+                 force: bool = False, quantize: str | None = None,
+                 device: torch.device | str | None = None) -> tuple[nn.Module, Any]:
+    """``(model with the adapter loaded, tokenizer)`` for an adapter directory written by ``lorakit train``, on
+    the base it was trained on (quantized as it was, unless ``quantize`` says otherwise)."""
+    cfg = adapter_model_config(adapter_dir, base=base, dtype=dtype, quantize=quantize)
     tokenizer = load_tokenizer(cfg)
-    model = load_model(cfg, pad_token_id=tokenizer.pad_token_id)
+    model = load_model(cfg, pad_token_id=tokenizer.pad_token_id, device=device)
     load_adapter_dir(model, adapter_dir, force=force)
     return model, tokenizer

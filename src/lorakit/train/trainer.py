@@ -128,7 +128,7 @@ class Trainer:
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(cfg.model)
         if self.model is None:
-            self.model = load_model(cfg.model, pad_token_id=self.tokenizer.pad_token_id)
+            self.model = load_model(cfg.model, pad_token_id=self.tokenizer.pad_token_id, device=self.device)
         if cfg.model.task == "classification" and getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         task, n = cfg.model.task, cfg.model.num_labels
@@ -506,7 +506,7 @@ class Trainer:
         cfg = self.config
         extra = {"base_model": cfg.model.path, "tokenizer": cfg.model.tokenizer or cfg.model.path,
                  "task": cfg.model.task, "num_labels": cfg.model.num_labels, "dtype": cfg.model.dtype,
-                 "trained_steps": result.step, "run": cfg.fingerprint()}
+                 "quantize": cfg.model.quantize, "trained_steps": result.step, "run": cfg.fingerprint()}
         path = save_adapter(self.model, out / "adapter", self.name, extra=extra)
         if HEAD_ADAPTER in adapter_records(self.model):
             save_adapter(self.model, path / HEAD_ADAPTER, HEAD_ADAPTER, extra=extra)
