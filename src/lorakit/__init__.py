@@ -10,7 +10,10 @@ Typical use::
 
 from __future__ import annotations
 
+import lorakit.util.quiet  # noqa: F401  (first: filters dependency log noise before transformers loads them)
 from lorakit._version import __version__
+from lorakit.adapt.combine import combine
+from lorakit.adapt.mixed import generate_per_row, per_row
 from lorakit.adapt.model import (
     active_adapters,
     adapter_modules,
@@ -24,6 +27,7 @@ from lorakit.adapt.model import (
     training_callbacks,
     unmerge,
 )
+from lorakit.adapt.quantize import dequantize, quantize
 from lorakit.core.callbacks import TrainingCallback
 from lorakit.errors import (
     AdapterFileError,
@@ -37,6 +41,7 @@ from lorakit.errors import (
 from lorakit.formats.native import load, read_adapter, save
 from lorakit.formats.peft_export import export_peft
 from lorakit.formats.peft_import import load_peft
+from lorakit.formats.swap import hot_swap
 from lorakit.methods import METHODS, Adapter, AdapterConfig, get_method
 from lorakit.methods.rank1_sum_pruning import RankPruner
 from lorakit.train.config import TrainConfig, load_config
@@ -67,15 +72,21 @@ __all__ = [
     "adapter_modules",
     "adapters",
     "attach",
+    "combine",
+    "dequantize",
     "detach",
     "export_peft",
+    "generate_per_row",
     "get_method",
+    "hot_swap",
     "load",
     "load_config",
     "load_peft",
     "merge",
     "optimizer",
     "param_groups",
+    "per_row",
+    "quantize",
     "read_adapter",
     "remove",
     "save",

@@ -21,6 +21,7 @@ import torch
 import typer
 
 from lorakit.adapt.model import detach
+from lorakit.adapt.quantize import dequantize, quantized_layers
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.evaluation import tasks as task_data
 from lorakit.evaluation.bench import run_bench
@@ -135,11 +136,18 @@ def merge(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into OUT even if it already holds "
                                             "a model.")] = False,
 ) -> int:
-    """Fold an adapter into its base model's weights and save a plain Hugging Face checkpoint."""
+    """Fold an adapter into its base model's weights and save a plain Hugging Face checkpoint.
+
+    An adapter trained on a quantized base (model.quantize) is merged into the dequantized base weights."""
 
     if (out / "config.json").exists() and not overwrite:
         raise ConfigError(f"{out} already holds a model; pass --overwrite to replace it")
     model, tokenizer = load_trained(adapter, base=base, dtype=dtype, force=force)
+    quantized = quantized_layers(model)
+    if quantized:  # QLoRA: W0 + dW does not fit in 4/8 bits; the merged model is dense, W = dequant(Q) + dW
+        dequantize(model)
+        _say(f"base is quantized ({', '.join(sorted(set(quantized.values())))}): merging into its dequantized "
+             "weights (the model the adapter was trained and evaluated with)")
     detach(model, merge=True)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -188,6 +196,67 @@ def generate(
         with torch.no_grad():
             ids = model.generate(**enc, **kwargs)
         typer.echo(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+# --- serve ----------------------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    base: Annotated[str, typer.Option(help="Base model: a local directory, hub id or bundled://NAME.",
+                                      show_default=False)],
+    adapter: Annotated[list[str] | None, typer.Option(help="NAME=DIR: serve the adapter in DIR (lorakit or PEFT) "
+                                                      "as model NAME; repeat for several.", show_default=False)] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 exposes the server, and its adapter "
+                                      "loading endpoint, to the network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free one).")] = 8000,
+    base_name: Annotated[str | None, typer.Option(help="The `model` value that selects the base model "
+                                                  "(default: the --base value, as vLLM does).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
+    quantize: Annotated[str, typer.Option(help="Serve on a quantized base: none, nf4, int8, bnb-nf4, bnb-fp4, "
+                                          "bnb-int8 (as model.quantize; QLoRA adapters on the base they "
+                                          "were trained on).")] = "none",
+    max_model_len: Annotated[int | None, typer.Option(min=1, help="Prompt + completion tokens allowed per request "
+                                                      "(default: the model's maximum positions).")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Rows per batch at most.")] = 32,
+    batch_window_ms: Annotated[float, typer.Option(min=0.0, help="How long a batch waits for more requests to "
+                                                   "join after its first one.")] = 8.0,
+    max_waiting: Annotated[int, typer.Option(min=1, help="Queued requests at most; more get 503.")] = 1024,
+    mixed: Annotated[bool, typer.Option("--mixed/--no-mixed", help="Batch requests for different adapters "
+                                        "together (--no-mixed: one batch per adapter).")] = True,
+    runtime_adapters: Annotated[bool, typer.Option("--runtime-adapters/--no-runtime-adapters", help="Allow "
+                                                   "POST/DELETE /v1/adapters.")] = True,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level: debug, info, warning, error.")] = "info",
+) -> int:
+    """OpenAI-compatible HTTP server (completions, chat completions, streaming) for a base model and adapters.
+
+    The request's `model` field picks the adapter (its NAME) or the base model (--base-name); concurrent
+    requests for different adapters are batched together. Ctrl-C stops it.
+    """
+    from lorakit.serve import Engine, bind, create_app, run_server
+    from lorakit.serve.protocol import ADAPTER_NAME
+
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
+    adapters: dict[str, str] = {}
+    for item in adapter or []:
+        name, sep, path = item.partition("=")
+        if not sep or not path or not ADAPTER_NAME.match(name):
+            raise ConfigError(f"--adapter {item!r}: expected NAME=DIR with a NAME of letters, digits, '_' and '-'")
+        if name in adapters:
+            raise ConfigError(f"--adapter: the name {name!r} is given twice")
+        adapters[name] = path
+    sock = bind(host, port)  # before loading the model: a busy port fails at once
+    try:
+        engine = Engine.from_pretrained(base, adapters, device=device, dtype=dtype, base_name=base_name,
+                                        quantize=quantize,
+                                        max_model_len=max_model_len, max_batch=max_batch,
+                                        batch_window_ms=batch_window_ms, max_waiting=max_waiting, mixed=mixed)
+        bound_host, bound_port = sock.getsockname()[:2]
+        _say(f"serving {', '.join([engine.base_name, *adapters])} on http://{bound_host}:{bound_port}/v1")
+        run_server(create_app(engine, runtime_adapters=runtime_adapters), sock, log_level=log_level)
+    finally:
+        sock.close()
     return 0
 
 
@@ -326,12 +395,16 @@ def bench(
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
     checkpointing: Annotated[bool, typer.Option("--checkpointing", help="Activation checkpointing in every row "
                                                 "(PEFT and the floor included).")] = False,
+    quantize: Annotated[str | None, typer.Option(help="Comma-separated QLoRA rows: LoRA on a base quantized "
+                                                 "with nf4, int8, bnb-nf4, bnb-fp4 or bnb-int8 (with "
+                                                 "--compare-peft, PEFT's LoRA on the bnb ones too).")] = None,
 ) -> int:
     """Benchmark every method against the frozen-base floor, PEFT and full fine-tuning: step time, tokens/s,
     memory and MFU, in one process."""
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    schemes = [q.strip() for q in quantize.split(",") if q.strip()] if quantize else None
     run_bench(device, chosen, compare_peft, out, workload=workload, steps=steps, warmup=warmup,
-              compile_layers=compile_layers, threads=threads, checkpointing=checkpointing)
+              compile_layers=compile_layers, threads=threads, checkpointing=checkpointing, quantize=schemes)
     return 0
 
 
