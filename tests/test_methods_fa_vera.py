@@ -305,7 +305,9 @@ def test_loraplus_sgd_step_moves_b_by_the_ratio() -> None:
 
 def test_loraplus_optimizer_and_errors() -> None:
     model = lorakit.attach(TwoLayers(), "lora", r=2)
-    opt = lorakit.optimizer(model, 2e-4, weight_decay=0.01)
+    plain = lorakit.optimizer(model, 2e-4, weight_decay=0.01)  # LoRA+ only when asked for, as in the trainer
+    assert {g["lr"] for g in plain.param_groups} == {2e-4}
+    opt = lorakit.optimizer(model, 2e-4, weight_decay=0.01, loraplus_ratio=16)
     assert isinstance(opt, torch.optim.AdamW)
     assert {g["name"]: g["lr"] for g in opt.param_groups} == {"A": 2e-4, "B": pytest.approx(16 * 2e-4)}
     assert not opt.defaults.get("fused")  # CPU tensors: no fused CUDA kernel

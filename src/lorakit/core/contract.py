@@ -94,6 +94,8 @@ class Method:
         bench_options: the options ``lorakit bench`` measures this method with (PERFORMANCE.md: r 16, alpha 32).
         peft_counterpart: the PEFT method of the same math (``"lora"``, ``"dora"``, ``"vera"``) the benchmark
             compares with, or ``None``.
+        legacy_defaults: options added after an adapter format was written, with the values that reproduce what
+            files written before them computed (used for saved configs that lack them).
     """
 
     method: ClassVar[str]
@@ -106,6 +108,15 @@ class Method:
     rank_tensor: ClassVar[str | None] = None
     bench_options: ClassVar[Mapping[str, Any]] = {}
     peft_counterpart: ClassVar[str | None] = None
+    legacy_defaults: ClassVar[Mapping[str, Any]] = {}
+
+    @classmethod
+    def run_defaults(cls, config: AdapterConfig, *, lr: float, warmup_steps: int,
+                     total_steps: int) -> dict[str, Any]:
+        """Values for options left unset (``None``) that depend on the training run (the trainer fills them in
+        before attaching, so the saved config records them): LoRA-SB's ``eta`` from the first warm-up step's
+        learning rate, Delta-LoRA's start from the run length. Default: none."""
+        return {}
 
 
 class Adapter(Method, nn.Module):

@@ -18,7 +18,7 @@ from lorakit.core.contract import Adapter
 from lorakit.core.layers import LayerInfo, LayerKind
 from lorakit.errors import UnknownMethodError
 from lorakit.formats.layout import META_FILE, TENSORS_FILE
-from lorakit.formats.native import read_adapter
+from lorakit.formats.native import read_adapter, saved_config
 from lorakit.methods import get_method
 
 
@@ -79,7 +79,7 @@ def _trainable(meta: dict[str, Any]) -> int | None:
         cls = get_method(meta["method"])
         if not cls.layer_method or not issubclass(cls, Adapter):  # full fine-tuning: every tensor trains
             return sum(math.prod(s) for s in shapes.values())
-        config = cls.config_cls.parse(meta["config"])
+        config = saved_config(meta["method"], meta["config"])
         infos = [LayerInfo(t, LayerKind.LINEAR, s[1], s[0], torch.float32, torch.device("meta"))
                  for t, s in meta["layer_shapes"].items()]
         shared = cls.create_shared(infos, config, init=False)

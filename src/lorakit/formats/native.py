@@ -122,7 +122,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
             or not isinstance(shapes, dict) or sorted(targets) != sorted(shapes):
         raise AdapterFileError(f"{path}: corrupted metadata (targets and layer_shapes disagree)")
     try:
-        config = get_method(method).config_cls.parse(meta["config"])
+        config = saved_config(method, meta["config"])
     except ConfigError as e:
         raise AdapterFileError(f"{path}: saved options are not valid for method {method!r} ({e})") from None
     check_fits(model, method, shapes)
@@ -152,3 +152,12 @@ def _saved_sketch(meta: dict[str, Any], path: str | os.PathLike[str]) -> tuple[l
     if not isinstance(exact, bool):
         raise AdapterFileError(f"{path}: corrupted metadata (base_exact is not a boolean)")
     return sketch, exact
+
+
+def saved_config(method: str, options: Any) -> Any:
+    """The validated config of a saved adapter: options added since the file was written take the values that
+    reproduce what it computed (:attr:`lorakit.Method.legacy_defaults`), not today's defaults."""
+    cls = get_method(method)
+    if isinstance(options, dict):
+        options = {**{k: v for k, v in cls.legacy_defaults.items() if k not in options}, **options}
+    return cls.config_cls.parse(options)

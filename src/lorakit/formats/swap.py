@@ -38,7 +38,7 @@ from lorakit.adapt.tensors import fill_modules
 from lorakit.core.contract import Adapter
 from lorakit.core.layers import LayerInfo
 from lorakit.errors import AdapterFileError, AdapterStateError, ConfigError, IncompatibleAdapterError
-from lorakit.formats.native import read_adapter
+from lorakit.formats.native import read_adapter, saved_config
 
 #: Options that may differ between the live and the saved adapter: they set only the rank, the scale (folded into
 #: ``B``), the init (its result is in the saved tensors) or training-time behaviour, never the function's form.
@@ -136,7 +136,7 @@ def hot_swap(model: nn.Module, name: str, path: str | os.PathLike[str], *, force
         raise IncompatibleAdapterError(f"{where}the saved layer shapes differ from this model's")
     cls = rec.method_cls
     try:
-        config = cls.config_cls.parse(meta["config"])
+        config = saved_config(rec.method, meta["config"])
     except ConfigError as e:
         raise AdapterFileError(f"{where}saved options are not valid for method {rec.method!r} ({e})") from None
     live_opts, new_opts = rec.config.model_dump(), config.model_dump()

@@ -38,8 +38,11 @@ would be overwritten at the next step.
 
 Defaults: the paper's values of lambda and K could not be verified here. ``delta_lambda = 0.5`` (the base moves
 half as far as the low-rank product, so the effective step is 1.5x LoRA's; large values amplify noisy early
-steps) and ``delta_start = 500`` (K: let ``A`` and ``B`` leave their init, where ``B = 0`` makes the first
-products noisy, before the base starts moving). Both are options; tune them with the learning rate.
+steps) and ``delta_start`` = 10% of the run's optimizer steps (:data:`START_FRACTION`; K lets ``A`` and ``B``
+leave their init, where ``B = 0`` makes the first products noisy, before the base starts moving; a fixed K such
+as 500 would make every shorter run plain LoRA). ``lorakit train`` writes the resolved K into the saved config;
+a bare attach resolves it from ``total_steps`` when its callbacks are made. Both are options; tune them with the
+learning rate.
 """
 
 from __future__ import annotations
@@ -60,16 +63,26 @@ from lorakit.errors import AdapterStateError
 from lorakit.methods.lora import Lora, LoraConfig, lora_form
 
 
+#: Share of the run's optimizer steps before the base update starts, when ``delta_start`` is left unset.
+START_FRACTION = 0.1
+
+
+def start_step(config: DeltaLoraConfig, total_steps: int) -> int:
+    """``K``: ``config.delta_start``, or :data:`START_FRACTION` of ``total_steps`` (rounded) when unset."""
+    return config.delta_start if config.delta_start is not None else round(START_FRACTION * total_steps)
+
+
 class DeltaLoraConfig(LoraConfig):
     """LoRA's options (dropout must stay 0) plus the base-update rule.
 
     Attributes:
         delta_lambda: ``lambda``, the ratio of the base update to the change of ``s B A`` (0 gives plain LoRA).
-        delta_start: ``K``, optimizer steps before the base update starts.
+        delta_start: ``K``, optimizer steps before the base update starts; ``None``: :data:`START_FRACTION` of
+            the run's steps.
     """
 
     delta_lambda: float = Field(0.5, ge=0.0)
-    delta_start: int = Field(500, ge=0)
+    delta_start: int | None = Field(None, ge=0)
 
     @field_validator("dropout")
     @classmethod
@@ -222,13 +235,20 @@ class DeltaLora(Lora):
         self._sync_flags()
 
     @classmethod
+    def run_defaults(cls, config: AdapterConfig, *, lr: float, warmup_steps: int,
+                     total_steps: int) -> dict[str, Any]:
+        """``delta_start`` = :data:`START_FRACTION` of the run's steps, when the config leaves it unset."""
+        assert isinstance(config, DeltaLoraConfig)
+        return {"delta_start": start_step(config, total_steps)} if config.delta_start is None else {}
+
+    @classmethod
     def callbacks(cls, name: str, adapters: Mapping[str, Adapter], layers: Mapping[str, AdaptedLayer],
                   config: AdapterConfig, *, optimizer: torch.optim.Optimizer | None,
                   total_steps: int) -> list[TrainingCallback]:
         """The post-step base update of every layer."""
         assert isinstance(config, DeltaLoraConfig)
         pairs = [(layers[t], a) for t, a in adapters.items() if isinstance(a, DeltaLora)]
-        return [DeltaLoraCallback(name, pairs, config.delta_start)]
+        return [DeltaLoraCallback(name, pairs, start_step(config, total_steps))]
 
     # --- export ----------------------------------------------------------------------------------------------
     def lora_form(self) -> LoraForm | None:

@@ -21,9 +21,11 @@ and ``A`` are persistent buffers and are saved with ``R``.
 
 ``eta``: the reference code uses ``lr / (warmup_ratio * steps_per_epoch * epochs)``, i.e. the learning rate of
 the first step of a linear warmup (its ``steps_per_epoch`` counts batches of the gradient-estimation loader,
-e.g. ``1e-4 / (0.02 * 16667) ~= 3e-7`` for 50k MetaMathQA examples in batches of 3). lorakit cannot know the
-schedule at attach time, so ``eta`` is an option, default ``1e-6`` (lr ``1e-4`` warmed up over 100 steps); pass
-``lr / warmup_steps`` of your run. Only the size of ``R`` at step 0 depends on ``eta``: ``B`` and ``A`` do not.
+e.g. ``1e-4 / (0.02 * 16667) ~= 3e-7`` for 50k MetaMathQA examples in batches of 3). Left unset, ``lorakit
+train`` sets it the same way from its own schedule (:meth:`LoraSb.run_defaults`: ``lr / warmup_steps``, or
+``lr`` without warm-up) and saves it in the config; a bare :func:`lorakit.attach` without ``eta`` uses
+:data:`FALLBACK_ETA` (lr ``1e-4`` warmed up over 100 steps). Only the size of ``R`` at step 0 depends on
+``eta``: ``B`` and ``A`` do not.
 
 Side effects, avoided: gradients are accumulated into fp32 buffers by per-parameter
 ``post_accumulate_grad`` hooks that free each ``.grad`` as it arrives (peak memory ~ one LoRA step plus the
@@ -54,6 +56,10 @@ from lorakit.errors import ConfigError
 from lorakit.methods.lora_xs import LoraXs
 
 
+#: ``eta`` of a bare :func:`lorakit.attach` that does not give one: lr ``1e-4`` warmed up over 100 steps.
+FALLBACK_ETA = 1e-6
+
+
 class LoraSbConfig(AdapterConfig):
     """Options of LoRA-SB (the scale is fixed at ``s = 1``: the paper shows it does not matter with this init).
 
@@ -61,7 +67,8 @@ class LoraSbConfig(AdapterConfig):
         r: rank, ``r^2`` trainable scalars per layer (paper: 96 on Mistral-7B, 24 on RoBERTa-large).
         init_examples: examples of ``init_batches`` used to estimate the gradient (reference code: 50
             arithmetic, 170 commonsense); iteration stops once this many are seen (the last batch is cut).
-        eta: size of the simulated first step, ``dW = -eta sign(G)`` (see the module docstring).
+        eta: size of the simulated first step, ``dW = -eta sign(G)``; ``None``: the first warm-up step's
+            learning rate of the run (see the module docstring).
         svd_niter: power iterations of the randomized SVD.
         svd_oversample: extra columns of the randomized SVD (``q = r + svd_oversample``, capped at full rank,
             where the SVD is exact).
@@ -70,7 +77,7 @@ class LoraSbConfig(AdapterConfig):
 
     r: int = Field(16, gt=0)
     init_examples: int = Field(64, gt=0)
-    eta: float = Field(1e-6, gt=0)
+    eta: float | None = Field(None, gt=0)
     svd_niter: int = Field(10, ge=0)
     svd_oversample: int = Field(10, ge=0)
     init_seed: int = 0
@@ -89,6 +96,14 @@ class LoraSb(LoraXs):
     needs_init_data = True
     bench_options = {"r": 16}
     config: LoraSbConfig  # type: ignore[assignment]
+
+    @classmethod
+    def run_defaults(cls, config: AdapterConfig, *, lr: float, warmup_steps: int,  # type: ignore[override]
+                     total_steps: int) -> dict[str, Any]:
+        """``eta`` = the learning rate of the run's first optimizer step (``lr / warmup_steps`` under lorakit's
+        linear warm-up, ``lr`` without one), as the reference code sets it; only when the config leaves it unset."""
+        assert isinstance(config, LoraSbConfig)
+        return {"eta": lr / warmup_steps if warmup_steps > 0 else lr} if config.eta is None else {}
 
     def init_from_base(self, base_weight: Tensor) -> None:
         """Nothing: ``B``, ``A``, ``R`` stay zero (the model is exactly ``W0`` while ``G`` is estimated)."""
@@ -120,7 +135,8 @@ class LoraSb(LoraXs):
         """``B, R, A <- U_r, diag(S_r), V_r^T`` of ``-eta sign(grad)``; ``grad`` is ``(d_out, d_in)`` fp32
         and is overwritten."""
         r = self.config.r
-        dw = grad.sign_().mul_(-self.config.eta)  # (d_out, d_in), in place: no second dense buffer
+        eta = FALLBACK_ETA if self.config.eta is None else self.config.eta
+        dw = grad.sign_().mul_(-eta)  # (d_out, d_in), in place: no second dense buffer
         q = min(r + self.config.svd_oversample, *dw.shape)
         u, s, v = torch.svd_lowrank(dw, q=q, niter=self.config.svd_niter)  # (d_out, q), (q,), (d_in, q)
         self.lora_B.copy_(u[:, :r])

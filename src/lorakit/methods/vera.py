@@ -10,7 +10,8 @@ adapter; a layer of shape ``(d_out, d_in)`` uses the top-left slices ``A[:, :d_i
 Only the vectors ``d`` ``(r,)`` (init ``d_init`` = 0.1) and ``b`` ``(d_out,)`` (init 0, so the model starts
 unchanged) train: ``r + d_out`` per layer. The shared matrices cost ``r (d_in_max + d_out_max)`` once.
 
-``A`` and ``B`` are kaiming-uniform (``a = sqrt(5)``, fan-in of the whole shared matrix) drawn on the CPU
+``A`` and ``B`` are kaiming-uniform with gain sqrt(2) (``U(-sqrt(6/fan_in), sqrt(6/fan_in))``, fan-in of the whole
+shared matrix, as the reference implementation and PEFT; ``projection_init="linear"`` gives 0.1.0's) drawn on the CPU
 from a local generator seeded with ``projection_seed``, so the global RNG is untouched and the same seed gives
 the same matrices on any device. They live as buffers of one shared module (``model.lorakit_shared[name]``,
 saved once as ``__shared__.vera_A`` / ``vera_B``); each layer reaches them through a plain (unregistered)
@@ -33,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,19 +57,28 @@ class VeraConfig(AdapterConfig):
         save_projections: store the shared matrices in the adapter file (default). If false only the seed and
             checksum are stored and loading regenerates them, which fails loudly if this PyTorch's RNG
             produces different numbers.
+        projection_init: ``"kaiming"``: kaiming-uniform with gain sqrt(2), ``U(-sqrt(6/fan_in), sqrt(6/fan_in))``,
+            as the VeRA reference and PEFT draw them (default); ``"linear"``: ``nn.Linear``'s default
+            (``a = sqrt(5)``, a sqrt(6) times smaller bound), what lorakit 0.1.0 drew (adapters saved by it
+            without this option load with it).
     """
 
     r: int = Field(256, gt=0)
     d_init: float = Field(0.1, gt=0.0)
     projection_seed: int = Field(0, ge=0)
     save_projections: bool = True
+    projection_init: Literal["kaiming", "linear"] = "kaiming"
 
 
-def projections(r: int, d_in_max: int, d_out_max: int, seed: int) -> tuple[Tensor, Tensor]:
-    """The shared ``A (r, d_in_max)`` and ``B (d_out_max, r)``, fp32 on the CPU, from a local generator."""
+def projections(r: int, d_in_max: int, d_out_max: int, seed: int, init: str = "kaiming") -> tuple[Tensor, Tensor]:
+    """The shared ``A (r, d_in_max)`` and ``B (d_out_max, r)``, fp32 on the CPU, from a local generator.
+
+    ``init="kaiming"``: ``U(-sqrt(6/fan_in), sqrt(6/fan_in))`` (kaiming-uniform, gain sqrt(2): ``a = 0``), as the
+    reference and PEFT; ``"linear"``: ``a = sqrt(5)``, bound ``sqrt(1/fan_in)`` (lorakit 0.1.0)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    a = nn.init.kaiming_uniform_(torch.empty(r, d_in_max), a=math.sqrt(5), generator=g)
-    b = nn.init.kaiming_uniform_(torch.empty(d_out_max, r), a=math.sqrt(5), generator=g)
+    slope = 0.0 if init == "kaiming" else math.sqrt(5)
+    a = nn.init.kaiming_uniform_(torch.empty(r, d_in_max), a=slope, generator=g)
+    b = nn.init.kaiming_uniform_(torch.empty(d_out_max, r), a=slope, generator=g)
     return a, b
 
 
@@ -88,7 +99,7 @@ class VeraProjections(nn.Module):
         super().__init__()
         # When loading, saved projections overwrite these, so only generate when they will be used.
         if init or not config.save_projections:
-            a, b = projections(r, d_in_max, d_out_max, config.projection_seed)
+            a, b = projections(r, d_in_max, d_out_max, config.projection_seed, config.projection_init)
             digest = checksum(a, b)
         else:
             a, b, digest = torch.empty(r, d_in_max), torch.empty(d_out_max, r), 0
@@ -116,6 +127,7 @@ class Vera(Adapter):
     config_cls = VeraConfig
     bench_options = {"r": 256}
     peft_counterpart = "vera"
+    legacy_defaults = {"projection_init": "linear"}
     config: VeraConfig
     projections: VeraProjections
 

@@ -39,14 +39,15 @@ def _check(lr: float, loraplus_ratio: float | None, embedding_lr: float | None, 
         raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
 
 
-def param_groups(model: nn.Module, lr: float, *, loraplus_ratio: float | None = 16.0,
+def param_groups(model: nn.Module, lr: float, *, loraplus_ratio: float | None = None,
                  embedding_lr: float | None = 1e-6, weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """Parameter groups of every trainable tensor of ``model``, usable with any ``torch.optim`` optimizer.
 
     Args:
         model: a model with adapters attached (or any model: then everything trainable is "base").
         lr: learning rate of the "A" side and of non-adapter parameters.
-        loraplus_ratio: the "B" side gets ``loraplus_ratio * lr``; ``None`` or 1 gives plain training.
+        loraplus_ratio: the "B" side gets ``loraplus_ratio * lr``; ``None`` (the default) or 1 gives plain
+            training.
         embedding_lr: with LoRA+ on, the learning rate of adapters on ``nn.Embedding`` layers (the LoRA+
             reference uses 1e-6); ``None`` treats them like other adapters. Ignored in plain training.
         weight_decay: applied to matrices only (see the module docstring).
@@ -95,18 +96,18 @@ def param_groups(model: nn.Module, lr: float, *, loraplus_ratio: float | None = 
     return groups
 
 
-def optimizer(model: nn.Module, lr: float, *, loraplus_ratio: float | None = 16.0,
+def optimizer(model: nn.Module, lr: float, *, loraplus_ratio: float | None = None,
               embedding_lr: float | None = 1e-6, weight_decay: float = 0.0,
               **adamw_kwargs: Any) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` (LoRA+ on by default, ratio 16).
+    """AdamW over :func:`param_groups` (plain AdamW unless ``loraplus_ratio`` asks for LoRA+, as the trainer).
 
     Uses the fused CUDA kernel when every trainable tensor is a floating-point CUDA tensor, unless
     ``fused`` or ``foreach`` is given in ``adamw_kwargs`` (passed on to :class:`torch.optim.AdamW`).
 
     Example::
 
-        opt = lorakit.optimizer(model, lr=2e-4)                        # LoRA+, B at 16 x 2e-4
-        opt = lorakit.optimizer(model, lr=2e-4, loraplus_ratio=None)   # plain AdamW
+        opt = lorakit.optimizer(model, lr=2e-4)                        # plain AdamW
+        opt = lorakit.optimizer(model, lr=2e-4, loraplus_ratio=16)     # LoRA+, B at 16 x 2e-4
     """
     groups = param_groups(model, lr, loraplus_ratio=loraplus_ratio, embedding_lr=embedding_lr,
                           weight_decay=weight_decay)

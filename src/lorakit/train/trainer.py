@@ -174,7 +174,9 @@ class Trainer:
         for k in range(n):
             yield self._to_device(collate([self.train_data.examples[i] for i in order.indices(k)], self._pad_id))
 
-    def _attach(self) -> None:
+    def _attach(self, *, total: int, warmup: int) -> None:
+        """Attach the configured adapter (unless the model carries it already); ``total`` optimizer steps with
+        ``warmup`` warm-up steps are what options that follow the run are resolved from."""
         model, a = self.model, self.config.adapter
         existing = adapter_records(model)
         if a.name in existing:
@@ -186,8 +188,15 @@ class Trainer:
             data_init = get_method(a.method).needs_init_data
             runtime = {"init_batches": self._init_batches()} if data_init else {}
             # a data-driven init runs forward/backward passes: use the training precision for them
+            config = a.method_config()
+            t = self.config.training
+            fill = get_method(a.method).run_defaults(config, lr=t.lr, warmup_steps=warmup, total_steps=total)
+            if fill:  # options that follow the run (LoRA-SB's eta, Delta-LoRA's start): saved as resolved
+                config = config.model_copy(update=fill)
+                self._log(f"{a.method}: " + ", ".join(f"{k} = {v:g}" for k, v in fill.items()) + " (from the run's "
+                          "schedule)")
             with self._autocast() if data_init else contextlib.nullcontext():
-                attach_config(model, a.method_config(), a.method, name=a.name, runtime=runtime)
+                attach_config(model, config, a.method, name=a.name, runtime=runtime)
         head = self._head_name()
         if head is not None and HEAD_ADAPTER not in adapter_records(model):
             attach(model, "full", name=HEAD_ADAPTER, targets=[head])
@@ -305,12 +314,13 @@ class Trainer:
         model = self.model
         order = self._batch_order(t.seed)
         total = t.max_steps or max(1, math.ceil(t.epochs * order.batches_per_epoch / t.grad_accum))
+        warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total)
         # process 0's view: on several nodes output.dir must be shared, or reading it fails (no silent divergence)
         ckpt = self.dist.main_only(latest_good_checkpoint, out, self._log) if resuming else None
         if ckpt is not None:
             self._restore_adapter(ckpt)
         else:
-            self._attach()
+            self._attach(total=total, warmup=warmup)
             if self.dist.is_main:
                 write_json(out / RUN_FILE, {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
                                             "lorakit_version": __version__})
@@ -324,7 +334,6 @@ class Trainer:
 
         opt = make_optimizer(model, t.lr, loraplus_ratio=t.loraplus_ratio, weight_decay=t.weight_decay,
                              betas=t.betas, eps=t.eps)
-        warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
             s, total=total, warmup=warmup, schedule=t.schedule, min_ratio=t.min_lr_ratio))
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
