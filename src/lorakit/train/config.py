@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
 from lorakit.errors import ConfigError
 from lorakit.methods import AdapterConfig, get_method
@@ -154,6 +154,12 @@ class DataConfig(_Section):
     group_by_length: bool = False
     max_tokens: int | None = Field(None, ge=1)
     cache_dir: str | None = None
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _bundled(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """``bundled://data/NAME`` -> the data file shipped with lorakit (as in model.path and compare configs)."""
+        return None if v is None else resources.resolve(v, what=f"data.{info.field_name}")
 
 
 class TrainingConfig(_Section):
