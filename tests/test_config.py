@@ -115,3 +115,12 @@ def test_lr_schedules() -> None:
     assert lr_factor(10, schedule="cosine", **kw) == pytest.approx(0.1)
     assert lr_factor(6, schedule="linear", **kw) == pytest.approx(0.55)
     assert lr_factor(4, schedule="linear", **kw) == pytest.approx(0.1 + 0.9 * 0.75)
+
+
+def test_data_paths_accept_bundled_files() -> None:
+    base = {"model": {"path": "bundled://tiny-base"}, "output": {"dir": "out"}}
+    cfg = TrainConfig.parse({**base, "data": {"train": "bundled://data/arithmetic_train.jsonl",
+                                              "eval": "bundled://data/arithmetic_eval.jsonl"}})
+    assert Path(cfg.data.train).is_file() and Path(cfg.data.eval or "").name == "arithmetic_eval.jsonl"
+    with pytest.raises(ConfigError, match="data.train"):
+        TrainConfig.parse({**base, "data": {"train": "bundled://data/nope.jsonl"}})
