@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ def _compare_yaml(tiny_run: dict[str, Path], tmp_path: Path, **compare: Any) -> 
         "data": {"train": str(tiny_run["train"]), "eval": str(evalf), "max_length": 48},
         "training": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "warmup_steps": 1, "device": "cpu"},
         "compare": {"accuracy": {"examples": 6, "max_new_tokens": 3}, "forgetting": str(heldout), "threads": 1,
-                    **compare},
+                    "seeds": [0], **compare},  # one seed keeps the pipeline tests fast (the default is three)
         "methods": {"lora": {"alpha": 8}, "vera": {"r": 16, "training": {"lr": 0.1}}},
     }
     path = tmp_path / "compare.yaml"
@@ -60,7 +62,8 @@ def test_compare_two_methods_writes_every_file(tiny_run, tmp_path: Path, capsys)
         assert isinstance(r["heldout_loss"], float)
         assert not (out / "runs" / f"{r['label']}-s0" / "checkpoints").exists()
         assert (out / "runs" / f"{r['label']}-s0" / "adapter" / "adapter.json").is_file()
-    assert {c["id"] for c in res["claims"]} == {"lora-sb", "lora+", "vera", "lora-fa", "forgetting", "rank1-sum"}
+    assert {c["id"] for c in res["claims"]} == {"lora-sb", "lora+", "vera", "lora-fa", "forgetting", "rank1-sum",
+                                                "delta-lora", "lora-efficiency"}
     md = (out / "report.md").read_text()
     assert "| lora |" in md and "| vera |" in md and "lorakit compare" in md
     assert "Verdict: inconclusive (not compared: lora-fa)" in md  # claims without their methods say so
@@ -122,9 +125,24 @@ def _run(label: str, seed: int = 0, **values: Any) -> dict[str, Any]:
     return {**base, **values}
 
 
+def _seeds(label: str, **values: Any) -> list[dict[str, Any]]:
+    """Three seeds of ``label``: the same numbers with a small seed-to-seed jitter (eval loss +-0.002, accuracy
+    +-1 example, forgetting +-0.002)."""
+    runs = []
+    for seed, j in enumerate((-1, 0, 1)):
+        run = _run(label, seed, **values)
+        run["eval_loss"] += 0.002 * j
+        run["correct"] += j
+        run["accuracy"] = run["correct"] / run["examples"]
+        run["heldout_loss"] += 0.002 * j
+        runs.append(run)
+    return runs
+
+
 def _results(runs: list[dict[str, Any]]) -> dict[str, Any]:
     labels = list(dict.fromkeys(r["label"] for r in runs))
-    return {"labels": labels, "seeds": [0], "runs": runs, "base": {"ok": True, "heldout_loss": 3.0},
+    return {"labels": labels, "seeds": sorted({r["seed"] for r in runs}), "runs": runs,
+            "base": {"ok": True, "heldout_loss": 3.0},
             "methods": {lab: {"method": lab, "r": 8, "r_init": 12, "target_rank": 8, "training": {}}
                         for lab in labels}}
 
@@ -133,32 +151,67 @@ def _verdicts(runs: list[dict[str, Any]]) -> dict[str, str]:
     return {c["id"]: c["verdict"] for c in evaluate_claims(_results(runs))}
 
 
+def _all(*groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for g in groups for r in g]
+
+
 def test_verdicts_follow_the_numbers() -> None:
     slow = [[s, 2.0 - s / 200] for s in range(1, 101)]  # LoRA+ never reaches LoRA's final loss
-    v = _verdicts([_run("lora"), _run("lora+", train_loss=slow), _run("lora-fa", saved_activation_bytes=600),
-                   _run("full", heldout_loss=3.5), _run("vera", trainable_params=50, eval_loss=1.3, accuracy=0.2,
-                                                        correct=40),
-                   _run("lora-xs", trainable_params=30, eval_loss=1.2, accuracy=0.3, correct=60),
-                   _run("lora-sb", trainable_params=30, eval_loss=0.9, accuracy=0.65, correct=130),
-                   _run("rank1-sum", eval_loss=1.004)])
+    v = _verdicts(_all(_seeds("lora"), _seeds("lora+", train_loss=slow), _seeds("lora-fa", saved_activation_bytes=600),
+                       _seeds("full", heldout_loss=3.5),
+                       _seeds("vera", trainable_params=50, eval_loss=1.3, accuracy=0.2, correct=40),
+                       _seeds("lora-xs", trainable_params=30, eval_loss=1.2, accuracy=0.3, correct=60),
+                       _seeds("lora-sb", trainable_params=30, eval_loss=0.9, accuracy=0.65, correct=130),
+                       _seeds("rank1-sum", eval_loss=1.004), _seeds("delta-lora", eval_loss=0.9, correct=120)))
     assert v == {"lora+": "refuted", "lora-fa": "supported", "forgetting": "supported", "vera": "refuted",
-                 "lora-sb": "supported", "rank1-sum": "supported"}
+                 "lora-sb": "supported", "rank1-sum": "supported", "delta-lora": "supported",
+                 "lora-efficiency": "inconclusive (no time or memory measurement)"}
     fast = [[s, 2.0 - s / 50] for s in range(1, 101)]
-    v = _verdicts([_run("lora"), _run("lora+", train_loss=fast), _run("lora-fa", saved_activation_bytes=1000),
-                   _run("full", heldout_loss=3.0), _run("lora-sb", trainable_params=10, eval_loss=1.5,
-                                                        accuracy=0.2, correct=40), _run("lora-xs")])
+    v = _verdicts(_all(_seeds("lora", step_time_s=0.5), _seeds("lora+", train_loss=fast),
+                       _seeds("lora-fa", saved_activation_bytes=1000), _seeds("full", heldout_loss=3.0, step_time_s=0.4),
+                       _seeds("lora-sb", trainable_params=10, eval_loss=1.5, accuracy=0.2, correct=40),
+                       _seeds("lora-xs")))
     assert v["lora+"] == "supported" and v["lora-fa"] == "refuted" and v["forgetting"] == "refuted"
     assert v["lora-sb"] == "refuted"
     assert v["rank1-sum"].startswith("inconclusive (not compared")
+    assert v["lora-efficiency"].startswith("inconclusive (no time or memory")  # no memory numbers
+
+
+def test_one_seed_gives_no_quality_verdict() -> None:
+    """Without a measured seed spread, no margin: LoRA vs LoRA with another seed is not a 'refutation'."""
+    s = summarize(_results([_run("a", eval_loss=1.0), _run("b", eval_loss=1.2)]))
+    assert quality_verdict(s, "a", "b", kind="beats")[0].startswith("inconclusive (one seed per method")
+    v = _verdicts([_run("lora"), _run("vera", trainable_params=50, eval_loss=1.3)])
+    assert v["vera"].startswith("inconclusive (one seed")
 
 
 def test_quality_rules_use_noise_margins() -> None:
-    s = summarize(_results([_run("a", eval_loss=1.0, accuracy=0.50, correct=100),
-                            _run("b", eval_loss=1.005, accuracy=0.52, correct=104)]))
+    s = summarize(_results(_all(_seeds("a", eval_loss=1.0, accuracy=0.50, correct=100),
+                                _seeds("b", eval_loss=1.005, accuracy=0.52, correct=104))))
     assert quality_verdict(s, "a", "b", kind="beats")[0] == "inconclusive (difference within noise)"
     assert quality_verdict(s, "a", "b", kind="matches")[0] == "supported"
-    s = summarize(_results([_run("a", eval_loss=0.9, accuracy=0.3, correct=60), _run("b")]))
+    s = summarize(_results(_all(_seeds("a", eval_loss=0.9, accuracy=0.3, correct=60), _seeds("b"))))
     assert quality_verdict(s, "a", "b", kind="beats")[0] == "inconclusive (accuracy and eval loss disagree)"
+    # the seed spread sets the margin: LoRA's three seeds of the old report (2.42/2.50/2.46) against the same
+    # numbers shifted by one seed's difference are a match, not a difference
+    lora = [_run("lora", i, eval_loss=v) for i, v in enumerate((2.42, 2.50, 2.46))]
+    other = [_run("other", i, eval_loss=v) for i, v in enumerate((2.50, 2.46, 2.42 + 0.04))]
+    s = summarize(_results(lora + other))
+    assert quality_verdict(s, "other", "lora", kind="matches")[0] == "supported"
+
+
+def test_t_margins_and_settings() -> None:
+    from lorakit.evaluation.claims import in_setting, t95, vera_width_for, welch_margin
+
+    assert t95(2) == pytest.approx(4.303) and t95(11) == pytest.approx(2.228) and t95(100) == 2.0
+    a = {"mean": 1.0, "std": 0.1, "n": 3}
+    assert welch_margin(a, a) == pytest.approx(t95(4) * math.sqrt(2 * 0.01 / 3))
+    assert welch_margin({**a, "n": 1}, a) is None
+    assert vera_width_for(10, 8, 256) == pytest.approx(2560 / 6)
+    small = {"runs": [{"total_params": 5_000_000}]}
+    assert in_setting("refuted", small, 125e6, "RoBERTa-base").startswith("not reproduced in this setting")
+    assert in_setting("refuted", {"runs": [{"total_params": 135_000_000}]}, 125e6, "RoBERTa-base") == "refuted"
+    assert in_setting("supported", small, 125e6, "RoBERTa-base") == "supported"
 
 
 def test_several_seeds_give_mean_and_spread(tmp_path: Path) -> None:

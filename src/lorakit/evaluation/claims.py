@@ -5,13 +5,18 @@ Every claim is checked with the numbers of ``results.json`` and gets a verdict: 
 report next to each verdict, so a claim our numbers refute is reported as refuted:
 
 * **Task quality** is judged on two metrics: exact-match accuracy (higher is better) and the eval loss on the
-  completions (lower is better). A difference counts only beyond its noise margin: for accuracy
-  ``2 sqrt(p1 (1-p1)/n1 + p2 (1-p2)/n2)`` (binomial, ``n`` = examples x seeds, ``p`` smoothed as
-  ``(correct+1)/(n+2)``); for a loss ``max(2 sqrt(s1^2/k1 + s2^2/k2), 1% of the loss)`` with ``s`` the spread
-  over ``k`` seeds. Accuracy is left out when both are below 5% (floor).
+  completions (lower is better). A difference counts only beyond its noise margin, which comes from the
+  measured seed-to-seed spread: ``t95(df) sqrt(s1^2/k1 + s2^2/k2)`` (Welch's two-sided 95% interval of the
+  difference of two means over ``k`` seeds each, ``s`` their sample standard deviations), at least 1% of the
+  loss; for accuracy at least the binomial ``2 sqrt(p1 (1-p1)/n1 + p2 (1-p2)/n2)`` too (``n`` = examples x
+  seeds, ``p`` smoothed as ``(correct+1)/(n+2)``). With one seed the spread is unmeasured and no quality
+  verdict is given. Accuracy is left out when both are below 5% (floor).
 * "A beats B": supported if a metric is better beyond noise and none is worse; refuted if one is worse and
   none better; otherwise inconclusive. "A matches B": the same, except that both metrics within noise is
   supported (a match).
+* **Setting**: a paper's claim our numbers contradict on a model more than 10x smaller than the paper's
+  smallest is reported as "not reproduced in this setting", not "refuted": the claim was not tested where
+  it was made.
 """
 
 from __future__ import annotations
@@ -25,6 +30,34 @@ from typing import Any
 TAIL = 10
 ACC_FLOOR = 0.05
 LOSS_REL_TOL = 0.01
+#: Two-sided 95% critical values of Student's t by degrees of freedom (the largest tabulated df <= the actual one
+#: is used: conservative); beyond 30, 2.0.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+#: A model this many times smaller than the paper's smallest turns "refuted" into "not reproduced in this setting".
+SCALE_GAP = 10
+UNMEASURED = ("inconclusive (one seed per method: the seed-to-seed spread is unmeasured; run compare.seeds "
+              "with 3 or more)")
+
+
+def t95(df: float) -> float:
+    """Two-sided 95% critical value of Student's t with ``df`` degrees of freedom (see :data:`_T95`)."""
+    if df >= 31:
+        return 2.0
+    return _T95[max(k for k in _T95 if k <= max(1.0, df))]
+
+
+def welch_margin(sa: dict[str, Any], sb: dict[str, Any]) -> float | None:
+    """Half-width of Welch's 95% interval of ``mean_a - mean_b`` from two :func:`_stat` entries, or ``None`` when
+    either has fewer than two values (no spread measured)."""
+    if sa["n"] < 2 or sb["n"] < 2:
+        return None
+    va, vb = sa["std"] ** 2 / sa["n"], sb["std"] ** 2 / sb["n"]
+    se2 = va + vb
+    if se2 == 0:
+        return 0.0
+    df = se2 ** 2 / ((va ** 2 / (sa["n"] - 1)) + (vb ** 2 / (sb["n"] - 1)))
+    return t95(df) * math.sqrt(se2)
 
 
 # --- summary --------------------------------------------------------------------------------------------------
@@ -113,20 +146,26 @@ def compare_accuracy(summary: dict[str, Any], a: str, b: str) -> dict[str, Any] 
     pa, pb = sa["accuracy"]["mean"], sb["accuracy"]["mean"]
     if max(pa, pb) < ACC_FLOOR:
         return {"diff": pa - pb, "margin": None, "outcome": "floor"}
+    spread = welch_margin(sa["accuracy"], sb["accuracy"])
+    if spread is None:
+        return {"diff": pa - pb, "margin": None, "outcome": "unmeasured"}
     na = sum(sa["examples"]["values"])
     nb = sum(sb["examples"]["values"])
     qa = (sum(sa["correct"]["values"]) + 1) / (na + 2)
     qb = (sum(sb["correct"]["values"]) + 1) / (nb + 2)
-    margin = 2 * math.sqrt(qa * (1 - qa) / na + qb * (1 - qb) / nb)
-    return _outcome(pa - pb, margin, higher_better=True)
+    binomial = 2 * math.sqrt(qa * (1 - qa) / na + qb * (1 - qb) / nb)
+    return _outcome(pa - pb, max(spread, binomial), higher_better=True)
 
 
 def compare_loss(summary: dict[str, Any], a: str, b: str, key: str = "eval_loss") -> dict[str, Any] | None:
-    """``a`` vs ``b`` on a loss (lower is better), margin ``max(2 x seed spread, 1%)``."""
+    """``a`` vs ``b`` on a loss (lower is better), margin ``max(Welch 95% half-width over seeds, 1%)``;
+    outcome ``"unmeasured"`` with fewer than two seeds on either side."""
     sa, sb = summary.get(a, {}).get(key), summary.get(b, {}).get(key)
     if not sa or not sb:
         return None
-    spread = 2 * math.sqrt(sa["std"] ** 2 / sa["n"] + sb["std"] ** 2 / sb["n"])
+    spread = welch_margin(sa, sb)
+    if spread is None:
+        return {"diff": sa["mean"] - sb["mean"], "margin": None, "outcome": "unmeasured"}
     margin = max(spread, LOSS_REL_TOL * abs(sb["mean"]))
     return _outcome(sa["mean"] - sb["mean"], margin, higher_better=False)
 
@@ -141,15 +180,24 @@ def quality_verdict(summary: dict[str, Any], a: str, b: str, *, kind: str) -> tu
     """``(verdict, numbers)`` for "``a`` beats ``b``" (``kind="beats"``) or "``a`` matches ``b``"."""
     acc, loss = compare_accuracy(summary, a, b), compare_loss(summary, a, b)
     parts, outcomes = [], []
+    unmeasured = False
     if acc is not None and acc["outcome"] == "floor":
         parts.append(f"accuracy {100 * acc['diff']:+.1f} points (both below {ACC_FLOOR:.0%}: not used)")
+    elif acc is not None and acc["outcome"] == "unmeasured":
+        parts.append(f"accuracy {100 * acc['diff']:+.1f} points (one seed: no margin)")
+        unmeasured = True
     elif acc is not None:
         parts.append(f"accuracy {100 * acc['diff']:+.1f} ± {100 * acc['margin']:.1f} points ({acc['outcome']})")
         outcomes.append(acc["outcome"])
-    if loss is not None:
+    if loss is not None and loss["outcome"] == "unmeasured":
+        parts.append(f"eval loss {loss['diff']:+.4f} (one seed: no margin)")
+        unmeasured = True
+    elif loss is not None:
         parts.append(f"eval loss {loss['diff']:+.4f} ± {loss['margin']:.4f} ({loss['outcome']})")
         outcomes.append(loss["outcome"])
     text = f"{a} vs {b}: " + "; ".join(parts) if parts else f"{a} vs {b}: no numbers"
+    if unmeasured:
+        return UNMEASURED, text
     if not outcomes:
         return "inconclusive (no usable numbers)", text
     if "better" in outcomes and "worse" in outcomes:
@@ -167,7 +215,23 @@ def combine(verdicts: Sequence[str]) -> str:
         return "refuted"
     if all(v == "supported" for v in verdicts):
         return "supported"
-    return next(v for v in verdicts if v.startswith("inconclusive"))
+    return next(v for v in verdicts if not v == "supported")
+
+
+def model_params(results: dict[str, Any]) -> int | None:
+    """The compared model's parameter count (the largest ``total_params`` a run reported)."""
+    counts = [r.get("total_params") for r in results.get("runs", []) if r.get("total_params")]
+    return max(counts) if counts else None
+
+
+def in_setting(verdict: str, results: dict[str, Any], paper_params: float, paper: str) -> str:
+    """``verdict``, except that "refuted" on a model :data:`SCALE_GAP` x smaller than ``paper_params`` (the
+    smallest model the claim was shown on) becomes "not reproduced in this setting (...)"."""
+    n = model_params(results)
+    if verdict != "refuted" or not n or n * SCALE_GAP > paper_params:
+        return verdict
+    return (f"not reproduced in this setting (a {n / 1e6:.1f}M-parameter model; the claim was shown on "
+            f"{paper}, {paper_params / 1e6:.0f}M and larger)")
 
 
 # --- the claims -------------------------------------------------------------------------------------------------
@@ -199,7 +263,7 @@ def _quality_lines(summary: dict[str, Any], labels: Sequence[str]) -> list[str]:
             "eval loss: " + _fmt(summary, labels, "eval_loss", "{:.4f}")]
 
 
-def claim_lora_sb(s: dict[str, Any]) -> dict[str, Any]:
+def claim_lora_sb(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     labels = ["lora", "lora-xs", "lora-sb"]
     title = ("LoRA-SB matches or beats LoRA with 27-90x fewer trainable parameters, and beats LoRA-XS at the "
              "same parameter count")
@@ -212,7 +276,7 @@ def claim_lora_sb(s: dict[str, Any]) -> dict[str, Any]:
     ratio = p["lora"] / p["lora-sb"] if p["lora-sb"] else math.inf
     v1, t1 = quality_verdict(s, "lora-sb", "lora", kind="matches")
     v2, t2 = quality_verdict(s, "lora-sb", "lora-xs", kind="beats")
-    verdict = combine([v1, v2])
+    verdict = in_setting(combine([v1, v2]), results, 355e6, "RoBERTa-large to Mistral-7B")
     if not 27 <= ratio <= 90 and verdict == "supported":
         verdict = f"inconclusive (parameter ratio {ratio:.1f}x is outside 27-90x)"
     nums = [f"trainable parameters: {', '.join(f'{lab} {p[lab]:,.0f}' for lab in labels)} "
@@ -224,9 +288,10 @@ def claim_lora_sb(s: dict[str, Any]) -> dict[str, Any]:
 def claim_loraplus(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     title = "LoRA+ (B's learning rate = ratio x A's) reaches LoRA's final training loss in fewer steps"
     src = "Hayou et al. 2024, https://arxiv.org/abs/2402.12354 (up to ~2x faster fine-tuning)"
-    rule = (f"training loss smoothed over {TAIL} steps and averaged over seeds; L = LoRA's final smoothed loss; "
-            "supported if LoRA+ first reaches L in at most 90% of the steps LoRA needs, refuted if it never "
-            "does (or needs at least as many), inconclusive in between")
+    rule = (f"training loss smoothed over {TAIL} steps and averaged over seeds; L = LoRA's final smoothed loss, "
+            "reached when within a tolerance of it (the seed spread of the final smoothed losses, at least 1%); "
+            "supported if LoRA+ reaches L in at most 90% of the steps LoRA needs, refuted if it never does or "
+            "needs at least 110%, inconclusive in between")
     why = _missing(s, ["lora", "lora+"])
     if why:
         return _claim("lora+", title, src, rule, why, [])
@@ -234,36 +299,66 @@ def claim_loraplus(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]
     if not lora or not plus:
         return _claim("lora+", title, src, rule, "inconclusive (no training-loss curves)", [])
     target = lora[-1][1]
-    reach_lora = next(step for step, v in lora if v <= target)
-    reach_plus = next((step for step, v in plus if v <= target), None)
+    finals = [smooth(c)[-1][1] for c in _seed_curves(results, "lora") + _seed_curves(results, "lora+") if c]
+    spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
+    tol = max(spread, LOSS_REL_TOL * abs(target))
+    reach_lora = next(step for step, v in lora if v <= target + tol)
+    reach_plus = next((step for step, v in plus if v <= target + tol), None)
     ratio = results["methods"].get("lora+", {}).get("training", {}).get("loraplus_ratio")
-    nums = [f"LoRA+ ratio {ratio}; LoRA's final smoothed training loss {target:.4f}, first reached at step "
-            f"{reach_lora}; LoRA+'s final smoothed loss {plus[-1][1]:.4f}",
+    nums = [f"LoRA+ ratio {ratio}; LoRA's final smoothed training loss {target:.4f} (tolerance {tol:.4f}), "
+            f"reached at step {reach_lora}; LoRA+'s final smoothed loss {plus[-1][1]:.4f}",
             "eval loss: " + _fmt(s, ["lora", "lora+"], "eval_loss", "{:.4f}"),
             "accuracy: " + _fmt(s, ["lora", "lora+"], "accuracy", "{:.3f}")]
-    if reach_plus is None or reach_plus >= reach_lora:
+    if reach_plus is None or reach_plus >= 1.1 * reach_lora:
         nums.append("LoRA+ never reached it" if reach_plus is None else
-                    f"LoRA+ reached it at step {reach_plus} (not fewer steps)")
-        return _claim("lora+", title, src, rule, "refuted", nums)
+                    f"LoRA+ reached it at step {reach_plus} ({reach_plus / reach_lora:.2f}x LoRA's steps)")
+        return _claim("lora+", title, src, rule, in_setting("refuted", results, 124e6, "GPT-2 to Llama-7B"), nums)
     nums.append(f"LoRA+ reached it at step {reach_plus}: {reach_lora / reach_plus:.2f}x fewer steps")
     verdict = "supported" if reach_plus <= 0.9 * reach_lora else \
-        "inconclusive (fewer steps, but by less than 10%, within the smoothing window)"
+        "inconclusive (within 10% of LoRA's steps, inside the tolerance of this rule)"
     return _claim("lora+", title, src, rule, verdict, nums)
 
 
-def claim_vera(s: dict[str, Any]) -> dict[str, Any]:
+def _seed_curves(results: dict[str, Any], label: str) -> list[list[tuple[int, float]]]:
+    return [[(int(st), float(v)) for st, v in r.get("train_loss") or []]
+            for r in results["runs"] if r["label"] == label and r.get("ok")]
+
+
+def vera_width_for(ratio: float, r_lora: int, r_vera: int) -> float | None:
+    """Width ``d`` of square layers at which LoRA / VeRA trainable parameters equal ``ratio``: per layer
+    ``r_lora 2d / (r_vera + d)`` (``None`` if no width reaches it: ``2 r_lora <= ratio``)."""
+    return ratio * r_vera / (2 * r_lora - ratio) if 2 * r_lora > ratio else None
+
+
+def claim_vera(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     title = "VeRA trains 10x fewer parameters than LoRA while matching its quality"
     src = "Kopiczko et al. 2023, https://arxiv.org/abs/2310.11454 (abstract: 10x fewer trainable parameters)"
-    rule = "LoRA / VeRA trainable parameters >= 10, and VeRA matches LoRA (quality rules above)"
+    rule = ("count: per layer LoRA trains r (d_in + d_out) and VeRA r_vera + d_out, so the ratio is a function of "
+            "the layer widths: supported if >= 10 at this model's widths, 'not reproduced in this setting' if the "
+            "widths are below those where the formula reaches 10; quality: VeRA matches LoRA (rules above)")
     why = _missing(s, ["lora", "vera"])
     if why:
         return _claim("vera", title, src, rule, why, [])
     pl, pv = _mean(s, "lora", "trainable_params") or 0.0, _mean(s, "vera", "trainable_params") or 0.0
     ratio = pl / pv if pv else math.inf
+    r_lora = int(results["methods"].get("lora", {}).get("r") or 8)
+    r_vera = int(results["methods"].get("vera", {}).get("r") or 256)
+    width = vera_width_for(10, r_lora, r_vera)
+    here = vera_width_for(ratio, r_lora, r_vera) if ratio < 2 * r_lora else None
+    if ratio >= 10:
+        count = "supported"
+    elif width is None:
+        count = "refuted"
+    else:
+        count = (f"not reproduced in this setting (ratio {ratio:.1f}x at this model's widths, about {here:.0f} "
+                 f"wide as square layers; with LoRA r={r_lora} and VeRA r={r_vera} it reaches 10x from "
+                 f"{width:.0f} wide)" if here is not None else "refuted")
     v, t = quality_verdict(s, "vera", "lora", kind="matches")
-    count = "supported" if ratio >= 10 else "refuted"
-    nums = [f"trainable parameters: lora {pl:,.0f}, vera {pv:,.0f} (ratio {ratio:.1f}x; per layer LoRA trains "
-            "r (d_in + d_out), VeRA r_vera + d_out, so the ratio grows with the model's width)",
+    v = in_setting(v, results, 125e6, "RoBERTa-base to Llama-2-13B")
+    nums = [f"trainable parameters: lora {pl:,.0f}, vera {pv:,.0f} (ratio {ratio:.1f}x)",
+            f"formula, square d x d layers: ratio = {r_lora} 2d / ({r_vera} + d): 10x from d = "
+            + (f"{width:.0f}" if width is not None else "never") + "; e.g. "
+            + ", ".join(f"{2 * r_lora * d / (r_vera + d):.1f}x at {d}" for d in (256, 768, 4096)),
             "adapter file: " + _fmt(s, ["lora", "vera"], "adapter_bytes", "{:,.0f} bytes")
             + " (VeRA's file includes its shared frozen projections when save_projections is on)",
             *_quality_lines(s, ["lora", "vera"]), f"{t} -> matches LoRA: {v}"]
@@ -298,21 +393,24 @@ def _fmt_mb(s: dict[str, Any], labels: Sequence[str], key: str, fmt: str) -> str
                      for lab in labels if lab in s)
 
 
-def claim_forgetting(s: dict[str, Any]) -> dict[str, Any]:
+def claim_forgetting(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     title = "LoRA forgets less of the base model's pretraining than full fine-tuning"
     src = "Biderman et al. 2024, \"LoRA Learns Less and Forgets Less\", https://arxiv.org/abs/2405.09673"
     rule = ("forgetting = loss on pretraining held-out text after minus before; supported if LoRA's is lower than "
-            "full fine-tuning's by more than max(2 x seed spread, 0.01 nats), refuted if higher by as much")
+            "full fine-tuning's by more than max(Welch 95% half-width over seeds, 0.01 nats), refuted if higher by "
+            "as much; one seed: inconclusive")
     why = _missing(s, ["lora", "full"])
     if why:
         return _claim("forgetting", title, src, rule, why, [])
     fl, ff = s["lora"].get("forgetting"), s["full"].get("forgetting")
     if not fl or not ff:
         return _claim("forgetting", title, src, rule, "inconclusive (forgetting not measured)", [])
-    margin = max(2 * math.sqrt(fl["std"] ** 2 / fl["n"] + ff["std"] ** 2 / ff["n"]), 0.01)
+    spread = welch_margin(fl, ff)
     diff = fl["mean"] - ff["mean"]
+    margin = max(spread or 0.0, 0.01)
     verdict = "supported" if diff < -margin else "refuted" if diff > margin else \
         "inconclusive (difference within noise)"
+    verdict = UNMEASURED if spread is None else in_setting(verdict, results, 6.7e9, "Llama-2-7B")
     nums = [f"forgetting (nats/token): lora {fl['mean']:+.4f}, full {ff['mean']:+.4f} "
             f"(difference {diff:+.4f} ± {margin:.4f})",
             "learning side, accuracy: " + _fmt(s, ["lora", "full"], "accuracy", "{:.3f}")
@@ -330,6 +428,7 @@ def claim_rank1_sum(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any
     pl, pr = _mean(s, "lora", "trainable_params") or 0.0, _mean(s, "rank1-sum", "trainable_params") or 0.0
     m = results["methods"]
     v, t = quality_verdict(s, "rank1-sum", "lora", kind="matches")
+    v = in_setting(v, results, 184e6, "DeBERTaV3-base (AdaLoRA)")
     nums = [f"final trainable parameters: lora {pl:,.0f} (r={m['lora'].get('r')}), rank1-sum {pr:,.0f} "
             f"(r_init={m['rank1-sum'].get('r_init')}, target_rank={m['rank1-sum'].get('target_rank')})",
             *_quality_lines(s, ["lora", "rank1-sum"]), t]
@@ -339,12 +438,55 @@ def claim_rank1_sum(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any
     return _claim("rank1-sum", title, src, rule, v, nums)
 
 
+def claim_delta_lora(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+    title = "Delta-LoRA improves on LoRA's quality at the same number of trainable parameters"
+    src = "Zi et al. 2023, https://arxiv.org/abs/2309.02411 (abstract)"
+    rule = "Delta-LoRA beats LoRA (quality rules above) with trainable parameters within 1% of LoRA's"
+    why = _missing(s, ["lora", "delta-lora"])
+    if why:
+        return _claim("delta-lora", title, src, rule, why, [])
+    pl, pd = _mean(s, "lora", "trainable_params") or 0.0, _mean(s, "delta-lora", "trainable_params") or 0.0
+    v, t = quality_verdict(s, "delta-lora", "lora", kind="beats")
+    m = results["methods"].get("delta-lora", {})
+    nums = [f"trainable parameters: lora {pl:,.0f}, delta-lora {pd:,.0f}; delta_start "
+            f"{m.get('delta_start', 'default (10% of the run)')}, delta_lambda {m.get('delta_lambda', 0.5)}",
+            *_quality_lines(s, ["lora", "delta-lora"]), t]
+    if pl and abs(pd - pl) > 0.01 * pl:
+        return _claim("delta-lora", title, src, rule, f"inconclusive (budgets differ: {pd / pl:.2f}x)", nums)
+    return _claim("delta-lora", title, src, rule, in_setting(v, results, 125e6, "RoBERTa-base to BART-large"),
+                  nums)
+
+
+def claim_lora_efficiency(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+    title = "LoRA trains faster and with less memory than full fine-tuning"
+    src = "Hu et al. 2021, https://arxiv.org/abs/2106.09685 (3x less GPU memory, 25% faster on GPT-3 175B)"
+    rule = ("step time (median per run, mean over seeds) and training memory (RSS increase over the loaded model, "
+            "or peak GPU memory): supported if LoRA's are both at least 5% below full fine-tuning's, refuted if "
+            "either is not below, inconclusive in between")
+    why = _missing(s, ["lora", "full"])
+    if why:
+        return _claim("lora-efficiency", title, src, rule, why, [])
+    mem_key = "peak_gpu_bytes" if _mean(s, "lora", "peak_gpu_bytes") else "train_rss_increase_bytes"
+    tl, tf = _mean(s, "lora", "step_time_s"), _mean(s, "full", "step_time_s")
+    ml, mf = _mean(s, "lora", mem_key), _mean(s, "full", mem_key)
+    if not (tl and tf and ml is not None and mf):
+        return _claim("lora-efficiency", title, src, rule, "inconclusive (no time or memory measurement)", [])
+    ratios = [tl / tf, ml / mf]
+    verdict = "supported" if all(r <= 0.95 for r in ratios) else "refuted" if any(r >= 1 for r in ratios) else \
+        "inconclusive (less than 5% below)"
+    nums = [f"step time: lora {tl:.3f} s, full {tf:.3f} s ({tl / tf:.2f}x)",
+            f"{mem_key.replace('_', ' ')}: lora {ml / 2**20:.1f} MB, full {mf / 2**20:.1f} MB ({ml / mf:.2f}x)"]
+    return _claim("lora-efficiency", title, src, rule, verdict, nums)
+
+
 def evaluate_claims(results: dict[str, Any], summary: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every claim's ``{"id", "claim", "source", "rule", "verdict", "numbers"}``."""
     s = summary if summary is not None else summarize(results)
-    return [claim_lora_sb(s), claim_loraplus(results, s), claim_vera(s), claim_lora_fa(s), claim_forgetting(s),
-            claim_rank1_sum(results, s)]
+    return [claim_lora_sb(results, s), claim_loraplus(results, s), claim_vera(results, s), claim_lora_fa(s),
+            claim_forgetting(results, s), claim_rank1_sum(results, s), claim_delta_lora(results, s),
+            claim_lora_efficiency(results, s)]
 
 
-__all__ = ["combine", "compare_accuracy", "compare_loss", "evaluate_claims", "final_train_loss", "mean_curve",
-           "quality_verdict", "run_metrics", "smooth", "summarize"]
+__all__ = ["combine", "compare_accuracy", "compare_loss", "evaluate_claims", "final_train_loss", "in_setting",
+           "mean_curve", "model_params", "quality_verdict", "run_metrics", "smooth", "summarize", "t95",
+           "vera_width_for", "welch_margin"]

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lorakit._version import __version__
 from lorakit.errors import ConfigError
 from lorakit.evaluation.compare_config import CompareConfig
@@ -31,6 +33,34 @@ RESULTS_FILE = "results.json"
 
 
 # --- orchestration ---------------------------------------------------------------------------------------------
+def host_info() -> dict[str, Any]:
+    """Where the numbers were made. The same seed gives the same run on the same machine and software
+    (bit-identical losses across processes and thread counts); another CPU model or torch build may round a
+    kernel differently and drift by ~1e-7 per step, so both are recorded."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor() or None)
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "cpu_model": cpu, "torch": torch.__version__, "transformers": _version("transformers"),
+            "lorakit": __version__}
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except OSError:
+        return []
+
+
+def _version(pkg: str) -> str | None:
+    import importlib.metadata as md
+
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return None
+
+
 def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike[str], *,
                 log: Callable[[str], None] = print, command: str | None = None) -> dict[str, Any]:
     """Run every ``(label, seed)`` in its own process, then write ``results.json`` and the report.
@@ -56,7 +86,7 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
     results: dict[str, Any] = {
         "lorakit_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": command,
-        "host": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
+        "host": host_info(),
         "labels": labels, "seeds": cc.compare.seeds,
         "compare": {**cc.compare.model_dump(), "forgetting": display_path(cc.compare.forgetting)},
         "methods": {lab: {"method": cc.method_of(lab), **configs[(lab, cc.compare.seeds[0])].adapter.options,

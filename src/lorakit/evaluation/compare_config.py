@@ -4,7 +4,7 @@ A compare config is a training config (``model``, ``adapter``, ``data``, ``train
 :mod:`lorakit.train.config`) plus two sections::
 
     compare:
-      seeds: [0]                        # every method runs once per seed; the report gives mean and spread
+      seeds: [0, 1, 2]                  # every method runs once per seed; the report gives mean and spread
       accuracy: {examples: 200, max_new_tokens: 48}   # greedy exact match on data.eval rows with an "answer"
       forgetting: bundled://data/pretrain_heldout.jsonl  # loss on this text after minus before (null: off)
     methods:                            # per-method options; a label that is not a method names its method
@@ -69,7 +69,8 @@ class CompareSection(_Strict):
     """The ``compare`` section.
 
     Attributes:
-        seeds: one run per method per seed (``training.seed``); several give mean and spread.
+        seeds: one run per method per seed (``training.seed``); default three, the fewest that give a spread
+            the verdicts can use (with one seed no quality verdict is given).
         accuracy: task accuracy settings (``null``: no accuracy).
         forgetting: text the base model knows (``{"text"}`` rows); forgetting = loss on it after training
             minus before. ``null``: not measured.
@@ -80,7 +81,7 @@ class CompareSection(_Strict):
             threads' CPU time while training: another job shared the cores and its step time is inflated.
     """
 
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     accuracy: AccuracySpec | None = AccuracySpec()
     forgetting: str | None = "bundled://data/pretrain_heldout.jsonl"
     forgetting_max_length: int = Field(256, ge=2)

@@ -205,8 +205,8 @@ def _context(results: dict[str, Any]) -> list[str]:
              "differences of tens of MB are noise; the saved-activations column is exact and deterministic.",
              "Training loss is the loss the trainer logs, including method regularisers (rank1-sum's "
              "orthogonality term); the eval loss is the plain loss on the completions of the eval file.",
-             *(["One seed: no spread across seeds; the noise margins come from the binomial error of accuracy "
-                "and a 1% tolerance on losses (rerun with --seeds 0,1,2 for spreads)."]
+             *(["One seed: the seed-to-seed spread is unmeasured, so no quality claim gets a verdict (rerun with "
+                "compare.seeds: [0, 1, 2], the default)."]
                if len(results.get("seeds") or []) == 1 else []),
              *_contention(results),
              *([f"Note: {results['note']}"] if results.get("note") else []),
@@ -277,10 +277,13 @@ def render_markdown(results: dict[str, Any], summary: dict[str, Any], claims: li
               f"![loss curves]({LOSS_PLOT})", "", f"![accuracy vs parameters]({ACC_PLOT})", ""]
     if claims:
         parts += ["## Claims of the method papers on this task", "",
-                  "Decision rules (fixed before the run, in `lorakit/claims.py`): a quality difference counts "
-                  "only beyond its noise margin (accuracy: 2 binomial standard errors; eval loss: max(2 x seed "
-                  "spread, 1%)); \"beats\" needs a metric better beyond noise and none worse; \"matches\" also "
-                  "accepts both within noise; any metric worse beyond noise refutes.", ""]
+                  "Decision rules (fixed before the run, in `lorakit/evaluation/claims.py`): a quality difference "
+                  "counts only beyond its noise margin, Welch's 95% interval from the seed-to-seed spread (t "
+                  "quantile for the seeds' degrees of freedom), at least 1% of a loss and, for accuracy, 2 "
+                  "binomial standard errors; with one seed no quality verdict is given. \"beats\" needs a metric "
+                  "better beyond noise and none worse; \"matches\" also accepts both within noise; any metric worse "
+                  "beyond noise refutes, except on a model over 10x smaller than the smallest one the paper used: "
+                  "\"not reproduced in this setting\".", ""]
     for c in claims:
         parts += [f"### {c['claim']}", "", f"**Verdict: {c['verdict']}**", "", f"Source: {c['source']}.", "",
                   f"Rule: {c['rule']}.", "", *(f"- {n}" for n in c["numbers"]), ""]
