@@ -286,3 +286,15 @@ def test_merge_refuses_tied_weights() -> None:
     with pytest.raises(lorakit.AdapterStateError, match="tied"):
         lorakit.merge(model)
     assert not model.model.embed_tokens.merged
+
+
+def test_weight_sample_of_a_tensor_beyond_float32_integer_range() -> None:
+    """A 28M-value embedding (SmolLM2's): float32 linspace rounds the last index past the end; it is clamped."""
+    from lorakit.core.layers import sample_weight
+
+    w = torch.arange(28_311_552, dtype=torch.int32)
+    s = sample_weight(w)
+    assert s.shape == (256,) and s[-1] == float(torch.tensor(28_311_551).to(torch.bfloat16))
+    small = torch.randn(1000, 64)  # below 2^24 the indices are what they always were
+    idx = torch.linspace(0, small.numel() - 1, steps=256).long()
+    assert torch.equal(sample_weight(small), small.reshape(-1)[idx].to(torch.bfloat16).float())

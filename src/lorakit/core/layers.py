@@ -112,6 +112,9 @@ def sample_weight(w: Tensor) -> Tensor:
     """:data:`SAMPLES` evenly spaced values of ``w`` (flattened), rounded to bfloat16, as fp32 on the CPU."""
     flat = w.detach().reshape(-1)
     idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), SAMPLES), device=flat.device).long()
+    # float32 linspace rounds the last index past the end beyond 2^24 values (a large embedding); clamping keeps
+    # every index smaller tensors always had, so saved fingerprints stay valid
+    idx.clamp_(max=flat.numel() - 1)
     return flat[idx].to(torch.bfloat16).float().cpu()
 
 
