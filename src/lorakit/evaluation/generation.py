@@ -3,6 +3,9 @@
 
 * **Accuracy** (arithmetic task): greedy decoding of each eval prompt, then exact match of
   :func:`lorakit.evaluation.tasks.extract_answer` (the last ``"The answer is N"``) against the row's ``answer``.
+* **Token F1** (generation tasks without one right answer, such as the bundled ``definitions`` task): greedy
+  decoding of each eval prompt, cut at its first line break, scored against the row's ``completion`` by
+  :func:`token_f1` (SQuAD-style bag-of-words F1 on lowercased alphanumeric tokens).
 * **Forgetting**: the token-weighted loss on text the base model was pretrained on (the bundled
   ``pretrain_heldout.jsonl``) after fine-tuning minus before, in nats per token (Biderman et al. 2024,
   "LoRA Learns Less and Forgets Less", https://arxiv.org/abs/2405.09673, measure forgetting the same way
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import sys
 from collections.abc import Callable, Sequence
@@ -80,6 +84,59 @@ def task_accuracy(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, Any
     samples = [{"prompt": r["prompt"], "completion": c, "answer": str(r["answer"]), "predicted": p}
                for r, c, p in list(zip(rows, completions, predicted, strict=True))[:3]]
     return {"accuracy": correct / len(rows), "correct": correct, "examples": len(rows), "samples": samples}
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Bag-of-words F1 between two texts (as SQuAD scores free-form answers), in ``[0, 1]``.
+
+    Both texts are lowercased and split into alphanumeric tokens (punctuation and spacing ignored); precision
+    and recall count each token at most as often as it occurs in the other text. Two texts without tokens
+    score 1.0; exactly one without tokens scores 0.0.
+
+    >>> token_f1("a sheltered port", "a port where ships shelter")
+    0.5
+    """
+    pred, ref = _WORD.findall(prediction.lower()), _WORD.findall(reference.lower())
+    if not pred or not ref:
+        return float(pred == ref)
+    ref_counts: dict[str, int] = {}
+    for t in ref:
+        ref_counts[t] = ref_counts.get(t, 0) + 1
+    common = 0
+    for t in pred:
+        if ref_counts.get(t, 0) > 0:
+            ref_counts[t] -= 1
+            common += 1
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def completion_f1(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, Any]], *, max_new_tokens: int = 40,
+                  batch_size: int = 32) -> dict[str, Any]:
+    """Mean :func:`token_f1` of greedy generations against the rows' ``completion`` (``{"prompt", "completion"}``).
+
+    Each generation is cut at its first line break (one-line targets; an untuned model tends to go on with a
+    next item).
+
+    Returns:
+        ``{"token_f1", "examples", "samples"}``; ``samples`` holds the first three
+        ``{"prompt", "completion", "predicted", "f1"}``.
+    """
+    rows = [r for r in rows if isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)]
+    if not rows:
+        return {"token_f1": None, "examples": 0, "samples": []}
+    outputs = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+                       batch_size=batch_size)
+    predicted = [o.strip().split("\n", 1)[0].strip() for o in outputs]
+    scores = [token_f1(p, r["completion"]) for p, r in zip(predicted, rows, strict=True)]
+    samples = [{"prompt": r["prompt"], "completion": r["completion"], "predicted": p, "f1": round(f, 4)}
+               for r, p, f in list(zip(rows, predicted, scores, strict=True))[:3]]
+    return {"token_f1": sum(scores) / len(scores), "examples": len(rows), "samples": samples}
 
 
 def text_dataset(path: str | os.PathLike[str], tokenizer: Any, max_length: int) -> Dataset:
@@ -161,6 +218,7 @@ def dir_bytes(path: str | os.PathLike[str]) -> int:
 
 __all__ = [
     "answer_rows",
+    "completion_f1",
     "dir_bytes",
     "generate",
     "peak_rss_bytes",
@@ -169,6 +227,7 @@ __all__ = [
     "saved_activation_bytes",
     "task_accuracy",
     "text_dataset",
+    "token_f1",
     "training_batch",
     "window_peak_rss",
 ]
