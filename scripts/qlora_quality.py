@@ -7,6 +7,11 @@ seed, and writes the final held-out eval losses with their mean and sample stand
 difference of the means is at most twice the larger of the two standard deviations.
 
 Run: ``python scripts/qlora_quality.py [--steps 150] [--seeds 0 1 2] [--bases none nf4 int8 bnb-nf4]``.
+
+``--task definitions`` runs the real LLM instead: ``bundled://smollm2-135m`` (fetched once, see docs/models.md)
+defining held-out WordNet words (``bundled/data/definitions_*.jsonl``), LoRA r 8, lr 1e-3 (a standard LoRA
+learning rate, not tuned on this eval file), batch 8, max_length 64, writing
+``benchmarks/results/qlora-quality-smollm2.json``.
 """
 
 from __future__ import annotations
@@ -23,13 +28,20 @@ from lorakit.evaluation.demo import demo_config
 from lorakit.train.config import TrainConfig
 from lorakit.train.trainer import Trainer
 from lorakit.util.files import write_json
+from lorakit.util.resources import BUNDLED_DIR
 
 OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "qlora-quality-cpu.json"
 
 
-def run(base: str, seed: int, steps: int) -> dict[str, float]:
+def run(base: str, seed: int, steps: int, task: str = "arithmetic") -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
         cfg = demo_config(Path(d) / "run", steps=steps, method="lora", lr=1e-2, progress=False, r=8).to_dict()
+        if task == "definitions":
+            data = BUNDLED_DIR / "data"
+            cfg["model"]["path"] = "bundled://smollm2-135m"
+            cfg["data"].update(train=str(data / "definitions_train.jsonl"), eval=str(data / "definitions_eval.jsonl"),
+                               max_length=64)
+            cfg["training"].update(lr=1e-3)
         cfg["model"]["quantize"] = base
         cfg["training"]["seed"] = seed
         cfg["output"].update(plot=False)
@@ -44,13 +56,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--bases", nargs="+", default=["none", "nf4", "int8", "bnb-nf4"])
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--task", choices=["arithmetic", "definitions"], default="arithmetic")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    out = args.out or (OUT if args.task == "arithmetic" else OUT.with_name("qlora-quality-smollm2.json"))
     torch.set_num_threads(2)
     runs: dict[str, list[dict[str, float]]] = {}
     for base in args.bases:
         for seed in args.seeds:
-            r = run(base, seed, args.steps)
+            r = run(base, seed, args.steps, args.task)
             runs.setdefault(base, []).append({"seed": seed, **r})
             print(f"{base:8s} seed {seed}: eval loss {r['eval_loss_start']:.4f} -> {r['eval_loss']:.4f} "
                   f"({r['seconds']} s)", flush=True)
@@ -69,7 +83,9 @@ def main() -> None:
             verdicts[base] = {"diff_vs_dense": diff, "margin": margin, "within_seed_noise": abs(diff) <= margin}
             print(f"{base}: {s['mean']:.4f} +- {s['sd']:.4f} vs dense {dense['mean']:.4f} +- {dense['sd']:.4f}: "
                   f"diff {diff:+.4f}, margin {margin:.4f} -> {'within' if abs(diff) <= margin else 'OUTSIDE'} seed noise")
-    write_json(args.out, {"task": "bundled arithmetic (demo), LoRA r 8, lr 1e-2, batch 8", "steps": args.steps,
+    task = ("bundled arithmetic (demo), tiny-base, LoRA r 8, lr 1e-2, batch 8" if args.task == "arithmetic" else
+            "WordNet definitions, smollm2-135m, LoRA r 8, lr 1e-3, batch 8, max_length 64")
+    write_json(out, {"task": task, "steps": args.steps,
                           "seeds": args.seeds, "runs": runs, "summary": summary, "verdicts": verdicts,
                           "rule": "within seed noise: |mean_q - mean_dense| <= 2 * max(sd_q, sd_dense)",
                           "torch": torch.__version__})
