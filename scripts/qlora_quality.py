@@ -35,7 +35,8 @@ OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "qlora-qu
 
 def run(base: str, seed: int, steps: int, task: str = "arithmetic") -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
-        cfg = demo_config(Path(d) / "run", steps=steps, method="lora", lr=1e-2, progress=False, r=8).to_dict()
+        cfg = demo_config(Path(d) / "run", steps=steps, method="lora", lr=1e-2, progress=False, task="arithmetic",
+                          r=8).to_dict()
         if task == "definitions":
             data = BUNDLED_DIR / "data"
             cfg["model"]["path"] = "bundled://smollm2-135m"

@@ -224,18 +224,34 @@ def test_several_seeds_give_mean_and_spread(tmp_path: Path) -> None:
 
 
 def test_bundled_demo_reports_before_and_after(tmp_path: Path) -> None:
-    """`make demo` in miniature: the bundled model, LoRA-SB on arithmetic, accuracy and samples before/after."""
-    from lorakit.evaluation.demo import run_bundled_demo
+    """`make demo` in miniature: the bundled model, DoRA on the one_more task, accuracy and samples before/after."""
+    from lorakit.evaluation.demo import DEMO_METHOD, DEMO_TASK, run_bundled_demo
 
     lines: list[str] = []
-    res = run_bundled_demo(tmp_path / "demo", steps=2, examples=2, log=lines.append, progress=False,
-                           init_examples=8)
+    res = run_bundled_demo(tmp_path / "demo", steps=2, examples=2, log=lines.append, progress=False)
+    assert res["task"] == DEMO_TASK and res["method"] == DEMO_METHOD and res["steps"] == 2 and res["examples"] == 2
     assert (tmp_path / "demo" / "adapter" / "adapter.safetensors").is_file()
     assert (tmp_path / "demo" / "loss.png").is_file()
     assert res["eval_loss_after"] < res["eval_loss_before"]
     assert res["sample_after"] != res["sample_before"] and 0.0 <= res["accuracy_after"] <= 1.0
     text = "\n".join(lines)
-    assert "before: accuracy" in text and "lorakit generate --adapter" in text and "lorakit compare" in text
+    for expected in ("before training: ", "after 2 steps: ", "result: held-out accuracy ", "2 held-out problems",
+                     "lorakit generate --adapter", "lorakit compare", "prompt:     Question: "):
+        assert expected in text, expected
+
+
+def test_bundled_demo_runs_the_arithmetic_task_and_rejects_unknown_ones(tmp_path: Path) -> None:
+    """The earlier demo (LoRA-SB on arithmetic) still runs through the same path; a wrong task name is a
+    ConfigError that names the choices."""
+    from lorakit.errors import ConfigError
+    from lorakit.evaluation.demo import run_bundled_demo
+
+    lines: list[str] = []
+    res = run_bundled_demo(tmp_path / "demo", steps=1, examples=1, log=lines.append, progress=False,
+                           task="arithmetic", method="lora-sb", r=4, init_examples=8)
+    assert res["task"] == "arithmetic" and (tmp_path / "demo" / "adapter" / "adapter.safetensors").is_file()
+    with pytest.raises(ConfigError, match="one_more"):
+        run_bundled_demo(tmp_path / "other", steps=1, log=lines.append, progress=False, task="nope")
 
 
 def test_cpu_contention_is_detected_and_reported(tmp_path: Path) -> None:

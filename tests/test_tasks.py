@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -11,10 +12,13 @@ import pytest
 from lorakit.cli import main
 from lorakit.evaluation.tasks import (
     BUNDLED_FILES,
+    ONE_MORE_HELDOUT_NAMES,
+    ONE_MORE_TRAIN_NAMES,
     TASKS,
     extract_answer,
     generate_arithmetic,
     generate_domain_shift,
+    generate_one_more,
     generate_sentiment,
     read_jsonl,
     write_bundled_data,
@@ -88,6 +92,45 @@ def test_extract_answer_edge_cases() -> None:
     assert extract_answer("The answer is -5.") == "-5"
 
 
+_ONE_MORE = re.compile(r"Question: (\w+) has (\d) (\w+) and (.+)\. How many (\w+) does (\w+) have now\?\nAnswer:")
+
+
+def _check_one_more(row: dict[str, str], names: tuple[str, ...]) -> str:
+    """Assert that a one_more row is well formed and its answer right; returns its name."""
+    assert set(row) == {"prompt", "completion", "answer"}
+    m = _ONE_MORE.fullmatch(row["prompt"])
+    assert m, row["prompt"]
+    name, count, _, verb, _, name2 = m.groups()
+    assert name == name2 and name in names
+    expected = int(count) + 1 if "more" in verb else int(count) - 1
+    assert row["answer"] == str(expected) and row["completion"] == f" {expected}"
+    assert extract_answer(row["completion"]) == row["answer"]
+    return name
+
+
+def test_one_more_rows_are_deterministic_and_eval_is_held_out(tmp_path: Path) -> None:
+    """The demo's task: same seed, same rows; answers are right; the bundled eval file uses only held-out
+    names, so no eval prompt (nor name) occurs in the training file."""
+    assert not set(ONE_MORE_TRAIN_NAMES) & set(ONE_MORE_HELDOUT_NAMES)
+    rows = generate_one_more(300, 0)
+    assert rows == generate_one_more(300, 0) and rows != generate_one_more(300, 1)
+    assert generate_one_more(50, 2, names=ONE_MORE_HELDOUT_NAMES) == generate_one_more(50, 2, ONE_MORE_HELDOUT_NAMES)
+    assert {_check_one_more(r, ONE_MORE_TRAIN_NAMES) for r in rows} == set(ONE_MORE_TRAIN_NAMES)
+    assert {r["answer"] for r in rows} == {str(i) for i in range(11)}
+    with pytest.raises(ValueError):
+        generate_one_more(3, 0, names=())
+
+    write_bundled_data(tmp_path)  # what `lorakit tasks bundle` writes (the shipped files are checked above)
+    train, evaluation = (read_jsonl(tmp_path / f"one_more_{split}.jsonl") for split in ("train", "eval"))
+    assert len(train) == 2000 and len(evaluation) == 200
+    assert {_check_one_more(r, ONE_MORE_TRAIN_NAMES) for r in train} == set(ONE_MORE_TRAIN_NAMES)
+    assert {_check_one_more(r, ONE_MORE_HELDOUT_NAMES) for r in evaluation} == set(ONE_MORE_HELDOUT_NAMES)
+    assert len({r["prompt"] for r in evaluation}) == 200
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evaluation}
+    # no majority-answer shortcut: the most common answer of the first 100 eval rows is far below 70%
+    assert max(Counter(r["answer"] for r in evaluation[:100]).values()) <= 20
+
+
 def test_domain_and_sentiment_rows() -> None:
     """Recipes are text rows; sentiment labels are balanced 0/1."""
     recipes = generate_domain_shift(100, 0)
@@ -115,8 +158,8 @@ def test_bundled_data_matches_generators(tmp_path: Path) -> None:
         shipped = (DATA_DIR / name).read_bytes()
         assert shipped == (tmp_path / name).read_bytes(), name
         assert shipped.count(b"\n") == n
-    for task in ("arithmetic", "domain", "sentiment"):
-        key = "prompt" if task == "arithmetic" else "text"
+    for task in ("one_more", "arithmetic", "domain", "sentiment"):
+        key = "prompt" if task in ("one_more", "arithmetic") else "text"
         train = {r[key] for r in read_jsonl(DATA_DIR / f"{task}_train.jsonl")}
         evaluation = {r[key] for r in read_jsonl(DATA_DIR / f"{task}_eval.jsonl")}
         assert not train & evaluation

@@ -28,7 +28,7 @@ from lorakit.evaluation.bench import run_bench
 from lorakit.evaluation.bench_results import WORKLOADS
 from lorakit.evaluation.compare import RESULTS_FILE, run_compare
 from lorakit.evaluation.compare_config import load_compare_config
-from lorakit.evaluation.demo import run_bundled_demo
+from lorakit.evaluation.demo import DEMO_METHOD, DEMO_STEPS, DEMO_TASK, run_bundled_demo
 from lorakit.evaluation.report import write_report
 from lorakit.formats.describe import describe, format_description
 from lorakit.formats.layout import PEFT_CONFIG_FILE
@@ -319,14 +319,15 @@ def export(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="The run directory (adapter, metrics, loss plot).")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option(min=1, help="Training steps (batch 8).")] = 150,
-    method: Annotated[str, typer.Option(help="Adapter method (any name in lorakit.METHODS).")] = "lora-sb",
+    steps: Annotated[int, typer.Option(min=1, help="Training steps (batch 8).")] = DEMO_STEPS,
+    method: Annotated[str, typer.Option(help="Adapter method (any name in lorakit.METHODS).")] = DEMO_METHOD,
     examples: Annotated[int, typer.Option(min=1, help="Held-out problems scored for accuracy.")] = 100,
+    task: Annotated[str, typer.Option(help="Bundled task: one_more (the demo's) or arithmetic.")] = DEMO_TASK,
 ) -> int:
-    """Fine-tune the bundled pretrained tiny Llama with LoRA-SB on arithmetic word problems (CPU, a few
-    minutes, offline): accuracy and a sample generation before and after, then what to run next."""
+    """Fine-tune the bundled pretrained tiny Llama with DoRA on one-step word problems (CPU, about a minute,
+    offline): held-out accuracy and a sample generation before and after, then what to run next."""
 
-    run_bundled_demo(out, steps=steps, method=method, examples=examples, log=_say)
+    run_bundled_demo(out, steps=steps, method=method, examples=examples, task=task, log=_say)
     return 0
 
 

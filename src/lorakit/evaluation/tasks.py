@@ -1,7 +1,11 @@
 """Deterministic synthetic task generators for fine-tuning experiments.
 
-Three tasks exercise the three ways lorakit fine-tunes a model:
+Four tasks exercise the three ways lorakit fine-tunes a model:
 
+* :func:`generate_one_more` - one-sentence word problems where someone gains or loses one thing
+  (``"Ada has 4 shells and finds one more. How many shells does Ada have now?"`` -> ``" 5"``), the task of
+  ``make demo``: small enough for the bundled 5M-parameter model to learn in a minute on CPU.  Its eval
+  file uses names that never occur in its training file.
 * :func:`generate_arithmetic` - short multi-step arithmetic word problems
   (GSM8K-like, 2-3 operations, small numbers) as prompt/completion pairs whose
   completion shows the steps and ends with ``"The answer is N."``; score with
@@ -35,11 +39,15 @@ from lorakit.util.files import iter_jsonl, write_text
 from lorakit.util.resources import BUNDLED_DIR
 
 __all__ = [
-    "TASKS",
     "BUNDLED_FILES",
+    "HELDOUT_GENERATORS",
+    "ONE_MORE_HELDOUT_NAMES",
+    "ONE_MORE_TRAIN_NAMES",
+    "TASKS",
     "extract_answer",
     "generate_arithmetic",
     "generate_domain_shift",
+    "generate_one_more",
     "generate_sentiment",
     "read_jsonl",
     "write_bundled_data",
@@ -256,6 +264,57 @@ def generate_arithmetic(n: int, seed: int) -> list[Row]:
 
 
 # --------------------------------------------------------------------------- #
+# One more / one fewer (the demo's task)
+# --------------------------------------------------------------------------- #
+#: Names kept out of the ``one_more`` training rows; the bundled eval file uses only these.
+ONE_MORE_HELDOUT_NAMES = ("Ivo", "Nia", "Rosa", "Vic", "Zoe")
+#: Names of the ``one_more`` training rows.
+ONE_MORE_TRAIN_NAMES = tuple(n for n in _NAMES if n not in ONE_MORE_HELDOUT_NAMES)
+_GAIN_ONE = ("finds one more", "buys one more", "is given one more", "picks up one more")
+_LOSE_ONE = ("loses one", "gives one away", "uses one", "sells one")
+
+
+def generate_one_more(n: int, seed: int, names: tuple[str, ...] = ONE_MORE_TRAIN_NAMES) -> list[Row]:
+    """Generate ``n`` one-step word problems: someone has 1-9 things and gains or loses one.
+
+    ``"Question: Ada has 4 shells and finds one more. How many shells does Ada have now?\\nAnswer:"`` ->
+    ``" 5"``.  Half gain one (4 phrasings), half lose one (4 phrasings); 12 kinds of object.  To answer, a
+    model must find the number in the sentence and tell a gain from a loss.
+
+    Args:
+        n: Number of rows.
+        seed: Seed; the same ``(n, seed, names)`` always gives the same rows, and the first ``k`` rows of a
+            larger ``n`` equal the rows for ``n=k``.
+        names: Whose things they are (default: every name but :data:`ONE_MORE_HELDOUT_NAMES`).
+
+    Returns:
+        Rows ``{"prompt", "completion", "answer"}``: the prompt ends with ``"\\nAnswer:"``, the completion is
+        ``" N"`` and ``answer`` is ``str(N)`` (0-10).
+    """
+    _check_n(n)
+    if not names:
+        raise ValueError("names must not be empty")
+    rng = random.Random(f"one_more:{seed}")
+    rows: list[Row] = []
+    for _ in range(n):
+        name = rng.choice(names)
+        item, items = rng.choice(_ITEMS)
+        count = rng.randint(1, 9)
+        gain = rng.random() < 0.5
+        verb = rng.choice(_GAIN_ONE if gain else _LOSE_ONE)
+        answer = count + 1 if gain else count - 1
+        question = (f"{name} has {count} {item if count == 1 else items} and {verb}. "
+                    f"How many {items} does {name} have now?")
+        rows.append({"prompt": f"Question: {question}\nAnswer:", "completion": f" {answer}", "answer": str(answer)})
+    return rows
+
+
+def _generate_one_more_heldout(n: int, seed: int) -> list[Row]:
+    """``one_more`` rows with the held-out names only (the bundled eval file)."""
+    return generate_one_more(n, seed, names=ONE_MORE_HELDOUT_NAMES)
+
+
+# --------------------------------------------------------------------------- #
 # Domain shift: cooking recipes
 # --------------------------------------------------------------------------- #
 _DISH_BASES = ("soup", "stew", "salad", "curry", "risotto", "pie", "tart", "bake", "stir-fry", "porridge", "pancakes",
@@ -410,6 +469,7 @@ def generate_sentiment(n: int, seed: int) -> list[Row]:
 # Registry, bundled files and CLI
 # --------------------------------------------------------------------------- #
 TASKS: dict[str, Callable[[int, int], list[Row]]] = {
+    "one_more": generate_one_more,
     "arithmetic": generate_arithmetic,
     "domain_shift": generate_domain_shift,
     "sentiment": generate_sentiment,
@@ -418,8 +478,11 @@ TASKS: dict[str, Callable[[int, int], list[Row]]] = {
 #: Where the bundled task data lives.
 BUNDLED_DATA = BUNDLED_DIR / "data"
 #: ``file name -> (task, n, seed)`` of the files shipped in ``lorakit/bundled/data``.
-#: Eval files use a different seed and drop rows that also occur in the train file.
+#: Eval files use a different seed and drop rows that also occur in the train file; a task in
+#: :data:`HELDOUT_GENERATORS` draws its eval rows from that generator instead (``one_more``: held-out names).
 BUNDLED_FILES: dict[str, tuple[str, int, int]] = {
+    "one_more_train.jsonl": ("one_more", 2000, 0),
+    "one_more_eval.jsonl": ("one_more", 200, 1),
     "arithmetic_train.jsonl": ("arithmetic", 2000, 0),
     "arithmetic_eval.jsonl": ("arithmetic", 200, 1),
     "domain_train.jsonl": ("domain_shift", 1000, 0),
@@ -429,14 +492,18 @@ BUNDLED_FILES: dict[str, tuple[str, int, int]] = {
 }
 
 
+#: ``task -> generator`` of the rows of that task's bundled eval file, where they differ from :data:`TASKS`.
+HELDOUT_GENERATORS: dict[str, Callable[[int, int], list[Row]]] = {"one_more": _generate_one_more_heldout}
+
+
 def _row_key(row: Row) -> str:
     """The field that identifies a row for train/eval de-duplication."""
     return str(row.get("prompt", row.get("text")))
 
 
 def _generate_disjoint(task: str, n: int, seed: int, exclude: set[str]) -> list[Row]:
-    """Generate ``n`` rows of ``task`` whose keys are not in ``exclude`` (nor repeated)."""
-    generator = TASKS[task]
+    """Generate ``n`` eval rows of ``task`` whose keys are not in ``exclude`` (nor repeated)."""
+    generator = HELDOUT_GENERATORS.get(task, TASKS[task])
     size = n
     while True:
         rows, seen = [], set(exclude)
