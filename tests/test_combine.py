@@ -12,17 +12,10 @@ import lorakit
 from lorakit.adapt.combine import disjoint_mean, drop, trim, truncated_svd
 
 from .conftest import batch_for, output_of, tiny_gpt2, tiny_llama
+from .test_mixed import _perturb
 
 peft = pytest.importorskip("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if ".adapters." in n and t.is_floating_point() and not n.endswith(".mask"):
-                t.add_(0.2 * torch.randn(t.shape, generator=g))
 
 
 def _delta(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:

@@ -12,14 +12,7 @@ import lorakit
 from lorakit.core.lowrank import fused
 
 from .conftest import batch_for, output_of, tiny_llama
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if ".adapters." in n and t.is_floating_point() and not n.endswith(".mask"):
-                t.add_(0.2 * torch.randn(t.shape, generator=g))
+from .test_mixed import _perturb
 
 
 def _saved(tmp_path: Path, tag: str, method: str, seed: int, model_seed: int = 0, **options: Any) -> Path:

@@ -19,7 +19,7 @@ from lorakit.core.lowrank import fused, fused_calls
 
 from .conftest import batch_for, output_of
 from .conftest import tiny_llama as _tiny_llama
-from .test_contract import CASES, train_losses
+from .test_contract import CASES, _perturb, train_losses
 
 pytest.importorskip("torchao")
 pytest.importorskip("bitsandbytes")
@@ -57,14 +57,6 @@ def quantized_base(kind: str, saved: Path, seed: int = 0) -> torch.nn.Module:
 def _attach(method: str, model: torch.nn.Module) -> torch.nn.Module:
     case = CASES[method]
     return lorakit.attach(model, method, **case.options, **case.runtime(model))
-
-
-def _perturb(model: torch.nn.Module, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
 @pytest.fixture(params=BASES)
