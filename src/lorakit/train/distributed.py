@@ -44,6 +44,7 @@ gradients (LoRA-SB) are refused: use DDP for them.
 from __future__ import annotations
 
 import atexit
+import gc
 import inspect
 import os
 import pickle
@@ -418,8 +419,16 @@ def _check_fsdp(config: TrainConfig) -> None:
 
 
 def _destroy() -> None:
+    """Tear the process group down while the interpreter is still whole (``atexit``).
+
+    Objects that hold the group (a DDP reducer in a reference cycle, finished work handles) are collected first:
+    freed later, during interpreter finalization, gloo's worker threads can abort the process (SIGABRT,
+    "terminate called without an active exception") after a run that succeeded.
+    """
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def _picklable(e: BaseException) -> bool:
