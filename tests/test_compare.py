@@ -75,6 +75,23 @@ def test_compare_two_methods_writes_every_file(tiny_run, tmp_path: Path, capsys)
     assert (out / "report.md").read_text() == md
 
 
+def test_parallel_runs_give_the_sequential_results(tiny_run, tmp_path: Path, capsys) -> None:
+    """compare.parallel: 2 runs jobs two at a time and writes the same losses, in job order, as one at a time."""
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    cfg = _compare_yaml(tiny_run, tmp_path, accuracy=None, forgetting=None, seeds=[0, 1, 2])
+    assert main(["compare", str(cfg), "--methods", "lora", "--out", str(seq)]) == 0
+    assert main(["compare", str(cfg), "--methods", "lora", "--out", str(par), "compare.parallel=2"]) == 0
+    assert "running 2 jobs at a time" in capsys.readouterr().err
+    a, b = (json.loads((d / "results.json").read_text()) for d in (seq, par))
+    assert [(r["label"], r["seed"]) for r in b["runs"]] == [("lora", 0), ("lora", 1), ("lora", 2)]
+    assert [r["eval_loss"] for r in b["runs"]] == [r["eval_loss"] for r in a["runs"]]
+    assert b["base"] == a["base"] and b["compare"]["parallel"] == 2
+    assert "runs go 2 at a time" in (par / "report.md").read_text()
+    bad = _compare_yaml(tiny_run, tmp_path, threads=None, parallel=2)
+    assert main(["compare", str(bad), "--methods", "lora", "--out", str(tmp_path / "bad")]) == 1
+    assert "parallel=2 needs threads" in capsys.readouterr().err
+
+
 def test_failed_run_is_recorded_not_fatal(tiny_run, tmp_path: Path, capsys) -> None:
     cfg = _compare_yaml(tiny_run, tmp_path, timeout_s=0.01)
     out = tmp_path / "out"

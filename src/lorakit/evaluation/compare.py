@@ -13,8 +13,10 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -97,22 +99,51 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
         "data": {**base_cfg.data.model_dump(mode="json"), "train": display_path(base_cfg.data.train),
                  "eval": display_path(base_cfg.data.eval)},
         "base": None, "runs": []}
-    for i, (lab, seed) in enumerate(jobs):
-        with_base = results["base"] is None  # the first run that succeeds also evaluates the base model
-        log(f"[{i + 1}/{len(jobs)}] {lab} (seed {seed})" + (", after evaluating the base model" if with_base else ""))
-        for attempt in range(cc.compare.contention_retries + 1):
-            run = _run_job(cc, lab, configs[(lab, seed)], runs_dir / _run_name(lab, seed), base=with_base, log=log)
-            if with_base and run.get("base"):
-                results["base"], with_base = run.pop("base"), False
-            use = cpu_use(run)
-            if use is None or use >= CONTENDED or attempt == cc.compare.contention_retries:
-                break
-            log(f"  the CPU was shared while training ({use:.0%} of {run['threads']} threads' time): running "
-                f"{lab} again for a clean step time")
-        results["runs"].append({"label": lab, "method": cc.method_of(lab), "seed": seed, **run})
-        write_json(out / RESULTS_FILE, results, indent=1, allow_nan=False)
+    done: dict[int, dict[str, Any]] = {}
+    lock = threading.Lock()
+
+    def run_one(i: int, base: bool) -> None:
+        lab, seed = jobs[i]
+        log(f"[{i + 1}/{len(jobs)}] {lab} (seed {seed})" + (", after evaluating the base model" if base else ""))
+        run = _run_with_retries(cc, lab, configs[(lab, seed)], runs_dir / _run_name(lab, seed), base=base, log=log)
+        with lock:
+            if run.get("base") is not None:
+                base_result = run.pop("base")
+                if results["base"] is None:
+                    results["base"] = base_result
+            done[i] = {"label": lab, "method": cc.method_of(lab), "seed": seed, **run}
+            results["runs"] = [done[k] for k in sorted(done)]
+            write_json(out / RESULTS_FILE, results, indent=1, allow_nan=False)
+
+    # the first run that succeeds also evaluates the base model: one at a time until one has, then in parallel
+    i = 0
+    while i < len(jobs) and results["base"] is None:
+        run_one(i, base=True)
+        i += 1
+    if cc.compare.parallel > 1 and i < len(jobs):
+        log(f"running {cc.compare.parallel} jobs at a time")
+        with ThreadPoolExecutor(max_workers=cc.compare.parallel) as pool:
+            for fut in [pool.submit(run_one, k, False) for k in range(i, len(jobs))]:
+                fut.result()
+    else:
+        for k in range(i, len(jobs)):
+            run_one(k, base=False)
     write_report(results, out)
     return results
+
+
+def _run_with_retries(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, base: bool,
+                      log: Callable[[str], None]) -> dict[str, Any]:
+    """One job, run again (``compare.contention_retries`` times at most) while the CPU was shared."""
+    run: dict[str, Any] = {}
+    for attempt in range(cc.compare.contention_retries + 1):
+        run = _run_job(cc, label, cfg, run_dir, base=base, log=log)
+        use = cpu_use(run)
+        if use is None or use >= CONTENDED or attempt == cc.compare.contention_retries:
+            break
+        log(f"  the CPU was shared while training ({use:.0%} of {run['threads']} threads' time): running "
+            f"{label} again for a clean step time")
+    return run
 
 
 def _run_name(label: str, seed: int) -> str:

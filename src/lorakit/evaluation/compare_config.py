@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lorakit.errors import ConfigError
 from lorakit.methods import METHODS, get_method
@@ -79,6 +79,9 @@ class CompareSection(_Strict):
         threads: torch CPU threads per run (``None``: torch's default).
         contention_retries: on CPU, run a method again (up to this many times) when it got under 70% of its
             threads' CPU time while training: another job shared the cores and its step time is inflated.
+        parallel: runs at once, each in its own process (after the first, which also evaluates the base model).
+            On CPU set ``threads`` too, with ``parallel x threads`` at most the cores: the runs then share
+            memory bandwidth, not cores, and every method's step time is measured under the same load.
     """
 
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
@@ -88,6 +91,14 @@ class CompareSection(_Strict):
     timeout_s: float = Field(3600, gt=0)
     threads: int | None = Field(None, ge=1)
     contention_retries: int = Field(1, ge=0)
+    parallel: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _parallel_needs_threads(self) -> CompareSection:
+        if self.parallel > 1 and self.threads is None:
+            raise ValueError(f"parallel={self.parallel} needs threads (runs x threads at most the cores; e.g. "
+                             "threads: 1), or the runs fight over every core")
+        return self
 
 
 class CompareConfig(_Strict):

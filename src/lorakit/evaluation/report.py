@@ -197,10 +197,7 @@ def _context(results: dict[str, Any]) -> list[str]:
              "is unavailable), including Python, torch and the loaded model; train RSS +: that peak minus the "
              "RSS just before training. Peak GPU: torch.cuda.max_memory_allocated. Saved activations: bytes "
              "autograd keeps for backward in one training step (parameters excluded).",
-             *(["On the CPU, methods run one after another, each in its own process: on a shared virtual "
-                "machine the step time of the same method can differ by 1.5x or more between runs (the "
-                "host's load changes), so read it as a rough cost; `lorakit bench` interleaves the methods "
-                "in one process and is the speed measurement."] if t.get("device") == "cpu" else []),
+             *([_cpu_timing_note(results)] if t.get("device") == "cpu" else []),
              "Process RSS includes the Python/torch runtime and allocator caching, so on a model this small "
              "differences of tens of MB are noise; the saved-activations column is exact and deterministic.",
              "Training loss is the loss the trainer logs, including method regularisers (rank1-sum's "
@@ -217,6 +214,17 @@ def _context(results: dict[str, Any]) -> list[str]:
 
 #: A CPU run that got less than this share of its threads' CPU time while training shared the cores.
 CONTENDED = 0.7
+
+
+def _cpu_timing_note(results: dict[str, Any]) -> str:
+    cmp = results.get("compare") or {}
+    n = int(cmp.get("parallel") or 1)
+    how = ("methods run one after another, each in its own process" if n == 1 else
+           f"runs go {n} at a time ({cmp.get('threads')} thread(s) each), each in its own process, so every step "
+           "time is measured while other runs share the memory bandwidth")
+    return (f"On the CPU, {how}: on a shared virtual machine the step time of the same method can differ by 1.5x "
+            "or more between runs (the host's load changes), so read it as a rough cost; `lorakit bench` "
+            "interleaves the methods in one process and is the speed measurement.")
 
 
 def cpu_use(run: dict[str, Any]) -> float | None:
