@@ -41,7 +41,7 @@ def _compare_yaml(tiny_run: dict[str, Path], tmp_path: Path, **compare: Any) -> 
 
 
 def test_compare_two_methods_writes_every_file(tiny_run, tmp_path: Path, capsys) -> None:
-    cfg = _compare_yaml(tiny_run, tmp_path)
+    cfg = _compare_yaml(tiny_run, tmp_path, f1={"examples": 5, "max_new_tokens": 4})
     out = tmp_path / "out"
     assert main(["compare", str(cfg), "--methods", "lora,vera", "--out", str(out)]) == 0, capsys.readouterr().err
     for name in REPORT_FILES:
@@ -60,12 +60,14 @@ def test_compare_two_methods_writes_every_file(tiny_run, tmp_path: Path, capsys)
         assert r["train_cpu_s"] > 0
         assert r["peak_rss_bytes"] >= r["rss_before_train_bytes"] > 0
         assert isinstance(r["heldout_loss"], float)
+        assert r["f1_examples"] == 5 and 0.0 <= r["token_f1"] <= 1.0 and len(r["f1_samples"]) == 3
         assert not (out / "runs" / f"{r['label']}-s0" / "checkpoints").exists()
         assert (out / "runs" / f"{r['label']}-s0" / "adapter" / "adapter.json").is_file()
     assert {c["id"] for c in res["claims"]} == {"lora-sb", "lora+", "vera", "lora-fa", "forgetting", "rank1-sum",
                                                 "delta-lora", "lora-efficiency"}
     md = (out / "report.md").read_text()
     assert "| lora |" in md and "| vera |" in md and "lorakit compare" in md
+    assert "token F1" in md and "Token F1: greedy generation" in md and isinstance(res["base"]["token_f1"], float)
     assert "Verdict: inconclusive (not compared: lora-fa)" in md  # claims without their methods say so
     html = (out / "report.html").read_text()
     assert "loss_curves.png" in html and "<table>" in html
@@ -208,7 +210,7 @@ def test_quality_rules_use_noise_margins() -> None:
     assert quality_verdict(s, "a", "b", kind="beats")[0] == "inconclusive (difference within noise)"
     assert quality_verdict(s, "a", "b", kind="matches")[0] == "supported"
     s = summarize(_results(_all(_seeds("a", eval_loss=0.9, accuracy=0.3, correct=60), _seeds("b"))))
-    assert quality_verdict(s, "a", "b", kind="beats")[0] == "inconclusive (accuracy and eval loss disagree)"
+    assert quality_verdict(s, "a", "b", kind="beats")[0] == "inconclusive (the metrics disagree)"
     # the seed spread sets the margin: LoRA's three seeds of the old report (2.42/2.50/2.46) against the same
     # numbers shifted by one seed's difference are a match, not a difference
     lora = [_run("lora", i, eval_loss=v) for i, v in enumerate((2.42, 2.50, 2.46))]

@@ -4,12 +4,12 @@ Every claim is checked with the numbers of ``results.json`` and gets a verdict: 
 ``refuted`` or ``inconclusive (why)``. The decision rules are fixed here, before any run, and printed in the
 report next to each verdict, so a claim our numbers refute is reported as refuted:
 
-* **Task quality** is judged on two metrics: exact-match accuracy (higher is better) and the eval loss on the
-  completions (lower is better). A difference counts only beyond its noise margin, which comes from the
+* **Task quality** is judged on exact-match accuracy (higher is better), token F1 of greedy generations when
+  measured (higher is better; free-text tasks) and the eval loss on the completions (lower is better). A difference counts only beyond its noise margin, which comes from the
   measured seed-to-seed spread: ``t95(df) sqrt(s1^2/k1 + s2^2/k2)`` (Welch's two-sided 95% interval of the
   difference of two means over ``k`` seeds each, ``s`` their sample standard deviations), at least 1% of the
   loss; for accuracy at least the binomial ``2 sqrt(p1 (1-p1)/n1 + p2 (1-p2)/n2)`` too (``n`` = examples x
-  seeds, ``p`` smoothed as ``(correct+1)/(n+2)``). With one seed the spread is unmeasured and no quality
+  seeds, ``p`` smoothed as ``(correct+1)/(n+2)``), for token F1 at least 0.01. With one seed the spread is unmeasured and no quality
   verdict is given. Accuracy is left out when both are below 5% (floor).
 * "A beats B": supported if a metric is better beyond noise and none is worse; refuted if one is worse and
   none better; otherwise inconclusive. "A matches B": the same, except that both metrics within noise is
@@ -30,6 +30,8 @@ from typing import Any
 TAIL = 10
 ACC_FLOOR = 0.05
 LOSS_REL_TOL = 0.01
+#: The smallest token-F1 difference that counts (absolute).
+F1_TOL = 0.01
 #: Two-sided 95% critical values of Student's t by degrees of freedom (the largest tabulated df <= the actual one
 #: is used: conservative); beyond 30, 2.0.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -86,6 +88,7 @@ def run_metrics(run: dict[str, Any], base: dict[str, Any] | None) -> dict[str, f
         "final_train_loss": final_train_loss(run),
         "eval_loss": run.get("eval_loss"),
         "accuracy": run.get("accuracy"),
+        "token_f1": run.get("token_f1"),
         "correct": run.get("correct"),
         "examples": run.get("examples"),
         "forgetting": heldout - base_heldout if heldout is not None and base_heldout is not None else None,
@@ -170,6 +173,18 @@ def compare_loss(summary: dict[str, Any], a: str, b: str, key: str = "eval_loss"
     return _outcome(sa["mean"] - sb["mean"], margin, higher_better=False)
 
 
+def compare_f1(summary: dict[str, Any], a: str, b: str) -> dict[str, Any] | None:
+    """``a`` vs ``b`` in token F1 (higher is better), margin ``max(Welch 95% half-width over seeds,
+    F1_TOL)``; ``"unmeasured"`` with fewer than two seeds on either side, ``None`` if either has no F1."""
+    sa, sb = summary.get(a, {}).get("token_f1"), summary.get(b, {}).get("token_f1")
+    if not sa or not sb:
+        return None
+    spread = welch_margin(sa, sb)
+    if spread is None:
+        return {"diff": sa["mean"] - sb["mean"], "margin": None, "outcome": "unmeasured"}
+    return _outcome(sa["mean"] - sb["mean"], max(spread, F1_TOL), higher_better=True)
+
+
 def _outcome(diff: float, margin: float, *, higher_better: bool) -> dict[str, Any]:
     signed = diff if higher_better else -diff
     outcome = "better" if signed > margin else "worse" if signed < -margin else "tie"
@@ -189,6 +204,13 @@ def quality_verdict(summary: dict[str, Any], a: str, b: str, *, kind: str) -> tu
     elif acc is not None:
         parts.append(f"accuracy {100 * acc['diff']:+.1f} ± {100 * acc['margin']:.1f} points ({acc['outcome']})")
         outcomes.append(acc["outcome"])
+    f1 = compare_f1(summary, a, b)
+    if f1 is not None and f1["outcome"] == "unmeasured":
+        parts.append(f"token F1 {f1['diff']:+.3f} (one seed: no margin)")
+        unmeasured = True
+    elif f1 is not None:
+        parts.append(f"token F1 {f1['diff']:+.3f} ± {f1['margin']:.3f} ({f1['outcome']})")
+        outcomes.append(f1["outcome"])
     if loss is not None and loss["outcome"] == "unmeasured":
         parts.append(f"eval loss {loss['diff']:+.4f} (one seed: no margin)")
         unmeasured = True
@@ -201,7 +223,7 @@ def quality_verdict(summary: dict[str, Any], a: str, b: str, *, kind: str) -> tu
     if not outcomes:
         return "inconclusive (no usable numbers)", text
     if "better" in outcomes and "worse" in outcomes:
-        return "inconclusive (accuracy and eval loss disagree)", text
+        return "inconclusive (the metrics disagree)", text
     if "worse" in outcomes:
         return "refuted", text
     if "better" in outcomes:
@@ -259,7 +281,9 @@ def _fmt(summary: dict[str, Any], labels: Sequence[str], key: str, fmt: str) -> 
 
 
 def _quality_lines(summary: dict[str, Any], labels: Sequence[str]) -> list[str]:
+    f1 = any(_mean(summary, lab, "token_f1") is not None for lab in labels)
     return ["accuracy: " + _fmt(summary, labels, "accuracy", "{:.3f}"),
+            *(["token F1: " + _fmt(summary, labels, "token_f1", "{:.3f}")] if f1 else []),
             "eval loss: " + _fmt(summary, labels, "eval_loss", "{:.4f}")]
 
 
@@ -396,7 +420,8 @@ def _fmt_mb(s: dict[str, Any], labels: Sequence[str], key: str, fmt: str) -> str
 def claim_forgetting(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     title = "LoRA forgets less of the base model's pretraining than full fine-tuning"
     src = "Biderman et al. 2024, \"LoRA Learns Less and Forgets Less\", https://arxiv.org/abs/2405.09673"
-    rule = ("forgetting = loss on pretraining held-out text after minus before; supported if LoRA's is lower than "
+    rule = ("forgetting = loss on general text no run trains on (pretraining-like text the base model knows), "
+            "after minus before; supported if LoRA's is lower than "
             "full fine-tuning's by more than max(Welch 95% half-width over seeds, 0.01 nats), refuted if higher by "
             "as much; one seed: inconclusive")
     why = _missing(s, ["lora", "full"])

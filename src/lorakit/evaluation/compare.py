@@ -167,8 +167,11 @@ def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, 
     acc = c.accuracy.model_dump() if c.accuracy is not None else None
     if acc is not None:
         acc["data"] = acc["data"] or cfg.data.eval
+    f1 = c.f1.model_dump() if c.f1 is not None else None
+    if f1 is not None:
+        f1["data"] = f1["data"] or cfg.data.eval
     job = {"label": label, "config": str(cfg_path), "result": str(run_dir.with_name(run_dir.name + ".result.json")),
-           "base": base, "accuracy": acc, "forgetting": c.forgetting,
+           "base": base, "accuracy": acc, "f1": f1, "forgetting": c.forgetting,
            "forgetting_max_length": c.forgetting_max_length, "threads": c.threads}
     job_path = run_dir.with_name(run_dir.name + ".job.json")
     write_json(job_path, job, indent=1, allow_nan=False)
@@ -209,6 +212,7 @@ def _last_error(lines: list[str]) -> str:
 def _one_line(r: dict[str, Any]) -> str:
     parts = []
     for key, fmt in (("trainable_params", "{:,} trainable"), ("accuracy", "accuracy {:.3f}"),
+                     ("token_f1", "token F1 {:.3f}"),
                      ("eval_loss", "eval loss {:.4f}"), ("heldout_loss", "held-out loss {:.4f}"),
                      ("step_time_s", "{:.3f} s/step"), ("wall_s", "{:.0f} s")):
         if isinstance(r.get(key), int | float):

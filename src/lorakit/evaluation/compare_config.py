@@ -6,6 +6,7 @@ A compare config is a training config (``model``, ``adapter``, ``data``, ``train
     compare:
       seeds: [0, 1, 2]                  # every method runs once per seed; the report gives mean and spread
       accuracy: {examples: 200, max_new_tokens: 48}   # greedy exact match on data.eval rows with an "answer"
+      f1: {examples: 150, max_new_tokens: 32}         # token F1 of greedy generations vs "completion" (free text)
       forgetting: bundled://data/pretrain_heldout.jsonl  # loss on this text after minus before (null: off)
     methods:                            # per-method options; a label that is not a method names its method
       lora:  {r: 8, alpha: 16}
@@ -65,6 +66,23 @@ class AccuracySpec(_Strict):
     batch_size: int = Field(50, ge=1)
 
 
+class F1Spec(_Strict):
+    """Token F1 of greedy generations against the rows' ``completion``
+    (:func:`lorakit.evaluation.generation.completion_f1`): for tasks whose answers are free text.
+
+    Attributes:
+        data: JSONL rows with ``prompt`` and ``completion`` (default: ``data.eval``).
+        examples: how many rows to score (the first ones; ``None``: all).
+        max_new_tokens: generation length cap (a generation is cut at its first line break).
+        batch_size: prompts generated together.
+    """
+
+    data: str | None = None
+    examples: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
 class CompareSection(_Strict):
     """The ``compare`` section.
 
@@ -72,6 +90,7 @@ class CompareSection(_Strict):
         seeds: one run per method per seed (``training.seed``); default three, the fewest that give a spread
             the verdicts can use (with one seed no quality verdict is given).
         accuracy: task accuracy settings (``null``: no accuracy).
+        f1: token F1 of greedy generations (``null``, the default: not measured).
         forgetting: text the base model knows (``{"text"}`` rows); forgetting = loss on it after training
             minus before. ``null``: not measured.
         forgetting_max_length: token cap per forgetting text.
@@ -86,6 +105,7 @@ class CompareSection(_Strict):
 
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     accuracy: AccuracySpec | None = AccuracySpec()
+    f1: F1Spec | None = None
     forgetting: str | None = "bundled://data/pretrain_heldout.jsonl"
     forgetting_max_length: int = Field(256, ge=2)
     timeout_s: float = Field(3600, gt=0)
@@ -177,6 +197,7 @@ def load_compare_config(path: str | os.PathLike[str], overrides: Sequence[str] =
                 data["data"][key] = resolve_data_path(data["data"][key])
     if cmp.forgetting:
         cmp.forgetting = resolve_data_path(cmp.forgetting)
-    if cmp.accuracy is not None and cmp.accuracy.data:
-        cmp.accuracy.data = resolve_data_path(cmp.accuracy.data)
+    for spec in (cmp.accuracy, cmp.f1):
+        if spec is not None and spec.data:
+            spec.data = resolve_data_path(spec.data)
     return CompareConfig(base=data, compare=cmp, methods={k: dict(v or {}) for k, v in methods.items()})

@@ -100,13 +100,19 @@ def _cpu_seconds() -> float:
 
 
 def _quality(trainer: Any, job: dict[str, Any]) -> dict[str, Any]:
-    """Task accuracy and the loss on the forgetting text, for the model as it is now."""
+    """Task accuracy, token F1 and the loss on the forgetting text, for the model as it is now."""
     res: dict[str, Any] = {}
     acc = job.get("accuracy")
     if acc:
         rows = ev.answer_rows(acc["data"], acc["examples"])
         res.update(ev.task_accuracy(trainer.model, trainer.tokenizer, rows, max_new_tokens=acc["max_new_tokens"],
                                     batch_size=acc["batch_size"]))
+    f1 = job.get("f1")
+    if f1:
+        rows = ev.completion_rows(f1["data"], f1["examples"])
+        out = ev.completion_f1(trainer.model, trainer.tokenizer, rows, max_new_tokens=f1["max_new_tokens"],
+                               batch_size=f1["batch_size"])
+        res.update(token_f1=out["token_f1"], f1_examples=out["examples"], f1_samples=out["samples"])
     if job.get("forgetting"):
         data = ev.text_dataset(job["forgetting"], trainer.tokenizer, job["forgetting_max_length"])
         res["heldout_loss"] = trainer.evaluate(data).get("eval_loss")

@@ -40,6 +40,13 @@ def answer_rows(path: str | os.PathLike[str], limit: int | None = None) -> list[
     return rows[:limit] if limit is not None else rows
 
 
+def completion_rows(path: str | os.PathLike[str], limit: int | None = None) -> list[dict[str, Any]]:
+    """The ``{"prompt", "completion"}`` rows of a JSONL file (first ``limit``), for :func:`completion_f1`."""
+    rows = [obj for _, obj in read_jsonl(path)]
+    rows = [r for r in rows if isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)]
+    return rows[:limit] if limit is not None else rows
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 48,
              batch_size: int = 32, device: torch.device | str | None = None) -> list[str]:
@@ -219,6 +226,7 @@ def dir_bytes(path: str | os.PathLike[str]) -> int:
 __all__ = [
     "answer_rows",
     "completion_f1",
+    "completion_rows",
     "dir_bytes",
     "generate",
     "peak_rss_bytes",

@@ -29,6 +29,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("final_train_loss", f"final train loss (last {TAIL})", "{:.4f}"),
     ("eval_loss", "eval loss", "{:.4f}"),
     ("accuracy", "accuracy", "{:.3f}"),
+    ("token_f1", "token F1", "{:.3f}"),
     ("forgetting", "forgetting (nats)", "{:+.4f}"),
     ("step_time_s", "step time (s)", "{:.3f}"),
     ("peak_rss_bytes", "peak RSS (training)", "bytes"),
@@ -73,7 +74,7 @@ def metrics_table(results: dict[str, Any], summary: dict[str, Any]) -> tuple[lis
 def _one(base: dict[str, Any], key: str) -> dict[str, Any] | None:
     v = base.get(key)
     return {"mean": v, "std": 0.0, "n": 1} if isinstance(v, int | float) and key in (
-        "eval_loss", "accuracy") else None
+        "eval_loss", "accuracy", "token_f1") else None
 
 
 def settings_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -181,6 +182,7 @@ def _context(results: dict[str, Any]) -> list[str]:
     t = results.get("training", {})
     d = results.get("data", {})
     acc = (results.get("compare") or {}).get("accuracy") or {}
+    f1 = (results.get("compare") or {}).get("f1") or {}
     forgetting = (results.get("compare") or {}).get("forgetting")
     lines = [f"Model: `{results.get('model')}`; training data: `{display_path(d.get('train'))}`, eval data: "
              f"`{display_path(d.get('eval'))}`, max_length {d.get('max_length')}.",
@@ -190,8 +192,12 @@ def _context(results: dict[str, Any]) -> list[str]:
              f"Accuracy: greedy generation (max {acc.get('max_new_tokens')} new tokens) on the first "
              f"{acc.get('examples')} eval prompts, exact match of `lorakit.evaluation.tasks.extract_answer`."
              if acc else "Accuracy: not measured.",
-             "Forgetting: loss on the base model's pretraining held-out text after training minus before "
-             f"(`{display_path(forgetting)}`)." if forgetting else "Forgetting: not measured.",
+             *([f"Token F1: greedy generation (max {f1.get('max_new_tokens')} new tokens, cut at the first line "
+                f"break) on the first {f1.get('examples') or 'all'} rows of `{display_path(f1.get('data'))}`, "
+                "bag-of-words F1 against each row's completion (`lorakit.evaluation.generation.token_f1`)."]
+               if f1 else []),
+             "Forgetting: loss on general text that no run trains on, after training minus before (mean "
+             f"nats per token; `{display_path(forgetting)}`)." if forgetting else "Forgetting: not measured.",
              "Step time: median wall time between optimizer steps. Peak RSS (training): peak resident memory "
              "of the run's own process while training (Linux VmHWM reset before training; ru_maxrss where that "
              "is unavailable), including Python, torch and the loaded model; train RSS +: that peak minus the "
@@ -287,8 +293,8 @@ def render_markdown(results: dict[str, Any], summary: dict[str, Any], claims: li
         parts += ["## Claims of the method papers on this task", "",
                   "Decision rules (fixed before the run, in `lorakit/evaluation/claims.py`): a quality difference "
                   "counts only beyond its noise margin, Welch's 95% interval from the seed-to-seed spread (t "
-                  "quantile for the seeds' degrees of freedom), at least 1% of a loss and, for accuracy, 2 "
-                  "binomial standard errors; with one seed no quality verdict is given. \"beats\" needs a metric "
+                  "quantile for the seeds' degrees of freedom), at least 1% of a loss, 0.01 of token F1 and, for "
+                  "accuracy, 2 binomial standard errors; with one seed no quality verdict is given. \"beats\" needs a metric "
                   "better beyond noise and none worse; \"matches\" also accepts both within noise; any metric worse "
                   "beyond noise refutes, except on a model over 10x smaller than the smallest one the paper used: "
                   "\"not reproduced in this setting\".", ""]
