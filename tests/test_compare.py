@@ -64,7 +64,7 @@ def test_compare_two_methods_writes_every_file(tiny_run, tmp_path: Path, capsys)
         assert not (out / "runs" / f"{r['label']}-s0" / "checkpoints").exists()
         assert (out / "runs" / f"{r['label']}-s0" / "adapter" / "adapter.json").is_file()
     assert {c["id"] for c in res["claims"]} == {"lora-sb", "lora+", "vera", "lora-fa", "forgetting", "rank1-sum",
-                                                "delta-lora", "lora-efficiency"}
+                                                "delta-lora", "lora-efficiency", "lr-sensitivity"}
     md = (out / "report.md").read_text()
     assert "| lora |" in md and "| vera |" in md and "lorakit compare" in md
     assert "token F1" in md and "Token F1: greedy generation" in md and isinstance(res["base"]["token_f1"], float)
@@ -184,7 +184,9 @@ def test_verdicts_follow_the_numbers() -> None:
                        _seeds("rank1-sum", eval_loss=1.004), _seeds("delta-lora", eval_loss=0.9, correct=120)))
     assert v == {"lora+": "refuted", "lora-fa": "supported", "forgetting": "supported", "vera": "refuted",
                  "lora-sb": "supported", "rank1-sum": "supported", "delta-lora": "supported",
-                 "lora-efficiency": "inconclusive (no time or memory measurement)"}
+                 "lora-efficiency": "inconclusive (no time, memory or loss measurement)",
+                 "lr-sensitivity": "inconclusive (no learning-rate grid: 0 LoRA and 0 LoRA-SB learning rates in this "
+                                   "comparison's runs; set compare.lr_sweep)"}
     fast = [[s, 2.0 - s / 50] for s in range(1, 101)]
     v = _verdicts(_all(_seeds("lora", step_time_s=0.5), _seeds("lora+", train_loss=fast),
                        _seeds("lora-fa", saved_activation_bytes=1000), _seeds("full", heldout_loss=3.0, step_time_s=0.4),
@@ -193,7 +195,79 @@ def test_verdicts_follow_the_numbers() -> None:
     assert v["lora+"] == "supported" and v["lora-fa"] == "refuted" and v["forgetting"] == "refuted"
     assert v["lora-sb"] == "refuted"
     assert v["rank1-sum"].startswith("inconclusive (not compared")
-    assert v["lora-efficiency"].startswith("inconclusive (no time or memory")  # no memory numbers
+    assert v["lora-efficiency"].startswith("inconclusive (no time, memory")  # no memory numbers
+
+
+def test_lora_efficiency_is_time_to_a_target_loss_and_memory() -> None:
+    mem = {"rss_before_train_bytes": 1000, "peak_rss_bytes": 1500}
+    full_mem = {"rss_before_train_bytes": 1000, "peak_rss_bytes": 3000}
+    same = _verdicts(_all(_seeds("lora", step_time_s=0.5, **mem), _seeds("full", step_time_s=1.0, **full_mem)))
+    assert same["lora-efficiency"] == "supported"  # same curve, half the step time, a third of the memory
+    # full fine-tuning gets to LoRA's final loss in 10 steps (17 once smoothed): 17 x 1.0 s beats 100 x 0.5 s
+    quick = [[s, 2.0 - min(s, 10) / 10] for s in range(1, 101)]
+    v = evaluate_claims(_results(_all(_seeds("lora", step_time_s=0.5, **mem),
+                                      _seeds("full", step_time_s=1.0, train_loss=quick, **full_mem))))
+    eff = next(c for c in v if c["id"] == "lora-efficiency")
+    assert eff["verdict"] == "refuted" and "full at step 17 x 1.000 s = 17.0 s" in eff["numbers"][0]  # smoothed
+
+
+def _grid_results(lora: dict[float, float], sb: dict[float, float | None]) -> dict[str, Any]:
+    runs, methods = [], {}
+    for method, grid in (("lora", lora), ("lora-sb", sb)):
+        for lr, loss in grid.items():
+            lab = f"{method}-{lr:g}"
+            runs.append({**_run(lab, eval_loss=loss), "method": method, "ok": loss is not None})
+            methods[lab] = {"method": method, "training": {"lr": lr}}
+    runs.append({**_run("plus", eval_loss=9.0), "method": "lora"})  # a LoRA+ run is not LoRA's grid
+    methods["plus"] = {"method": "lora", "training": {"lr": 1e-3, "loraplus_ratio": 16}}
+    return {"labels": list(methods), "seeds": [0], "runs": runs, "methods": methods, "training": {"lr": 1e-3}}
+
+
+def test_lr_sensitivity_compares_the_ranges_over_same_shape_grids() -> None:
+    from lorakit.evaluation.claims import claim_lr_sensitivity
+
+    lora = {3e-4: 3.0, 1e-3: 2.8, 3e-3: 2.7, 1e-2: 3.2}  # range 0.5
+    assert claim_lr_sensitivity(_grid_results(lora, {1e-3: 2.9, 3e-3: 2.8, 1e-2: 2.75, 3e-2: 2.95}))["verdict"] \
+        == "supported"  # range 0.2 <= 0.25
+    assert claim_lr_sensitivity(_grid_results(lora, {1e-3: 2.9, 3e-3: 2.8, 1e-2: 2.75, 3e-2: 3.5}))["verdict"] \
+        == "refuted"  # range 0.75
+    diverged = claim_lr_sensitivity(_grid_results(lora, {1e-3: 2.9, 3e-3: 2.8, 1e-2: 2.75, 3e-2: None}))
+    assert diverged["verdict"] == "refuted" and "lr 0.03 -> inf" in diverged["numbers"][1]
+    narrow = claim_lr_sensitivity(_grid_results(lora, {1e-3: 2.9, 2e-3: 2.8, 3e-3: 2.75}))
+    assert narrow["verdict"].startswith("inconclusive (the grids span 33x and 3x")
+    # a comparison carries its sweep's grid (compare.lr_sweep); the claim reads it from there
+    sweep = _grid_results(lora, {1e-3: 2.9, 3e-3: 2.8, 1e-2: 2.75, 3e-2: 2.95})
+    from lorakit.evaluation.claims import lr_grid
+
+    main_results = {**_results(_seeds("lora")), "lr_sweep": {"path": "x/results.json", "grid": lr_grid(sweep)}}
+    c = next(c for c in evaluate_claims(main_results) if c["id"] == "lr-sensitivity")
+    assert c["verdict"] == "supported" and c["numbers"][-2] == "from sweep `x/results.json`"
+
+
+def test_rank_allocation_claim_and_teacher_change() -> None:
+    import torch
+
+    from lorakit.evaluation.claims import claim_rank_allocation
+    from lorakit.evaluation.rank_allocation import perturb_
+
+    lin = torch.nn.Sequential(torch.nn.Linear(16, 12))
+    w0 = lin[0].weight.detach().clone()
+    perturb_(lin, ["0"], 3, 1.0, torch.Generator().manual_seed(0))
+    assert torch.linalg.matrix_rank(lin[0].weight.detach() - w0).item() == 3
+
+    def runs(rank: int, shares: list[float], ratio: list[float]) -> list[dict[str, Any]]:
+        return [{"rank": rank, "seed": i, "relevant_share": sh, "relevant_mean_rank": 2.0 * r,
+                 "other_mean_rank": 2.0, "kl_before": 0.1, "kl_after": 0.01} for i, (sh, r) in
+                enumerate(zip(shares, ratio, strict=True))]
+
+    st = {"settings": {"easy_rank": 1, "hard_rank": 6, "relevant": ["a", "b"]}}
+    ok = claim_rank_allocation({**st, "runs": runs(1, [0.10, 0.11, 0.09], [1.5] * 3)
+                                + runs(6, [0.18, 0.20, 0.19], [2.5, 3.0, 2.2])})
+    assert ok["verdict"] == "supported", ok
+    flat = claim_rank_allocation({**st, "runs": runs(1, [0.10, 0.11, 0.09], [1.0] * 3)
+                                  + runs(6, [0.10, 0.10, 0.11], [0.9, 1.0, 0.8])})
+    assert flat["verdict"] == "refuted"
+    assert claim_rank_allocation({**st, "runs": runs(6, [0.2], [3.0])})["verdict"].startswith("inconclusive")
 
 
 def test_one_seed_gives_no_quality_verdict() -> None:

@@ -5,11 +5,12 @@ Every claim is checked with the numbers of ``results.json`` and gets a verdict: 
 report next to each verdict, so a claim our numbers refute is reported as refuted:
 
 * **Task quality** is judged on exact-match accuracy (higher is better), token F1 of greedy generations when
-  measured (higher is better; free-text tasks) and the eval loss on the completions (lower is better). A difference counts only beyond its noise margin, which comes from the
-  measured seed-to-seed spread: ``t95(df) sqrt(s1^2/k1 + s2^2/k2)`` (Welch's two-sided 95% interval of the
-  difference of two means over ``k`` seeds each, ``s`` their sample standard deviations), at least 1% of the
-  loss; for accuracy at least the binomial ``2 sqrt(p1 (1-p1)/n1 + p2 (1-p2)/n2)`` too (``n`` = examples x
-  seeds, ``p`` smoothed as ``(correct+1)/(n+2)``), for token F1 at least 0.01. With one seed the spread is unmeasured and no quality
+  measured (higher is better; free-text tasks) and the eval loss on the completions (lower is better). A
+  difference counts only beyond its noise margin, which comes from the measured seed-to-seed spread:
+  ``t95(df) sqrt(s1^2/k1 + s2^2/k2)`` (Welch's two-sided 95% interval of the difference of two means over ``k``
+  seeds each, ``s`` their sample standard deviations), at least 1% of the loss; for accuracy at least the
+  binomial ``2 sqrt(p1 (1-p1)/n1 + p2 (1-p2)/n2)`` too (``n`` = examples x seeds, ``p`` smoothed as
+  ``(correct+1)/(n+2)``), for token F1 at least 0.01. With one seed the spread is unmeasured and no quality
   verdict is given. Accuracy is left out when both are below 5% (floor).
 * "A beats B": supported if a metric is better beyond noise and none is worse; refuted if one is worse and
   none better; otherwise inconclusive. "A matches B": the same, except that both metrics within noise is
@@ -482,26 +483,141 @@ def claim_delta_lora(results: dict[str, Any], s: dict[str, Any]) -> dict[str, An
                   nums)
 
 
+def _steps_to(curve: Sequence[tuple[int, float]], target: float) -> int | None:
+    return next((step for step, v in curve if v <= target), None)
+
+
 def claim_lora_efficiency(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     title = "LoRA trains faster and with less memory than full fine-tuning"
     src = "Hu et al. 2021, https://arxiv.org/abs/2106.09685 (3x less GPU memory, 25% faster on GPT-3 175B)"
-    rule = ("step time (median per run, mean over seeds) and training memory (RSS increase over the loaded model, "
-            "or peak GPU memory): supported if LoRA's are both at least 5% below full fine-tuning's, refuted if "
-            "either is not below, inconclusive in between")
+    rule = (f"time to a target loss: the training loss (smoothed over {TAIL} steps, mean over seeds) both reach, "
+            "the higher of their final smoothed losses; time = steps to reach it x median step time (mean over "
+            "seeds). Memory: the RSS increase over the loaded model while training, or peak GPU memory. Supported "
+            "if LoRA's time and memory are both at least 5% below full fine-tuning's, refuted if either is not "
+            "below, inconclusive in between")
     why = _missing(s, ["lora", "full"])
     if why:
         return _claim("lora-efficiency", title, src, rule, why, [])
     mem_key = "peak_gpu_bytes" if _mean(s, "lora", "peak_gpu_bytes") else "train_rss_increase_bytes"
     tl, tf = _mean(s, "lora", "step_time_s"), _mean(s, "full", "step_time_s")
     ml, mf = _mean(s, "lora", mem_key), _mean(s, "full", mem_key)
-    if not (tl and tf and ml is not None and mf):
-        return _claim("lora-efficiency", title, src, rule, "inconclusive (no time or memory measurement)", [])
-    ratios = [tl / tf, ml / mf]
+    cl, cf = smooth(mean_curve(results, "lora")), smooth(mean_curve(results, "full"))
+    if not (tl and tf and ml is not None and mf and cl and cf):
+        return _claim("lora-efficiency", title, src, rule, "inconclusive (no time, memory or loss measurement)", [])
+    target = max(cl[-1][1], cf[-1][1])
+    nl, nf = _steps_to(cl, target), _steps_to(cf, target)
+    assert nl is not None and nf is not None  # each reaches its own final value at the latest
+    time_l, time_f = nl * tl, nf * tf
+    ratios = [time_l / time_f, ml / mf]
     verdict = "supported" if all(r <= 0.95 for r in ratios) else "refuted" if any(r >= 1 for r in ratios) else \
         "inconclusive (less than 5% below)"
-    nums = [f"step time: lora {tl:.3f} s, full {tf:.3f} s ({tl / tf:.2f}x)",
+    nums = [f"target training loss {target:.4f}: lora reaches it at step {nl} x {tl:.3f} s = {time_l:.1f} s, full at "
+            f"step {nf} x {tf:.3f} s = {time_f:.1f} s ({time_l / time_f:.2f}x)",
             f"{mem_key.replace('_', ' ')}: lora {ml / 2**20:.1f} MB, full {mf / 2**20:.1f} MB ({ml / mf:.2f}x)"]
     return _claim("lora-efficiency", title, src, rule, verdict, nums)
+
+
+def lr_grid(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every run of a comparison as a learning-rate grid point: ``{"label", "method", "lr", "loraplus_ratio",
+    "seed", "eval_loss"}`` (``eval_loss`` ``None`` for a failed or diverged run)."""
+    shared = results.get("training") or {}
+    out = []
+    for r in results.get("runs") or []:
+        training = (results.get("methods") or {}).get(r["label"], {}).get("training") or {}
+        out.append({"label": r["label"], "method": r.get("method"), "lr": training.get("lr", shared.get("lr")),
+                    "loraplus_ratio": training.get("loraplus_ratio", shared.get("loraplus_ratio")),
+                    "seed": r.get("seed"), "eval_loss": r.get("eval_loss") if r.get("ok") else None})
+    return out
+
+
+def _grid_of(grid: Sequence[dict[str, Any]], method: str) -> dict[float, list[float | None]]:
+    """``lr -> eval losses`` of ``method``'s plain runs (LoRA+ runs, with a ratio, are not LoRA's grid)."""
+    out: dict[float, list[float | None]] = {}
+    for g in grid:
+        if g["method"] == method and not g.get("loraplus_ratio") and isinstance(g.get("lr"), int | float):
+            out.setdefault(float(g["lr"]), []).append(g.get("eval_loss"))
+    return out
+
+
+def claim_lr_sensitivity(results: dict[str, Any]) -> dict[str, Any]:
+    """LoRA-SB vs LoRA: the range of the eval loss over a learning-rate grid of the same shape."""
+    title = "LoRA-SB is less sensitive to the learning rate than LoRA"
+    src = ("the seed article, after Ponkshe, Singhal et al. 2024, https://arxiv.org/abs/2411.19557 (an init that "
+           "starts from the first full fine-tuning step)")
+    rule = ("over a learning-rate sweep (the compare config's compare.lr_sweep, or this comparison if it is one) with "
+            "at least 3 learning rates per method spanning about the same factor (max/min within 25%: half-decade "
+            "grids such as 1, 3, 10, 30 and 3, 10, 30, 100 x 1e-4): range = max - min "
+            "of the final eval loss on the sweep's held-out split (a diverged run counts as infinite); supported if "
+            "LoRA-SB's range is at most half of LoRA's, refuted if it is at least LoRA's, inconclusive in between")
+    sweep = results.get("lr_sweep") or {}
+    grid = sweep.get("grid") or lr_grid(results)
+    where = f"sweep `{sweep['path']}`" if sweep.get("path") else "this comparison's runs"
+    lora, sb = _grid_of(grid, "lora"), _grid_of(grid, "lora-sb")
+    if len(lora) < 3 or len(sb) < 3:
+        return _claim("lr-sensitivity", title, src, rule,
+                      f"inconclusive (no learning-rate grid: {len(lora)} LoRA and {len(sb)} LoRA-SB learning rates "
+                      "in " + where + "; set compare.lr_sweep)", [])
+
+    def final(vals: list[float | None]) -> float:
+        ok = [v for v in vals if isinstance(v, int | float) and math.isfinite(v)]
+        return statistics.fmean(ok) if len(ok) == len(vals) else math.inf
+
+    curves = {name: {lr: final(v) for lr, v in sorted(g.items())} for name, g in (("lora", lora), ("lora-sb", sb))}
+    spans = {name: max(c) / min(c) for name, c in curves.items()}
+    ranges = {name: max(c.values()) - min(c.values()) for name, c in curves.items()}
+    nums = [f"{name}: " + ", ".join(f"lr {lr:g} -> {v:.4f}" for lr, v in c.items())
+            + f" (span {spans[name]:.0f}x, range {ranges[name]:.4f})" for name, c in curves.items()]
+    nums.append(f"from {where}")
+    if not 0.8 <= spans["lora-sb"] / spans["lora"] <= 1.25:
+        return _claim("lr-sensitivity", title, src, rule, f"inconclusive (the grids span {spans['lora']:.0f}x and "
+                      f"{spans['lora-sb']:.0f}x: not the same shape)", nums)
+    rl, rs = ranges["lora"], ranges["lora-sb"]
+    verdict = "supported" if rs <= 0.5 * rl else "refuted" if rs >= rl else \
+        "inconclusive (LoRA-SB's range is below LoRA's but above half of it)"
+    nums.append(f"range ratio LoRA-SB / LoRA = {rs / rl:.2f}" if rl > 0 else "LoRA's range is 0")
+    return _claim("lr-sensitivity", title, src, rule, verdict, nums)
+
+
+def claim_rank_allocation(alloc: dict[str, Any]) -> dict[str, Any]:
+    """The dynamic-rank claim on the controlled experiment of :mod:`lorakit.evaluation.rank_allocation`."""
+    title = ("The dynamic-rank method (rank1-sum) gives more rank to the layers and the data that need it")
+    src = "the seed article (dynamic rank), with AdaLoRA (https://arxiv.org/abs/2303.10512) as the reference"
+    st = alloc.get("settings") or {}
+    easy, hard = st.get("easy_rank"), st.get("hard_rank")
+    rule = (f"a teacher changes only {len(st.get('relevant') or [])} linears, by rank {easy} (easier) or {hard} "
+            "(harder); rank1-sum on every linear learns to match it under one global budget. Layers: in the harder "
+            "version the changed linears' mean final rank is >= 2x the other linears' (mean over seeds of the "
+            "per-seed ratio, and above 1x in every seed); refuted if the mean ratio is <= 1x. Data: the changed "
+            "linears' share of the budget is higher in the harder version by more than max(Welch 95% half-width "
+            "over seeds, 2 points); refuted if lower by as much. Supported if both hold, refuted if either is "
+            "refuted, else inconclusive")
+    runs = alloc.get("runs") or []
+    hard_runs = [r for r in runs if r.get("rank") == hard]
+    easy_runs = [r for r in runs if r.get("rank") == easy]
+    if not hard_runs or not easy_runs or easy == hard:
+        return _claim("rank-allocation", title, src, rule, "inconclusive (the experiment has not run both versions)",
+                      [])
+    ratios = [r["relevant_mean_rank"] / r["other_mean_rank"] if r["other_mean_rank"] else math.inf
+              for r in hard_runs]
+    mean_ratio = statistics.fmean(ratios)
+    v_layers = "supported" if mean_ratio >= 2 and min(ratios) > 1 else "refuted" if mean_ratio <= 1 else \
+        "inconclusive (changed linears get more, but not 2x in the mean or not in every seed)"
+    sh, se = (_stat([r["relevant_share"] for r in rs]) for rs in (hard_runs, easy_runs))
+    assert sh is not None and se is not None
+    spread = welch_margin(sh, se)
+    diff = sh["mean"] - se["mean"]
+    margin = max(spread or 0.0, 0.02)
+    v_data = UNMEASURED if spread is None else "supported" if diff > margin else "refuted" if diff < -margin \
+        else "inconclusive (share difference within noise)"
+    verdict = combine([v_layers, v_data])
+    nums = [f"harder version (rank {hard}): changed linears' mean rank / other linears' = "
+            + ", ".join(f"{x:.2f}x" for x in ratios) + f" over seeds (mean {mean_ratio:.2f}x) -> layers: {v_layers}",
+            f"changed linears' share of the budget: easier {se['mean']:.1%}, harder {sh['mean']:.1%} (difference "
+            f"{100 * diff:+.1f} ± {100 * margin:.1f} points) -> data: {v_data}",
+            "KL(teacher || student) per token, before -> after: "
+            + "; ".join(f"rank {r['rank']} seed {r['seed']} {r['kl_before']:.4f} -> {r['kl_after']:.4f}"
+                        for r in runs)]
+    return _claim("rank-allocation", title, src, rule, verdict, nums)
 
 
 def evaluate_claims(results: dict[str, Any], summary: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -509,9 +625,9 @@ def evaluate_claims(results: dict[str, Any], summary: dict[str, Any] | None = No
     s = summary if summary is not None else summarize(results)
     return [claim_lora_sb(results, s), claim_loraplus(results, s), claim_vera(results, s), claim_lora_fa(s),
             claim_forgetting(results, s), claim_rank1_sum(results, s), claim_delta_lora(results, s),
-            claim_lora_efficiency(results, s)]
+            claim_lora_efficiency(results, s), claim_lr_sensitivity(results)]
 
 
-__all__ = ["combine", "compare_accuracy", "compare_loss", "evaluate_claims", "final_train_loss", "in_setting",
-           "mean_curve", "model_params", "quality_verdict", "run_metrics", "smooth", "summarize", "t95",
-           "vera_width_for", "welch_margin"]
+__all__ = ["claim_rank_allocation", "combine", "compare_accuracy", "compare_loss", "evaluate_claims",
+           "final_train_loss", "in_setting", "lr_grid", "mean_curve", "model_params", "quality_verdict",
+           "run_metrics", "smooth", "summarize", "t95", "vera_width_for", "welch_margin"]

@@ -24,6 +24,7 @@ import torch
 
 from lorakit._version import __version__
 from lorakit.errors import ConfigError
+from lorakit.evaluation.claims import lr_grid
 from lorakit.evaluation.compare_config import CompareConfig
 from lorakit.evaluation.report import CONTENDED, cpu_use, display_path, write_report
 from lorakit.methods import get_method
@@ -75,7 +76,7 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
     labels = list(dict.fromkeys(labels))
     if not labels:
         raise ConfigError("--methods: no methods given")
-    shared = set((cc.base.get("adapter") or {})) - set(ADAPTER_KEYS)
+    shared = set(cc.base.get("adapter") or {}) - set(ADAPTER_KEYS)
     unused = sorted(k for k in shared
                     if not any(k in get_method(cc.method_of(lab)).config_cls.model_fields for lab in labels))
     if unused:
@@ -99,6 +100,9 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
         "data": {**base_cfg.data.model_dump(mode="json"), "train": display_path(base_cfg.data.train),
                  "eval": display_path(base_cfg.data.eval)},
         "base": None, "runs": []}
+    if cc.compare.lr_sweep:
+        results["lr_sweep"] = sweep_summary(cc.compare.lr_sweep)
+        results["compare"]["lr_sweep"] = results["lr_sweep"]["path"]
     done: dict[int, dict[str, Any]] = {}
     lock = threading.Lock()
 
@@ -130,6 +134,18 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
             run_one(k, base=False)
     write_report(results, out)
     return results
+
+
+def sweep_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a comparison keeps of the learning-rate sweep its learning rates came from: where it is, the command
+    that made it, its data and its grid (:func:`lorakit.evaluation.claims.lr_grid`)."""
+    try:
+        sweep = json.loads(Path(path).read_text())
+        grid = lr_grid(sweep)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"compare.lr_sweep: {path}: not a lorakit compare results.json ({e})") from None
+    return {"path": display_path(str(path)), "command": sweep.get("command"), "data": sweep.get("data"),
+            "training": sweep.get("training"), "grid": grid}
 
 
 def _run_with_retries(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, base: bool,
@@ -220,4 +236,4 @@ def _one_line(r: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["RESULTS_FILE", "run_compare"]
+__all__ = ["RESULTS_FILE", "run_compare", "sweep_summary"]

@@ -98,6 +98,9 @@ class CompareSection(_Strict):
         threads: torch CPU threads per run (``None``: torch's default).
         contention_retries: on CPU, run a method again (up to this many times) when it got under 70% of its
             threads' CPU time while training: another job shared the cores and its step time is inflated.
+        lr_sweep: the ``results.json`` of the learning-rate sweep the methods' learning rates came from: its
+            grid is copied into this comparison's results (the report names it, and the LoRA-SB learning-rate
+            sensitivity claim is judged on it). ``null``: none.
         parallel: runs at once, each in its own process (after the first, which also evaluates the base model).
             On CPU set ``threads`` too, with ``parallel x threads`` at most the cores: the runs then share
             memory bandwidth, not cores, and every method's step time is measured under the same load.
@@ -112,6 +115,7 @@ class CompareSection(_Strict):
     threads: int | None = Field(None, ge=1)
     contention_retries: int = Field(1, ge=0)
     parallel: int = Field(1, ge=1)
+    lr_sweep: str | None = None
 
     @model_validator(mode="after")
     def _parallel_needs_threads(self) -> CompareSection:
@@ -197,6 +201,10 @@ def load_compare_config(path: str | os.PathLike[str], overrides: Sequence[str] =
                 data["data"][key] = resolve_data_path(data["data"][key])
     if cmp.forgetting:
         cmp.forgetting = resolve_data_path(cmp.forgetting)
+    if cmp.lr_sweep:
+        cmp.lr_sweep = str(Path(cmp.lr_sweep).resolve())
+        if not Path(cmp.lr_sweep).is_file():
+            raise ConfigError(f"compare.lr_sweep: {cmp.lr_sweep} is not a file (the sweep's results.json)")
     for spec in (cmp.accuracy, cmp.f1):
         if spec is not None and spec.data:
             spec.data = resolve_data_path(spec.data)

@@ -189,6 +189,10 @@ def _context(results: dict[str, Any]) -> list[str]:
              f"Every method: {t.get('max_steps')} steps, batch {t.get('batch_size')} x grad_accum "
              f"{t.get('grad_accum')}, {t.get('schedule')} schedule, warm-up {t.get('warmup_steps')}, "
              f"seeds {results.get('seeds')}, device {t.get('device')}, precision {t.get('precision')}.",
+             *([f"Learning rates: each method's best on the learning-rate sweep `{results['lr_sweep']['path']}` "
+                f"(made by `{results['lr_sweep'].get('command')}`, scored on a held-out split of the training "
+                "data, never on the eval data above); the sweep's grid is in results.json (`lr_sweep`)."]
+               if results.get("lr_sweep") else []),
              f"Accuracy: greedy generation (max {acc.get('max_new_tokens')} new tokens) on the first "
              f"{acc.get('examples')} eval prompts, exact match of `lorakit.evaluation.tasks.extract_answer`."
              if acc else "Accuracy: not measured.",
@@ -294,10 +298,10 @@ def render_markdown(results: dict[str, Any], summary: dict[str, Any], claims: li
                   "Decision rules (fixed before the run, in `lorakit/evaluation/claims.py`): a quality difference "
                   "counts only beyond its noise margin, Welch's 95% interval from the seed-to-seed spread (t "
                   "quantile for the seeds' degrees of freedom), at least 1% of a loss, 0.01 of token F1 and, for "
-                  "accuracy, 2 binomial standard errors; with one seed no quality verdict is given. \"beats\" needs a metric "
-                  "better beyond noise and none worse; \"matches\" also accepts both within noise; any metric worse "
-                  "beyond noise refutes, except on a model over 10x smaller than the smallest one the paper used: "
-                  "\"not reproduced in this setting\".", ""]
+                  "accuracy, 2 binomial standard errors; with one seed no quality verdict is given. \"beats\" "
+                  "needs a metric better beyond noise and none worse; \"matches\" also accepts both within "
+                  "noise; any metric worse beyond noise refutes, except on a model over 10x smaller than the "
+                  "smallest one the paper used: \"not reproduced in this setting\".", ""]
     for c in claims:
         parts += [f"### {c['claim']}", "", f"**Verdict: {c['verdict']}**", "", f"Source: {c['source']}.", "",
                   f"Rule: {c['rule']}.", "", *(f"- {n}" for n in c["numbers"]), ""]
