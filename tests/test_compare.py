@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from lorakit.cli import main
+from lorakit.errors import ConfigError
 from lorakit.evaluation.claims import evaluate_claims, quality_verdict, summarize
 from lorakit.evaluation.compare_config import load_compare_config
 from lorakit.evaluation.report import write_report
@@ -64,7 +65,7 @@ def test_compare_two_methods_writes_every_file(tiny_run, tmp_path: Path, capsys)
         assert not (out / "runs" / f"{r['label']}-s0" / "checkpoints").exists()
         assert (out / "runs" / f"{r['label']}-s0" / "adapter" / "adapter.json").is_file()
     assert {c["id"] for c in res["claims"]} == {"lora-sb", "lora+", "vera", "lora-fa", "forgetting", "rank1-sum",
-                                                "delta-lora", "lora-efficiency", "lr-sensitivity"}
+                                                "delta-lora", "lora-efficiency", "qlora", "lr-sensitivity"}
     md = (out / "report.md").read_text()
     assert "| lora |" in md and "| vera |" in md and "lorakit compare" in md
     assert "token F1" in md and "Token F1: greedy generation" in md and isinstance(res["base"]["token_f1"], float)
@@ -134,6 +135,12 @@ def test_variant_and_seeds(tiny_run, tmp_path: Path) -> None:
     assert plus.training.loraplus_ratio == 16.0 and plus.training.seed == 4
     full = cc.run_config("full", 3, tmp_path / "y")  # the shared `r` is not an option of full
     assert full.adapter.options == {}
+    q = cc.run_config("qlora", 0, tmp_path / "z")  # LoRA on an NF4 base, methods.lora's options
+    assert q.adapter.method == "lora" and q.model.quantize == "nf4" and q.adapter.options == {"r": 4, "alpha": 8}
+    assert cc.run_config("lora", 0, tmp_path / "w").model.quantize == "none"
+    bad = load_compare_config(_compare_yaml(tiny_run, tmp_path), ["methods.lora.model={dtype: float16}"])
+    with pytest.raises(ConfigError, match="methods.lora.model: dtype must be the same for every method"):
+        bad.run_config("lora", 0, tmp_path / "v")
 
 
 # --- verdicts on synthetic results --------------------------------------------------------------------------------
@@ -185,6 +192,7 @@ def test_verdicts_follow_the_numbers() -> None:
     assert v == {"lora+": "refuted", "lora-fa": "supported", "forgetting": "supported", "vera": "refuted",
                  "lora-sb": "supported", "rank1-sum": "supported", "delta-lora": "supported",
                  "lora-efficiency": "inconclusive (no time, memory or loss measurement)",
+                 "qlora": "inconclusive (not compared: qlora)",
                  "lr-sensitivity": "inconclusive (no learning-rate grid: 0 LoRA and 0 LoRA-SB learning rates in this "
                                    "comparison's runs; set compare.lr_sweep)"}
     fast = [[s, 2.0 - s / 50] for s in range(1, 101)]

@@ -483,6 +483,20 @@ def claim_delta_lora(results: dict[str, Any], s: dict[str, Any]) -> dict[str, An
                   nums)
 
 
+def claim_qlora(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+    title = "QLoRA (LoRA on a 4-bit NF4 frozen base) matches 16-bit LoRA's quality"
+    src = ("Dettmers et al. 2023, https://arxiv.org/abs/2305.14314 (4-bit NormalFloat QLoRA replicates 16-bit LoRA "
+           "and full fine-tuning)")
+    rule = "qlora matches lora (quality rules above) with the same adapter and learning rate"
+    why = _missing(s, ["lora", "qlora"])
+    if why:
+        return _claim("qlora", title, src, rule, why, [])
+    v, t = quality_verdict(s, "qlora", "lora", kind="matches")
+    q = results["methods"].get("qlora", {}).get("quantize", "?")
+    nums = [f"qlora: base quantized to {q}", *_quality_lines(s, ["lora", "qlora"]), t]
+    return _claim("qlora", title, src, rule, in_setting(v, results, 80e6, "T5 80M-11B and LLaMA 7B-65B"), nums)
+
+
 def _steps_to(curve: Sequence[tuple[int, float]], target: float) -> int | None:
     return next((step for step, v in curve if v <= target), None)
 
@@ -625,7 +639,7 @@ def evaluate_claims(results: dict[str, Any], summary: dict[str, Any] | None = No
     s = summary if summary is not None else summarize(results)
     return [claim_lora_sb(results, s), claim_loraplus(results, s), claim_vera(results, s), claim_lora_fa(s),
             claim_forgetting(results, s), claim_rank1_sum(results, s), claim_delta_lora(results, s),
-            claim_lora_efficiency(results, s), claim_lr_sensitivity(results)]
+            claim_lora_efficiency(results, s), claim_qlora(results, s), claim_lr_sensitivity(results)]
 
 
 __all__ = ["claim_rank_allocation", "combine", "compare_accuracy", "compare_loss", "evaluate_claims",

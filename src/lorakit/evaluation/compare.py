@@ -93,6 +93,7 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
         "labels": labels, "seeds": cc.compare.seeds,
         "compare": {**cc.compare.model_dump(), "forgetting": display_path(cc.compare.forgetting)},
         "methods": {lab: {"method": cc.method_of(lab), **configs[(lab, cc.compare.seeds[0])].adapter.options,
+                          **_model_diff(configs[(lab, cc.compare.seeds[0])]),
                           "training": _training_diff(configs[(lab, cc.compare.seeds[0])], shared_training)}
                     for lab in labels},
         "training": {k: v for k, v in shared_training.items() if k != "seed"},
@@ -164,6 +165,11 @@ def _run_with_retries(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: 
 
 def _run_name(label: str, seed: int) -> str:
     return f"{label}-s{seed}"
+
+
+def _model_diff(cfg: TrainConfig) -> dict[str, Any]:
+    """The model keys a run sets for itself (``quantize``, e.g. the ``qlora`` variant)."""
+    return {"quantize": cfg.model.quantize} if cfg.model.quantize != "none" else {}
 
 
 def _training_diff(cfg: TrainConfig, shared: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,9 @@ Rules that keep the comparison fair: every run gets the same model, data, ``trai
 ``epochs``, ``batch_size`` and ``grad_accum`` (a method may override other training keys, such as ``lr``, and
 :data:`FAIR_KEYS` are refused). Options in the shared ``adapter`` section go to every method whose config has
 that field (so ``r`` is not handed to ``full``). ``lora+`` is LoRA with ``training.loraplus_ratio: 16``
-(unless its entry sets a ratio); without an entry of its own it takes ``methods.lora``'s options. Data paths
+(unless its entry sets a ratio) and ``qlora`` is LoRA on the base quantized to NF4 (``model.quantize: nf4``,
+the one ``model`` key a method's entry may set); without an entry of their own they take ``methods.lora``'s
+options. Data paths
 may be ``bundled://data/NAME.jsonl``; the ``output`` section is ignored (each run writes ``OUT/runs/LABEL-sSEED``).
 
 The runs themselves: :mod:`lorakit.evaluation.compare` (orchestration) and
@@ -43,7 +45,12 @@ from lorakit.util.validation import parse
 #: ``training`` keys every method must share; a per-method override of one of them is an error.
 FAIR_KEYS = ("seed", "max_steps", "epochs", "batch_size", "grad_accum")
 #: Labels that name a variant of a registered method: ``label -> (method, default per-method section)``.
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"lora+": ("lora", {"training": {"loraplus_ratio": 16.0}})}
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora+": ("lora", {"training": {"loraplus_ratio": 16.0}}),
+    "qlora": ("lora", {"model": {"quantize": "nf4"}}),
+}
+#: ``model`` keys a method's entry may set (everything else about the model is shared).
+MODEL_KEYS = ("quantize",)
 
 
 class _Strict(BaseModel):
@@ -158,8 +165,16 @@ class CompareConfig(_Strict):
         training_over = spec.pop("training", None) or {}
         if not isinstance(training_over, dict):
             raise ConfigError(f"methods.{label}.training: must be a mapping")
-        if label in VARIANTS:  # the variant's defining training keys, unless the entry sets them itself
+        model_over = spec.pop("model", None) or {}
+        if not isinstance(model_over, dict):
+            raise ConfigError(f"methods.{label}.model: must be a mapping")
+        if label in VARIANTS:  # the variant's defining keys, unless the entry sets them itself
             training_over = {**VARIANTS[label][1].get("training", {}), **training_over}
+            model_over = {**VARIANTS[label][1].get("model", {}), **model_over}
+        bad_model = sorted(set(model_over) - set(MODEL_KEYS))
+        if bad_model:
+            raise ConfigError(f"methods.{label}.model: {', '.join(bad_model)} must be the same for every method "
+                              f"(a method may set only {', '.join(MODEL_KEYS)})")
         unfair = sorted(set(training_over) & set(FAIR_KEYS))
         if unfair:
             raise ConfigError(f"methods.{label}.training: {', '.join(unfair)} must be the same for every method; "
@@ -170,6 +185,8 @@ class CompareConfig(_Strict):
         d = copy.deepcopy(self.base)
         d["adapter"] = {**shared, **spec, "method": method}
         d["training"] = {**(d.get("training") or {}), **training_over, "seed": seed}
+        if model_over:
+            d["model"] = {**(d.get("model") or {}), **model_over}
         d["output"] = {"dir": str(out_dir), "progress": False, "tensorboard": False, "plot": True}
         try:
             return TrainConfig.parse(d)
