@@ -623,7 +623,7 @@ def claim_rank_allocation(alloc: dict[str, Any]) -> dict[str, Any]:
     margin = max(spread or 0.0, 0.02)
     v_data = UNMEASURED if spread is None else "supported" if diff > margin else "refuted" if diff < -margin \
         else "inconclusive (share difference within noise)"
-    verdict = combine([v_layers, v_data])
+    verdict = UNMEASURED if spread is None else combine([v_layers, v_data])
     nums = [f"harder version (rank {hard}): changed linears' mean rank / other linears' = "
             + ", ".join(f"{x:.2f}x" for x in ratios) + f" over seeds (mean {mean_ratio:.2f}x) -> layers: {v_layers}",
             f"changed linears' share of the budget: easier {se['mean']:.1%}, harder {sh['mean']:.1%} (difference "
