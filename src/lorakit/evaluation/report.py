@@ -184,8 +184,10 @@ def _context(results: dict[str, Any]) -> list[str]:
     acc = (results.get("compare") or {}).get("accuracy") or {}
     f1 = (results.get("compare") or {}).get("f1") or {}
     forgetting = (results.get("compare") or {}).get("forgetting")
+    evald = f"`{display_path(d.get('eval'))}`" if d.get("eval") else \
+        f"a held-out {d.get('eval_fraction', 0):.0%} split of the training data (seeded, never trained on)"
     lines = [f"Model: `{results.get('model')}`; training data: `{display_path(d.get('train'))}`, eval data: "
-             f"`{display_path(d.get('eval'))}`, max_length {d.get('max_length')}.",
+             f"{evald}, max_length {d.get('max_length')}.",
              f"Every method: {t.get('max_steps')} steps, batch {t.get('batch_size')} x grad_accum "
              f"{t.get('grad_accum')}, {t.get('schedule')} schedule, warm-up {t.get('warmup_steps')}, "
              f"seeds {results.get('seeds')}, device {t.get('device')}, precision {t.get('precision')}.",
@@ -366,8 +368,10 @@ def write_report(results: dict[str, Any], out: str | os.PathLike[str]) -> list[P
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
     claims = evaluate_claims(results, summary)
-    if all("not compared" in c["verdict"] for c in claims):
-        claims = []  # e.g. a learning-rate sweep: no claim has its methods here
+    if all("not compared" in c["verdict"] for c in claims if c["id"] != "lr-sensitivity"):
+        # e.g. a learning-rate sweep: no claim has its methods here, except the one judged on a grid
+        claims = [c for c in claims if c["id"] == "lr-sensitivity" and not c["verdict"].startswith(
+            "inconclusive (no learning-rate grid")]
     files = [plot_loss_curves(results, out / LOSS_PLOT), plot_accuracy_vs_params(results, summary, out / ACC_PLOT)]
     for name, text in (("report.md", render_markdown(results, summary, claims)),
                        ("report.html", render_html(results, summary, claims))):
