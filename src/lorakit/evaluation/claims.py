@@ -205,19 +205,16 @@ def quality_verdict(summary: dict[str, Any], a: str, b: str, *, kind: str) -> tu
     elif acc is not None:
         parts.append(f"accuracy {100 * acc['diff']:+.1f} ± {100 * acc['margin']:.1f} points ({acc['outcome']})")
         outcomes.append(acc["outcome"])
-    f1 = compare_f1(summary, a, b)
-    if f1 is not None and f1["outcome"] == "unmeasured":
-        parts.append(f"token F1 {f1['diff']:+.3f} (one seed: no margin)")
-        unmeasured = True
-    elif f1 is not None:
-        parts.append(f"token F1 {f1['diff']:+.3f} ± {f1['margin']:.3f} ({f1['outcome']})")
-        outcomes.append(f1["outcome"])
-    if loss is not None and loss["outcome"] == "unmeasured":
-        parts.append(f"eval loss {loss['diff']:+.4f} (one seed: no margin)")
-        unmeasured = True
-    elif loss is not None:
-        parts.append(f"eval loss {loss['diff']:+.4f} ± {loss['margin']:.4f} ({loss['outcome']})")
-        outcomes.append(loss["outcome"])
+    for name, res, fmt in (("token F1", compare_f1(summary, a, b), "{:+.3f}"), ("eval loss", loss, "{:+.4f}")):
+        if res is None:
+            continue
+        if res["outcome"] == "unmeasured":
+            parts.append(f"{name} {fmt.format(res['diff'])} (one seed: no margin)")
+            unmeasured = True
+        else:
+            parts.append(f"{name} {fmt.format(res['diff'])} ± {fmt.format(res['margin']).lstrip('+')} "
+                         f"({res['outcome']})")
+            outcomes.append(res["outcome"])
     text = f"{a} vs {b}: " + "; ".join(parts) if parts else f"{a} vs {b}: no numbers"
     if unmeasured:
         return UNMEASURED, text
