@@ -1,7 +1,8 @@
 """Merge the results of one comparison run in parts (disjoint ``--methods`` lists, e.g. on two machines or as two
 processes) into one ``results.json`` and report.
 
-    .venv/bin/python scripts/merge_compare.py --out reports/smollm2-text/lr-sweep /tmp/sweep/a /tmp/sweep/b
+    .venv/bin/python scripts/merge_compare.py --config configs/lr-sweep-smollm2-text.yaml \
+        --out reports/smollm2-text/lr-sweep /tmp/sweep/a /tmp/sweep/b /tmp/sweep/c
 
 Only results.json and the report are written (the parts' runs/ folders, with their adapters, stay where they are).
 The parts must share model, data, training section and seeds (checked); labels keep the parts' order; the base
@@ -18,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.evaluation.compare import RESULTS_FILE
+from lorakit.evaluation.compare_config import load_compare_config
 from lorakit.evaluation.report import write_report
 from lorakit.util.files import write_json
 
 SHARED = ("model", "data", "training", "seeds")
 
 
-def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+def merge(parts: list[dict[str, Any]], order: list[str] | None = None) -> dict[str, Any]:
     first = parts[0]
     for p in parts[1:]:
         for key in SHARED:
@@ -33,8 +35,10 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     labels = [lab for p in parts for lab in p["labels"]]
     if len(set(labels)) != len(labels):
         raise SystemExit("a label occurs in more than one part")
+    if order:  # the config's order; labels it does not list go last
+        labels.sort(key=lambda lab: order.index(lab) if lab in order else len(order))
     out = {**first, "labels": labels, "methods": {k: v for p in parts for k, v in p["methods"].items()},
-           "runs": [r for p in parts for r in p["runs"]],
+           "runs": sorted((r for p in parts for r in p["runs"]), key=lambda r: (r["seed"], labels.index(r["label"]))),
            "command": " ; ".join(str(p.get("command")) for p in parts),
            "note": f"merged from {len(parts)} parts run at the same time (scripts/merge_compare.py); same config, "
                    "disjoint methods"}
@@ -45,10 +49,12 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--config", help="the compare config: labels in the order of its methods section")
     ap.add_argument("parts", nargs="+", help="output directories of the parts")
     a = ap.parse_args(argv)
     parts = [json.loads((Path(d) / RESULTS_FILE).read_text()) for d in a.parts]
-    merged = merge(parts)
+    order = list(load_compare_config(a.config).methods) if a.config else None
+    merged = merge(parts, order)
     out = Path(a.out)
     write_json(out / RESULTS_FILE, merged, indent=1, allow_nan=False)
     files = write_report(merged, out)

@@ -369,3 +369,23 @@ def test_cpu_contention_is_detected_and_reported(tmp_path: Path) -> None:
     assert "can differ by 1.5x or more between runs" not in md  # no device recorded: no CPU note
     write_report({**_results([clean, shared]), "training": {"device": "cpu"}}, tmp_path)
     assert "can differ by 1.5x or more between runs" in (tmp_path / "report.md").read_text()
+
+
+def test_merge_compare_parts(tmp_path: Path) -> None:
+    """scripts/merge_compare.py: parts of one comparison become one results.json and report, in config order."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("merge_compare", Path(__file__).parent.parent / "scripts" /
+                                                  "merge_compare.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = {**_results(_seeds("vera")), "model": "m", "data": {}, "training": {}, "command": "one"}
+    b = {**_results(_seeds("lora")), "model": "m", "data": {}, "training": {}, "command": "two"}
+    merged = mod.merge([a, b], order=["lora", "vera"])
+    assert merged["labels"] == ["lora", "vera"] and merged["command"] == "one ; two" and "merged" in merged["note"]
+    assert [(r["label"], r["seed"]) for r in merged["runs"]][:2] == [("lora", 0), ("vera", 0)]
+    with pytest.raises(SystemExit, match="parts differ in 'model'"):
+        mod.merge([a, {**b, "model": "other"}])
+    with pytest.raises(SystemExit, match="more than one part"):
+        mod.merge([a, a])
