@@ -390,3 +390,22 @@ def test_serve_answers_a_qlora_adapter_on_the_quantized_base(tmp_path: Path) -> 
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8", "bnb-nf4"])
+def test_saved_activation_bytes_on_a_quantized_base(kind: str, saved_base: Path) -> None:
+    """`lorakit compare` counts the bytes saved for backward; quantized weights (wrapper tensors without a storage
+    of their own) are the model's, not activations: the same count as the dense base (LoRA saves the same)."""
+    from lorakit.evaluation.generation import saved_activation_bytes, tensor_storages
+
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def count(model: torch.nn.Module) -> int:
+        lorakit.attach(model, "lora", r=4)
+        return saved_activation_bytes(model, lambda: model(input_ids=ids, labels=ids).loss)
+
+    q = quantized_base(kind, saved_base)
+    weight = q.get_submodule("model.layers.0.self_attn.q_proj").weight
+    assert tensor_storages(weight) and all(n > 0 for _, n in tensor_storages(weight))
+    dense, quantized = count(tiny_llama()), count(q)
+    assert dense > 0 and abs(quantized - dense) <= 0.1 * dense

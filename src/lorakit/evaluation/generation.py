@@ -152,19 +152,32 @@ def text_dataset(path: str | os.PathLike[str], tokenizer: Any, max_length: int) 
 
 
 # --- memory ----------------------------------------------------------------------------------------------------
+def tensor_storages(t: Tensor) -> list[tuple[int, int]]:
+    """``(data_ptr, nbytes)`` of the storages behind ``t``: its own, or for a wrapper tensor subclass that has
+    none (torchao's NF4 / int8 weights) those of the plain tensors it is made of (``__tensor_flatten__``)."""
+    if type(t) in (Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        try:
+            st = t.untyped_storage()
+            return [(st.data_ptr(), st.nbytes())]
+        except (RuntimeError, NotImplementedError):
+            return []
+    names, _ = t.__tensor_flatten__()
+    return [s for n in names if isinstance(inner := getattr(t, n, None), Tensor) for s in tensor_storages(inner)]
+
+
 def saved_activation_bytes(model: nn.Module, step: Callable[[], Tensor]) -> int:
     """Bytes autograd keeps for backward while ``step()`` builds the graph (then it runs backward).
 
     Each storage is counted once; the model's parameters and buffers are not activations and are excluded.
     Gradients are zeroed afterwards, so the model's state is left as it was.
     """
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    own = {ptr for t in [*model.parameters(), *model.buffers()] for ptr, _ in tensor_storages(t)}
     seen: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr != 0 and ptr not in own:
-            seen[ptr] = t.untyped_storage().nbytes()
+        for ptr, nbytes in tensor_storages(t):
+            if ptr != 0 and ptr not in own:
+                seen[ptr] = nbytes
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -234,6 +247,7 @@ __all__ = [
     "rss_bytes",
     "saved_activation_bytes",
     "task_accuracy",
+    "tensor_storages",
     "text_dataset",
     "token_f1",
     "training_batch",
