@@ -50,8 +50,9 @@ def _cell(stat: dict[str, Any] | None, fmt: str) -> str:
     if not stat:
         return "–"
     one = _bytes if fmt == "bytes" else fmt.format
+    spread = _bytes if fmt == "bytes" else fmt.replace("{:+", "{:").format  # a spread has no sign
     if stat["n"] > 1 and stat["std"] > 0:
-        return f"{one(stat['mean'])} ± {one(stat['std'])}"
+        return f"{one(stat['mean'])} ± {spread(stat['std'])}"
     return one(stat["mean"])
 
 
