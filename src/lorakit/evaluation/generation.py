@@ -35,16 +35,19 @@ from lorakit.train.data import Dataset, collate, read_jsonl, tokenize
 # --- task accuracy -------------------------------------------------------------------------------------------
 def answer_rows(path: str | os.PathLike[str], limit: int | None = None) -> list[dict[str, Any]]:
     """The ``{"prompt", "answer"}`` rows of a JSONL file (first ``limit``); empty if it has no answers."""
-    rows = [obj for _, obj in read_jsonl(path)]
-    rows = [r for r in rows if isinstance(r.get("prompt"), str) and r.get("answer") is not None]
+    return _prompt_rows(path, limit, lambda r: r.get("answer") is not None)
+
+
+def _prompt_rows(path: str | os.PathLike[str], limit: int | None, keep: Callable[[dict[str, Any]], bool]
+                 ) -> list[dict[str, Any]]:
+    """The rows of a JSONL file with a string ``prompt`` that ``keep`` accepts (first ``limit``)."""
+    rows = [obj for _, obj in read_jsonl(path) if isinstance(obj.get("prompt"), str) and keep(obj)]
     return rows[:limit] if limit is not None else rows
 
 
 def completion_rows(path: str | os.PathLike[str], limit: int | None = None) -> list[dict[str, Any]]:
     """The ``{"prompt", "completion"}`` rows of a JSONL file (first ``limit``), for :func:`completion_f1`."""
-    rows = [obj for _, obj in read_jsonl(path)]
-    rows = [r for r in rows if isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)]
-    return rows[:limit] if limit is not None else rows
+    return _prompt_rows(path, limit, lambda r: isinstance(r.get("completion"), str))
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from lorakit.adapt.model import attach, training_callbacks
 from lorakit.methods.rank1_sum_pruning import live_ranks
+from lorakit.evaluation.compare_config import resolve_data_path
 from lorakit.train.data import read_jsonl
 from lorakit.util import resources
 
@@ -125,8 +126,7 @@ def run(model_path: str = "bundled://tiny-base", *, text: str = "bundled://data/
     path = resources.resolve(model_path, model=True, what="model") if resources.is_bundled(model_path) \
         else model_path
     tokenizer = AutoTokenizer.from_pretrained(path)
-    data = text_chunks(tokenizer, resources.resolve(text, what="text") if resources.is_bundled(text) else text,
-                       length)
+    data = text_chunks(tokenizer, resolve_data_path(text), length)
 
     def load() -> nn.Module:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
