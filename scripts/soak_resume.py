@@ -33,9 +33,9 @@ sys.path.insert(0, str(REPO / "src"))
 from lorakit.testing import DEMO_DATA, build_tiny_llama, build_tokenizer, record_texts  # noqa: E402
 from lorakit.train.metrics import read_metrics  # noqa: E402
 
-OPTIONS = {"lora": {"r": 4}, "delta-lora": {"r": 4, "delta_start": 2}, "rank1-sum": {"r_init": 4, "target_rank": 2},
-           "lora-fa": {"r": 4, "projected_grad": True}, "lora-sb": {"r": 4}, "vera": {"r": 16},
-           "dora": {"r": 4}, "lora-xs": {"r": 4, "init_std": 0.0}, "full": {}}
+OPTIONS = {"lora": {"r": 4, "dropout": 0.1}, "delta-lora": {"r": 4, "delta_start": 2}, "rank1-sum": {"r_init": 4, "target_rank": 2},
+           "lora-fa": {"r": 4, "projected_grad": True, "dropout": 0.1}, "lora-sb": {"r": 4}, "vera": {"r": 16},
+           "dora": {"r": 4, "dropout": 0.1}, "lora-xs": {"r": 4, "init_std": 0.0}, "full": {}}
 LRS = {"vera": 1e-1, "lora-xs": 3e-1, "lora-sb": 3e-2, "full": 1e-3}
 
 
@@ -43,8 +43,9 @@ def _config(root: Path, out: Path, method: str, steps: int) -> Path:
     cfg = {"model": {"path": str(root / "base"), "dtype": "float32"},
            "adapter": {"method": method, **OPTIONS[method]},
            "data": {"train": str(DEMO_DATA), "eval_fraction": 0, "max_length": 48},
-           "training": {"max_steps": steps, "batch_size": 8, "lr": LRS.get(method, 1e-2), "warmup_steps": 1,
-                        "device": "cpu", "seed": 0, "eval_every": None},
+           # as real runs are: a warm-up (kills land inside and after it), accumulation, a cosine schedule
+           "training": {"max_steps": steps, "batch_size": 4, "grad_accum": 2, "lr": LRS.get(method, 1e-2),
+                        "warmup_ratio": 0.25, "schedule": "cosine", "device": "cpu", "seed": 0, "eval_every": None},
            "output": {"dir": str(out), "progress": False, "tensorboard": False, "save_every": 1, "plot": False}}
     path = out.with_name(out.name + ".yaml")
     path.write_text(yaml.safe_dump(cfg))

@@ -30,6 +30,33 @@ def lr_factor(step: int, *, total: int, warmup: int, schedule: str, min_ratio: f
     return min_ratio + (1 - min_ratio) * shape
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, *, total: int, warmup: int, schedule: str,
+                min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's schedule: each group's learning rate is its peak rate times :func:`lr_factor` of the step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, total=total, warmup=warmup, schedule=schedule, min_ratio=min_ratio))
+
+
+def rebase_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, peak_lrs: list[float]) -> bool:
+    """After a checkpoint's scheduler state was loaded: continue at its step with ``peak_lrs``, this run's peak
+    rates (the configured ``training.lr``, LoRA+ groups included), which a resume may have lowered.
+
+    ``peak_lrs`` must be the rates the scheduler was built with (its ``base_lrs`` before loading), never the
+    optimizer's current ``lr``: that one is already scaled by the step-0 factor (``1 / warmup`` in a warm-up).
+    Returns whether anything changed (nothing does when the rates are the checkpoint's).
+    """
+    peak = [float(x) for x in peak_lrs]
+    if peak == [float(x) for x in scheduler.base_lrs]:
+        return False
+    scheduler.base_lrs = peak
+    step = scheduler.last_epoch
+    for group, base, factor in zip(scheduler.optimizer.param_groups, peak, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(step)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]  # what get_last_lr() reports
+    return True
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device`` (``None``: plain fp32)."""
     cuda = device.type == "cuda"

@@ -62,7 +62,7 @@ from lorakit.train.loading import HEAD_ADAPTER, load_model, load_tokenizer, reso
 from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLogger, plot_losses
 from lorakit.train.optim import optimizer as make_optimizer
 from lorakit.train.run import FitResult, Position, RunState, TrainingError, logged_eval
-from lorakit.train.runtime import lr_factor, resolve_precision, seed_everything, stop_on_signals
+from lorakit.train.runtime import lr_schedule, rebase_schedule, resolve_precision, seed_everything, stop_on_signals
 from lorakit.train.streaming import load_data
 
 
@@ -334,22 +334,16 @@ class Trainer:
 
         opt = make_optimizer(model, t.lr, loraplus_ratio=t.loraplus_ratio, weight_decay=t.weight_decay,
                              betas=t.betas, eps=t.eps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
-            s, total=total, warmup=warmup, schedule=t.schedule, min_ratio=t.min_lr_ratio))
+        sched = lr_schedule(opt, total=total, warmup=warmup, schedule=t.schedule, min_ratio=t.min_lr_ratio)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
         # The method's own rules are part of the run's state (checkpointed); extra callbacks are not.
         own = training_callbacks(model, opt, total_steps=total)
         pos = Position()
         if ckpt is not None:
-            configured = [g["lr"] for g in opt.param_groups]  # this run's (a resume may lower training.lr)
+            configured = list(sched.base_lrs)  # this run's peak rates (a resume may lower training.lr)
             pos = Position(**load_training_checkpoint(ckpt, optimizer=opt, scheduler=sched, scaler=scaler,
                                                        callbacks=own, rank=self.dist.rank, world=self.dist.world))
-            if configured != list(sched.base_lrs):
-                sched.base_lrs = configured
-                for g, base in zip(opt.param_groups, configured, strict=True):
-                    g["initial_lr"] = base
-                    g["lr"] = base * lr_factor(sched.last_epoch, total=total, warmup=warmup, schedule=t.schedule,
-                                               min_ratio=t.min_lr_ratio)
+            rebase_schedule(sched, configured)
             self._log(f"resumed from {ckpt} at step {pos.step}/{total}")
         metrics = MetricsLogger(out, tensorboard=cfg.output.tensorboard,
                                 resume_step=pos.step if ckpt is not None else None) \
@@ -362,6 +356,7 @@ class Trainer:
                 run.result.eval_start = self._eval_and_log(run, 0)
             else:
                 run.result.eval_start = logged_eval(out, 0)
+                run.ranks = self._ranks(run)  # logged before the checkpoint: only later changes are new
             self._loop(run)
         finally:
             run.metrics.close()
@@ -396,8 +391,9 @@ class Trainer:
             self._log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
         return res
 
-    def _step(self, run: RunState) -> tuple[float, Tensor | None, int]:
-        """One optimizer step over ``grad_accum`` micro-batches: ``(mean loss, grad norm, non-pad tokens)``.
+    def _step(self, run: RunState) -> tuple[float, Tensor | None, int, float]:
+        """One optimizer step over ``grad_accum`` micro-batches: ``(mean loss, grad norm, non-pad tokens,
+        learning rate)``: the rate this step's update used for ``training.lr`` (LoRA+'s B side took ratio x it).
 
         Raises:
             TrainingError: the loss is NaN or infinite (checked before the update, so nothing is changed).
@@ -437,6 +433,8 @@ class Trainer:
         if not t.max_grad_norm:
             grad_norm = None  # measured, not clipped: not logged as a clipping norm
         run.callbacks.before_step()
+        # this update's rate, before the scheduler moves on (as LambdaLR computes it for a group at training.lr)
+        lr = t.lr * run.sched.lr_lambdas[0](run.sched.last_epoch)
         run.scaler.step(run.opt)
         run.scaler.update()
         run.callbacks.step()  # after the update, before zero_grad: the rank pruner reads the gradients
@@ -445,7 +443,7 @@ class Trainer:
         run.pos.step += 1
         run.result.step = run.pos.step
         self._stopping = self.dist.any(self._stop)  # every process stops after the same step
-        return loss_value, grad_norm, tokens
+        return loss_value, grad_norm, tokens, lr
 
     def _loop(self, run: RunState) -> None:
         t, out = self.config.training, self.config.output
@@ -455,14 +453,13 @@ class Trainer:
         saved_at = run.pos.step if run.result.checkpoint is not None else -1
         with stop_on_signals(self._request_stop):
             while run.pos.step < run.total and not self._stopping:
-                loss, grad_norm, tokens = self._step(run)
+                loss, grad_norm, tokens, lr = self._step(run)
                 window_tokens += tokens
                 run.pos.tokens += tokens
                 step = run.pos.step
                 bar.update(1)
                 if step % t.log_every == 0 or step == run.total:
                     tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                    lr = run.opt.param_groups[0]["lr"]
                     values: dict[str, Any] = {"loss": loss, "lr": lr, "tokens_per_s": round(tps, 1),
                                               "tokens": run.pos.tokens,
                                               "epoch": round(run.order.epoch_of(run.pos.micro), 4)}
@@ -492,16 +489,21 @@ class Trainer:
             self._log("stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
         return before
 
-    def _log_ranks(self, run: RunState, step: int) -> None:
-        """Log the per-layer ranks of dynamic-rank methods (callbacks with a ``ranks()`` method) on change."""
+    @staticmethod
+    def _ranks(run: RunState) -> dict[str, int] | None:
+        """The per-layer ranks of a dynamic-rank method (its callback's ``ranks()``), or ``None``."""
         for cb in run.callbacks:
             ranks_fn = getattr(cb, "ranks", None)
             if callable(ranks_fn):
-                ranks = dict(ranks_fn())
-                if ranks != run.ranks:
-                    run.metrics.log("ranks", step, total_rank=sum(ranks.values()), ranks=ranks)
-                    run.ranks = ranks
-                return
+                return dict(ranks_fn())
+        return None
+
+    def _log_ranks(self, run: RunState, step: int) -> None:
+        """Log the per-layer ranks of dynamic-rank methods when they change."""
+        ranks = self._ranks(run)
+        if ranks is not None and ranks != run.ranks:
+            run.metrics.log("ranks", step, total_rank=sum(ranks.values()), ranks=ranks)
+            run.ranks = ranks
 
     def _save_checkpoint(self, run: RunState) -> None:
         names = [self.name] + ([HEAD_ADAPTER] if HEAD_ADAPTER in adapter_records(self.model) else [])
