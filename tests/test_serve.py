@@ -10,6 +10,7 @@ unload at run time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -58,15 +59,22 @@ class Served:
     def client(self) -> Any:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=60)
 
-    def raw(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, Any]]:
+    def raw(self, method: str, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
         """A plain HTTP request (for bodies the openai client would never send)."""
-        req = urllib.request.Request(self.url + path, data=body, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+        return _raw(self.url, method, path, body, headers)
+
+
+def _raw(url: str, method: str, path: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    req = urllib.request.Request(url + path, data=body, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            data = resp.read()
+            return resp.status, json.loads(data) if resp.headers.get_content_type() == "application/json" else data
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> None:
@@ -99,21 +107,30 @@ def served(tmp_path_factory) -> Iterator[Served]:
 
     engine = Engine.from_pretrained(str(base_dir), {n: str(d) for n, d in dirs.items()}, device="cpu",
                                     base_name=BASE, batch_window_ms=10, max_batch=32)
+    with _serving(create_app(engine)) as url:
+        yield Served(url, engine, base_dir, dirs, reference, tok)
+    assert not engine.running
+
+
+@contextlib.contextmanager
+def _serving(app: Any) -> Iterator[str]:
+    """``app`` served by uvicorn in a background thread on a free loopback port; yields its URL."""
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    host, port = sock.getsockname()[:2]
-    assert host == "127.0.0.1"
-    yield Served(f"http://{host}:{port}", engine, base_dir, dirs, reference, tok)
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
-    assert not engine.running
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        host, port = sock.getsockname()[:2]
+        assert host == "127.0.0.1"
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
 
 
 def _reference(s: Served, model: str, prompts: list[str], tokens: int = TOKENS) -> list[str]:
@@ -324,6 +341,81 @@ def test_adapters_load_and_unload_at_run_time(served: Served, tmp_path: Path) ->
     assert _complete(client, "alpha", PROMPTS[0]) == _reference(served, "alpha", PROMPTS[:1])[0]
 
 
+# --- who may use the server, and what it may read ------------------------------------------------------------
+KEY = "sk-test-7f3a"
+
+
+def test_an_api_key_guards_every_endpoint_but_health(served: Served, tmp_path: Path) -> None:
+    root = tmp_path / "adapters"
+    root.mkdir()
+    (root / "alpha").symlink_to(served.adapter_dirs["alpha"])  # a link inside the root to a directory outside
+    own = root / "beta"
+    own.mkdir()
+    for f in served.adapter_dirs["beta"].iterdir():
+        (own / f.name).write_bytes(f.read_bytes())
+    engine = Engine.from_pretrained(str(served.base_dir), {}, device="cpu", base_name=BASE, batch_window_ms=1)
+    with _serving(create_app(engine, api_key=KEY, adapter_roots=[root])) as url:
+        def client(key: str) -> Any:
+            return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+        for key in ("wrong", KEY + "x", KEY[:-1]):
+            with pytest.raises(openai.AuthenticationError) as e:
+                client(key).models.list()
+            assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+            with pytest.raises(openai.AuthenticationError):
+                _complete(client(key), BASE, PROMPTS[0])
+            with pytest.raises(openai.AuthenticationError):
+                client(key).chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}],
+                                                    stream=True)
+        load = json.dumps({"name": "x", "path": str(own)}).encode()
+        vllm_load = json.dumps({"lora_name": "x", "lora_path": str(own)}).encode()
+        requests = [("GET", "/v1/models", None), ("GET", f"/v1/models/{BASE}", None),
+                    ("POST", "/v1/completions", b'{"model": "tiny-base", "prompt": "Answer:", "max_tokens": 1}'),
+                    ("POST", "/v1/adapters", load), ("DELETE", "/v1/adapters/x", None),
+                    ("POST", "/v1/load_lora_adapter", vllm_load), ("POST", "/v1/unload_lora_adapter", b"{}"),
+                    ("GET", "/docs", None), ("GET", "/openapi.json", None), ("GET", "/v1/nothing-here", None)]
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
+                        {"Authorization": KEY}, {"X-Api-Key": KEY}):
+            for method, path, body in requests:
+                status, answer = _raw(url, method, path, body, headers)
+                assert status == 401, (method, path, headers)
+                assert answer["error"]["code"] == "invalid_api_key" and KEY not in json.dumps(answer)
+        assert _raw(url, "GET", "/health")[0] == 200  # probes need no key
+        good = {"Authorization": f"Bearer {KEY}"}
+        assert _raw(url, "GET", "/v1/models", None, good)[0] == 200
+        assert _raw(url, "GET", "/v1/models", None, {"Authorization": f"bearer  {KEY} "})[0] == 200
+
+        # with the key: runtime loads only inside the root, links resolved
+        def load_(name: str, path: str) -> tuple[int, Any]:
+            return _raw(url, "POST", "/v1/adapters", json.dumps({"name": name, "path": path}).encode(), good)
+
+        status, body = load_("beta", str(own))
+        assert status == 200, body
+        assert _complete(client(KEY), "beta", PROMPTS[0]) == _reference(served, "beta", PROMPTS[:1])[0]
+        assert load_("rel", "beta")[0] == 200  # a relative path is looked up under the root
+        for outside in (str(served.adapter_dirs["gamma"]), str(root / "alpha"), str(root / ".." / "x"),
+                        "../" + served.adapter_dirs["gamma"].name, "alpha", str(root / "beta" / ".." / "..")):
+            status, body = load_("out", outside)
+            assert status == 403 and body["error"]["code"] == "adapter_path_forbidden", outside
+        status, body = _raw(url, "POST", "/v1/load_lora_adapter", json.dumps(
+            {"lora_name": "out", "lora_path": str(served.adapter_dirs["gamma"])}).encode(), good)
+        assert status == 403
+        status, body = load_("ghost", "missing")  # inside the root but absent: the loader's own 400
+        assert status == 400 and "no such adapter directory" in body["error"]["message"]
+        assert [m.id for m in client(KEY).models.list().data] == [BASE, "beta", "rel"]
+
+
+def test_serve_refuses_runtime_loading_beyond_loopback_without_roots(served: Served, tmp_path: Path, capsys) -> None:
+    assert main(["serve", "--base", str(served.base_dir), "--host", "0.0.0.0", "--runtime-adapters"]) == 1
+    err = capsys.readouterr().err
+    assert "needs --adapter-root" in err and "Traceback" not in err
+    assert main(["serve", "--base", str(served.base_dir), "--adapter-root", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert "--adapter-root" in err and "no such directory" in err
+    assert main(["serve", "--base", str(served.base_dir), "--api-key", " "]) == 1
+    assert "empty" in capsys.readouterr().err
+
+
 def test_a_failing_batch_fails_its_requests_only(served: Served, monkeypatch) -> None:
     def broken(rows: Any) -> None:
         raise RuntimeError("simulated device failure")
@@ -354,7 +446,7 @@ def test_serve_command_serves_until_interrupted(served: Served) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--base", str(served.base_dir), "--adapter",
                              f"alpha={served.adapter_dirs['alpha']}", "--port", "0", "--device", "cpu",
                              "--log-level", "warning"], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "LORAKIT_API_KEY": KEY})
     lines: list[str] = []
     found = threading.Event()
 
@@ -370,7 +462,10 @@ def test_serve_command_serves_until_interrupted(served: Served) -> None:
         assert found.wait(90), "".join(lines)
         url = next(line for line in lines if " on http://" in line).split(" on ")[1].strip()
         assert url.startswith("http://127.0.0.1:")
-        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
+        assert any("API key: required" in line for line in lines)  # read from LORAKIT_API_KEY
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60).models.list()
+        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
         assert _complete(client, "alpha", PROMPTS[0]) == _complete(served.client(), "alpha", PROMPTS[0])
         assert [m.id for m in client.models.list().data] == [str(served.base_dir), "alpha"]
     finally:

@@ -225,8 +225,16 @@ def serve(
     max_waiting: Annotated[int, typer.Option(min=1, help="Queued requests at most; more get 503.")] = 1024,
     mixed: Annotated[bool, typer.Option("--mixed/--no-mixed", help="Batch requests for different adapters "
                                         "together (--no-mixed: one batch per adapter).")] = True,
-    runtime_adapters: Annotated[bool, typer.Option("--runtime-adapters/--no-runtime-adapters", help="Allow "
-                                                   "POST/DELETE /v1/adapters.")] = True,
+    runtime_adapters: Annotated[bool | None, typer.Option(
+        "--runtime-adapters/--no-runtime-adapters", help="Allow POST/DELETE /v1/adapters (default: on when the "
+        "server listens on loopback only, or when --adapter-root is given).", show_default=False)] = None,
+    adapter_root: Annotated[list[str] | None, typer.Option(
+        help="Runtime adapter loads may only read directories inside DIR (links resolved; others get 403); "
+        "repeat for several. Required for runtime loading beyond loopback.", show_default=False)] = None,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="LORAKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on every endpoint but /health "
+        "(prefer the LORAKIT_API_KEY variable: a command line is visible to other users).",
+        show_default=False)] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level: debug, info, warning, error.")] = "info",
 ) -> int:
     """OpenAI-compatible HTTP server (completions, chat completions, streaming) for a base model and adapters.
@@ -236,6 +244,7 @@ def serve(
     """
     from lorakit.serve import Engine, bind, create_app, run_server
     from lorakit.serve.protocol import ADAPTER_NAME
+    from lorakit.serve.security import API_KEY_ENV, AdapterRoots, is_loopback
 
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
@@ -247,15 +256,30 @@ def serve(
         if name in adapters:
             raise ConfigError(f"--adapter: the name {name!r} is given twice")
         adapters[name] = path
+    if api_key is not None and not api_key.strip():
+        raise ConfigError("--api-key (or LORAKIT_API_KEY) is empty")
+    roots = AdapterRoots(adapter_root) if adapter_root else None  # each must exist
+    local = is_loopback(host)  # a host name counts as reachable from elsewhere
+    runtime = runtime_adapters if runtime_adapters is not None else (local or roots is not None)
+    if runtime and not local and roots is None:
+        raise ConfigError(f"--runtime-adapters on --host {host}, reachable beyond this machine, needs --adapter-root "
+                          "DIR: clients could otherwise make the server read any directory it can")
     sock = bind(host, port)  # before loading the model: a busy port fails at once
     try:
+        if not local and api_key is None:
+            _say(f"warning: {host} is reachable beyond this machine and no --api-key (or {API_KEY_ENV}) is set: "
+                 "anyone who reaches the port can use the server")
         engine = Engine.from_pretrained(base, adapters, device=device, dtype=dtype, base_name=base_name,
                                         quantize=quantize,
                                         max_model_len=max_model_len, max_batch=max_batch,
                                         batch_window_ms=batch_window_ms, max_waiting=max_waiting, mixed=mixed)
         bound_host, bound_port = sock.getsockname()[:2]
         _say(f"serving {', '.join([engine.base_name, *adapters])} on http://{bound_host}:{bound_port}/v1")
-        run_server(create_app(engine, runtime_adapters=runtime_adapters), sock, log_level=log_level)
+        loading = "off" if not runtime else "any directory" if roots is None else \
+            "inside " + ", ".join(map(str, roots.roots))
+        _say(f"API key: {'required' if api_key else 'none'}; runtime adapter loading: {loading}")
+        run_server(create_app(engine, runtime_adapters=runtime, api_key=api_key,
+                              adapter_roots=roots.roots if roots is not None else None), sock, log_level=log_level)
     finally:
         sock.close()
     return 0

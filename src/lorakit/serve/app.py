@@ -3,7 +3,8 @@
 Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream=true``: server-sent events
 ``data: {...}`` then ``data: [DONE]``), ``GET /v1/models`` (the base model and every adapter),
 ``POST /v1/adapters`` ``{"name", "path"}`` and ``DELETE /v1/adapters/{name}`` (vLLM's
-``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` bodies are accepted too), ``GET /health``.
+``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` bodies are accepted too), ``GET /health``. With an API
+key every endpoint but ``/health`` needs ``Authorization: Bearer KEY`` (see :mod:`lorakit.serve.security`).
 
 The request's ``model`` field picks the adapter (its serving name) or the base model. Every refusal is a JSON
 body in OpenAI's error shape: unknown model 404, a malformed body, an unsupported option or a prompt that does
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Any
@@ -48,19 +50,24 @@ from lorakit.serve.protocol import (
     now,
     usage,
 )
+from lorakit.serve.security import AdapterRoots, BearerAuth
 
 #: ``model`` values and prompt text are echoed in errors only up to this many characters.
 _ECHO = 200
 _FIELD = re.compile(r"^(?!(str|int|float|bool|list|dict)$)[a-z_][a-z0-9_]*$")
 
 
-def create_app(engine: Engine, *, runtime_adapters: bool = True) -> FastAPI:
+def create_app(engine: Engine, *, runtime_adapters: bool = True, api_key: str | None = None,
+               adapter_roots: Sequence[str | os.PathLike[str]] | None = None) -> FastAPI:
     """The app; it starts the engine's worker on startup and stops it on shutdown.
 
     Args:
-        runtime_adapters: allow loading and unloading adapters over HTTP (they read directories on the
-            server's disk, so keep the server on 127.0.0.1 or behind an authenticating proxy).
+        runtime_adapters: allow loading and unloading adapters over HTTP (403 otherwise).
+        api_key: require ``Authorization: Bearer api_key`` on every endpoint but ``/health`` (401 otherwise).
+        adapter_roots: directories runtime loads are confined to (a path outside, links resolved, is 403);
+            ``None``: any directory the server can read, which suits a server on 127.0.0.1 only.
     """
+    roots = AdapterRoots(adapter_roots) if adapter_roots is not None else None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -72,6 +79,8 @@ def create_app(engine: Engine, *, runtime_adapters: bool = True) -> FastAPI:
 
     app = FastAPI(title="lorakit", version=__version__, lifespan=lifespan)
     app.state.engine = engine
+    if api_key is not None:
+        app.add_middleware(BearerAuth, api_key=api_key)
 
     @app.exception_handler(ServeError)
     async def _serve_error(_: HttpRequest, e: ServeError) -> JSONResponse:
@@ -153,6 +162,8 @@ def create_app(engine: Engine, *, runtime_adapters: bool = True) -> FastAPI:
         if not ADAPTER_NAME.match(name):
             raise ServeError(400, f"adapter name {name[:_ECHO]!r}: use letters, digits, '_' and '-' (at most 128, "
                              "starting with a letter or digit)")
+        if roots is not None:
+            path = str(roots.resolve(path))
         try:
             await engine.load_adapter(name, path)
         except ServeError:
