@@ -274,7 +274,7 @@ def test_combined_adapter_saves_and_loads(tmp_path) -> None:
     ({"weights": {}}, lorakit.ConfigError, "non-empty"),
     ({"weights": {"a": float("nan")}}, lorakit.ConfigError, "finite"),
     ({"weights": {"a": float("inf"), "b": 1.0}}, lorakit.ConfigError, "finite"),
-    ({"weights": {"a": "1"}}, lorakit.ConfigError, "finite"),
+    ({"weights": {"a": "1"}}, lorakit.ConfigError, "argument 'weights' must be a mapping {a string: a number}"),
     ({"name": "b"}, lorakit.AdapterStateError, "already has an adapter"),
     ({"weights": {"a": 1.0, "ft": 1.0}}, lorakit.AdapterStateError, "full fine-tuning"),
     ({"how": "ties"}, lorakit.ConfigError, "density"),

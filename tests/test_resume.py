@@ -191,7 +191,7 @@ settings_ = st.builds(
 )
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+@settings(max_examples=24, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(s=settings_)
 # the places that matter, always tried: a checkpoint inside the warm-up, at its last step, right after it

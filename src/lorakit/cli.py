@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sys
 import traceback
@@ -21,6 +22,7 @@ import torch
 import typer
 
 from lorakit.adapt.model import detach
+from lorakit.adapt.quantize import SCHEMES as QUANT_SCHEMES
 from lorakit.adapt.quantize import dequantize, quantized_layers
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.evaluation import tasks as task_data
@@ -28,12 +30,13 @@ from lorakit.evaluation.bench import run_bench
 from lorakit.evaluation.bench_results import WORKLOADS
 from lorakit.evaluation.compare import RESULTS_FILE, run_compare
 from lorakit.evaluation.compare_config import load_compare_config
-from lorakit.evaluation.demo import DEMO_METHOD, DEMO_STEPS, DEMO_TASK, run_bundled_demo
+from lorakit.evaluation.demo import DEMO_METHOD, DEMO_STEPS, DEMO_TASK, DEMO_TASKS, run_bundled_demo
 from lorakit.evaluation.report import write_report
 from lorakit.formats.describe import describe, format_description
 from lorakit.formats.layout import PEFT_CONFIG_FILE
 from lorakit.formats.native import read_adapter
 from lorakit.formats.peft_export import export_peft, format_report
+from lorakit.methods import METHODS
 from lorakit.train.config import load_config
 from lorakit.train.data import render_chat
 from lorakit.train.distributed import is_main_process
@@ -55,6 +58,42 @@ ConfigPath = Annotated[Path, typer.Argument(help="The run's YAML config (section
 
 def _say(msg: str) -> None:
     typer.echo(msg, err=True)
+
+
+def _finite(*, low: float | None = None, high: float | None = None, low_open: bool = False) -> Callable[[str], float]:
+    """Parser of a float option that must be a finite number within bounds (typer's own ``min``/``max`` let NaN
+    through every bound)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise typer.BadParameter(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"{text!r} is not a finite number")
+        if low is not None and (value < low or low_open and value == low):
+            raise typer.BadParameter(f"{text} must be {'>' if low_open else '>='} {low:g}")
+        if high is not None and value > high:
+            raise typer.BadParameter(f"{text} must be <= {high:g}")
+        return value
+
+    parse.__name__ = "number"  # shown as the option's metavar
+    return parse
+
+
+def _one_of(*values: str) -> Callable[[str], str]:
+    """Parser of an option whose value is one of ``values``."""
+
+    def parse(text: str) -> str:
+        if text not in values:
+            raise typer.BadParameter(f"{text!r} is not one of {', '.join(values)}")
+        return text
+
+    parse.__name__ = "|".join(values)
+    return parse
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 # --- train ---------------------------------------------------------------------------------------------------
@@ -130,8 +169,8 @@ def merge(
                                       "checkpoint, loadable with from_pretrained).", show_default=False)],
     base: Annotated[str | None, typer.Option(help="Base model path or hub id (default: the one recorded in "
                                              "the adapter).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="Weight dtype of the merged model: auto, float32, "
-                                              "bfloat16, float16 (default: as trained).")] = None,
+    dtype: Annotated[str | None, typer.Option(parser=_one_of(*DTYPES), help="Weight dtype of the merged "
+                                              "model: auto, float32, bfloat16, float16 (default: as trained).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Merge even if the base weights differ from the "
                                         "ones the adapter was trained on.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into OUT even if it already holds "
@@ -167,18 +206,20 @@ def generate(
     base: Annotated[str | None, typer.Option(help="Base model (default: the one recorded in the "
                                              "adapter).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per prompt.")] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling threshold.")] = 1.0,
+    temperature: Annotated[float, typer.Option(parser=_finite(low=0.0), help="Sampling temperature; 0 is "
+                                               "greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(parser=_finite(low=0.0, high=1.0, low_open=True),
+                                         help="Nucleus sampling threshold, in (0, 1].")] = 1.0,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt as a user message with the "
                                        "tokenizer's chat template.")] = False,
-    seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed for sampling.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> int:
     """Generate text from a base model with an adapter; prints each completion (prompt excluded)."""
 
 
+    dev = resolve_device(device, what="--device")  # before the model loads: a typo fails at once
     model, tokenizer = load_trained(adapter, base=base)
-    dev = resolve_device(device)
     model.to(dev).eval()
     torch.manual_seed(seed)
     for text in prompt:
@@ -213,15 +254,17 @@ def serve(
     base_name: Annotated[str | None, typer.Option(help="The `model` value that selects the base model "
                                                   "(default: the --base value, as vLLM does).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
-    quantize: Annotated[str, typer.Option(help="Serve on a quantized base: none, nf4, int8, bnb-nf4, bnb-fp4, "
-                                          "bnb-int8 (as model.quantize; QLoRA adapters on the base they "
-                                          "were trained on).")] = "none",
+    dtype: Annotated[str, typer.Option(parser=_one_of(*DTYPES), help="Weight dtype: auto, float32, bfloat16, "
+                                     "float16.")] = "auto",
+    quantize: Annotated[str, typer.Option(parser=_one_of("none", *QUANT_SCHEMES), help="Serve on a quantized "
+                                          "base: none, nf4, int8, bnb-nf4, bnb-fp4, bnb-int8 (as model.quantize; QLoRA adapters on the base they were trained "
+                                          "on).")] = "none",
     max_model_len: Annotated[int | None, typer.Option(min=1, help="Prompt + completion tokens allowed per request "
                                                       "(default: the model's maximum positions).")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Rows per batch at most.")] = 32,
-    batch_window_ms: Annotated[float, typer.Option(min=0.0, help="How long a batch waits for more requests to "
-                                                   "join after its first one.")] = 8.0,
+    batch_window_ms: Annotated[float, typer.Option(parser=_finite(low=0.0, high=60_000.0), help="How long a "
+                                                   "batch waits for more requests to join after its first "
+                                                   "one.")] = 8.0,
     max_waiting: Annotated[int, typer.Option(min=1, help="Queued requests at most; more get 503.")] = 1024,
     mixed: Annotated[bool, typer.Option("--mixed/--no-mixed", help="Batch requests for different adapters "
                                         "together (--no-mixed: one batch per adapter).")] = True,
@@ -235,7 +278,9 @@ def serve(
         envvar="LORAKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on every endpoint but /health "
         "(prefer the LORAKIT_API_KEY variable: a command line is visible to other users).",
         show_default=False)] = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level: debug, info, warning, error.")] = "info",
+    log_level: Annotated[str, typer.Option(parser=_one_of("critical", "error", "warning", "info", "debug",
+                                                              "trace"), help="uvicorn log level: critical, error, warning, info, "
+                                                              "debug, trace.")] = "info",
 ) -> int:
     """OpenAI-compatible HTTP server (completions, chat completions, streaming) for a base model and adapters.
 
@@ -256,6 +301,7 @@ def serve(
         if name in adapters:
             raise ConfigError(f"--adapter: the name {name!r} is given twice")
         adapters[name] = path
+    resolve_device(device, what="--device")
     if api_key is not None and not api_key.strip():
         raise ConfigError("--api-key (or LORAKIT_API_KEY) is empty")
     roots = AdapterRoots(adapter_root) if adapter_root else None  # each must exist
@@ -308,8 +354,9 @@ def export(
     adapter: Annotated[Path, typer.Option(help="Adapter directory written by `lorakit train` or lorakit.save.",
                                           show_default=False)],
     out: Annotated[Path, typer.Option(help="Directory for the exported adapter.", show_default=False)],
-    fmt: Annotated[str, typer.Option("--format", help="Output format. peft: adapter_config.json + "
-                                     "adapter_model.safetensors, as Hugging Face PEFT and vLLM load them.")] = "peft",
+    fmt: Annotated[str, typer.Option("--format", parser=_one_of("peft"), help="Output format. peft: "
+                                     "adapter_config.json + adapter_model.safetensors, as Hugging Face PEFT and "
+                                     "vLLM load them.")] = "peft",
     rank: Annotated[int | None, typer.Option(min=1, help="Export at most this rank, by truncated SVD where the "
                                              "update's rank is higher (required for methods with no exact "
                                              "LoRA form); the approximation error is printed.")] = None,
@@ -344,9 +391,11 @@ def export(
 def demo(
     out: Annotated[Path, typer.Option(help="The run directory (adapter, metrics, loss plot).")] = Path("runs/demo"),
     steps: Annotated[int, typer.Option(min=1, help="Training steps (batch 8).")] = DEMO_STEPS,
-    method: Annotated[str, typer.Option(help="Adapter method (any name in lorakit.METHODS).")] = DEMO_METHOD,
+    method: Annotated[str, typer.Option(parser=_one_of(*METHODS), help="Adapter method (any name in "
+                                        "lorakit.METHODS).")] = DEMO_METHOD,
     examples: Annotated[int, typer.Option(min=1, help="Held-out problems scored for accuracy.")] = 100,
-    task: Annotated[str, typer.Option(help="Bundled task: one_more (the demo's) or arithmetic.")] = DEMO_TASK,
+    task: Annotated[str, typer.Option(parser=_one_of(*DEMO_TASKS), help="Bundled task: one_more (the "
+                                      "demo's) or arithmetic.")] = DEMO_TASK,
 ) -> int:
     """Fine-tune the bundled pretrained tiny Llama with DoRA on one-step word problems (CPU, about a minute,
     offline): held-out accuracy and a sample generation before and after, then what to run next."""
@@ -412,8 +461,8 @@ def bench(
     compare_peft: Annotated[bool, typer.Option("--compare-peft", help="Add PEFT's rows for the methods it "
                                                "implements (LoRA, DoRA, VeRA).")] = False,
     out: Annotated[Path | None, typer.Option(help="JSON results file.")] = None,
-    workload: Annotated[str | None, typer.Option(help=f"One of {', '.join(WORKLOADS)} (default: gpu on CUDA, "
-                                                 "cpu on the CPU).")] = None,
+    workload: Annotated[str | None, typer.Option(parser=_one_of(*WORKLOADS), help=f"One of {', '.join(WORKLOADS)} "
+                                                 "(default: gpu on CUDA, cpu on the CPU).")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Measured steps per row.")] = None,
     warmup: Annotated[int | None, typer.Option(min=0, help="Warm-up steps per row.")] = None,
     compile_layers: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile each "
@@ -441,7 +490,7 @@ app.add_typer(tasks_app, name="tasks")
 def _task_command(task: str) -> Callable[..., int]:
     def command(
         n: Annotated[int, typer.Option(min=1, help="Number of rows.")] = 1000,
-        seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+        seed: Annotated[int, typer.Option(min=0, help="Random seed.")] = 0,
         out: Annotated[Path | None, typer.Option(help="Output file (default: standard output).")] = None,
     ) -> int:
         rows = task_data.TASKS[task](n, seed)

@@ -61,6 +61,7 @@ from lorakit.core.contract import Adapter, Factors
 from lorakit.core.layers import AdaptedLayer, adapted_layers
 from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.methods import get_method
+from lorakit.util.arguments import Range, checked
 
 log = logging.getLogger("lorakit")
 
@@ -198,6 +199,7 @@ def _check(model: nn.Module, weights: Mapping[str, float], how: str, name: str, 
 
 
 # --- the combination ------------------------------------------------------------------------------------------------
+@checked(rank=Range(ge=1), density=Range(gt=0, le=1), seed=Range(ge=0))
 def combine(model: nn.Module, weights: Mapping[str, float], how: str = "svd", name: str = "mix",
             rank: int | None = None, density: float | None = None, seed: int = 0) -> dict[str, Any]:
     """Attach a new LoRA adapter ``name`` combining the adapters in ``weights`` (see the module docstring).

@@ -38,6 +38,7 @@ from lorakit.adapt.records import _record
 from lorakit.core.contract import Adapter
 from lorakit.core.layers import AdaptedLayer, adapted_layers
 from lorakit.errors import AdapterStateError, ConfigError
+from lorakit.util.arguments import checked
 
 ROWS = "_lorakit_rows"  # attribute of an AdaptedLayer inside per_row: the callable its forward defers to
 _ABSENT = object()
@@ -143,6 +144,7 @@ def _check_names(model: nn.Module, names: Sequence[str | None]) -> list[str | No
 
 
 @contextmanager
+@checked
 def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     """Run each row of every forward inside the block through its own adapter.
 
@@ -177,6 +179,7 @@ def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module
                 layer.__dict__[ROWS] = old
 
 
+@checked
 def generate_per_row(model: nn.Module, input_ids: Tensor, adapter_names: Sequence[str | None],
                      **generate_kwargs: Any) -> Any:
     """``model.generate(input_ids, **generate_kwargs)`` with prompt ``i`` through adapter ``adapter_names[i]``.
@@ -189,8 +192,12 @@ def generate_per_row(model: nn.Module, input_ids: Tensor, adapter_names: Sequenc
     Raises:
         ConfigError: ``len(adapter_names)`` differs from the number of prompts.
     """
+    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex:
+        raise ConfigError(f"generate_per_row: argument 'input_ids' must be a 2-D tensor of token ids (batch, "
+                          f"length), got a {input_ids.dim()}-D {input_ids.dtype} tensor")
     if input_ids.shape[0] != len(adapter_names):
-        raise ConfigError(f"generate_per_row: {input_ids.shape[0]} prompts but {len(adapter_names)} adapter names")
+        raise ConfigError(f"generate_per_row: {input_ids.shape[0]} prompts (rows of input_ids) but "
+                          f"{len(adapter_names)} adapter_names; give one name (or None) per prompt")
     config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
     beams = generate_kwargs.get("num_beams", getattr(config, "num_beams", None)) or 1
     returns = generate_kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", None)) or 1

@@ -48,9 +48,11 @@ from lorakit.core.layers import AdaptedLayer, LayerInfo, adapted_layers, base_we
 from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.methods import get_method
 from lorakit.methods.full import Full
+from lorakit.util.arguments import Range, checked
 
 
 # --- attach --------------------------------------------------------------------------------------------------
+@checked
 def attach(model: nn.Module, method: str, *, name: str = "default", **options: Any) -> nn.Module:
     """Add an adapter of ``method`` to ``model`` in place, make it the active one, and freeze the rest.
 
@@ -193,6 +195,7 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 # --- activation, trainability ---------------------------------------------------------------------------------
+@checked
 def set_active(model: nn.Module, names: str | list[str]) -> None:
     """Make exactly ``names`` active: their updates add up in forward and their tensors train.
 
@@ -227,6 +230,7 @@ def _refresh_trainable(model: nn.Module) -> None:
 
 
 # --- merge ----------------------------------------------------------------------------------------------
+@checked
 def merge(model: nn.Module) -> nn.Module:
     """Fold every active adapter into its base weights (``W <- W0 + delta_weight()``). Idempotent.
 
@@ -258,6 +262,7 @@ def merge(model: nn.Module) -> nn.Module:
 _merge_model = merge  # detach's ``merge`` argument shadows the function
 
 
+@checked
 def unmerge(model: nn.Module) -> nn.Module:
     """Exactly undo :func:`merge` (up to the weight dtype's rounding). Idempotent."""
     for _, layer in adapted_layers(model):
@@ -266,6 +271,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 # --- removal ----------------------------------------------------------------------------------------------
+@checked
 def remove(model: nn.Module, name: str) -> nn.Module:
     """Delete adapter ``name`` (unmerging it first). Layers left with no adapter are unwrapped.
 
@@ -293,6 +299,7 @@ def remove(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+@checked
 def detach(model: nn.Module, merge: bool = True) -> nn.Module:
     """Return ``model`` as a plain model with no lorakit modules left.
 
@@ -319,6 +326,7 @@ def detach(model: nn.Module, merge: bool = True) -> nn.Module:
 
 
 # --- training rules ----------------------------------------------------------------------------------------------
+@checked(total_steps=Range(ge=1))
 def training_callbacks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                        total_steps: int) -> Callbacks:
     """The callbacks every active adapter's method needs for training (empty for most methods).

@@ -21,6 +21,7 @@ from lorakit.adapt.records import _records
 from lorakit.core import quant
 from lorakit.core.layers import AdaptedLayer, sample_weight
 from lorakit.errors import AdapterStateError, ConfigError
+from lorakit.util.arguments import checked
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def _scaler_block(blocks: int) -> int:
     return size
 
 
+@checked
 def quantize(model: nn.Module, scheme: str = "nf4", *, skip: tuple[str, ...] | list[str] = ("lm_head",),
              device: torch.device | str | None = None) -> nn.Module:
     """Quantize the frozen base linears of ``model`` in place (torchao) and return it.
@@ -80,6 +82,13 @@ def quantize(model: nn.Module, scheme: str = "nf4", *, skip: tuple[str, ...] | l
     """
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown quantization {scheme!r}; use one of {list(SCHEMES)}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(f"quantize(): argument 'device' {device!r} is not a device ({e})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"quantize(): argument 'device' is {device} but CUDA is not available")
     if _records(model):
         raise AdapterStateError("quantize the base before attaching adapters (the model already has "
                                 f"{sorted(_records(model))})")
@@ -152,6 +161,7 @@ def _torchao() -> tuple[Any, Any, Any]:
     return to_nf4, Int8WeightOnlyConfig, quantize_
 
 
+@checked
 def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every quantized linear (wrapped by an adapter or not) with a dense ``nn.Linear`` holding
     ``dequant(Q)``, in ``dtype`` (default: each layer's compute dtype); returns ``model``.

@@ -16,6 +16,7 @@ from lorakit.core.contract import Adapter, AdapterConfig, Method
 from lorakit.core.layers import SAMPLES, sample_weight, weight_sample, weight_shape
 from lorakit.errors import AdapterStateError
 from lorakit.methods import get_method
+from lorakit.util.arguments import checked
 
 _RECORDS = "_lorakit_adapters"  # attribute on the model: dict[name, AdapterRecord]
 _ACTIVE = "_lorakit_active"  # attribute on the model: list of active adapter names
@@ -74,11 +75,13 @@ def _records(model: nn.Module) -> dict[str, AdapterRecord]:
     return model.__dict__.setdefault(_RECORDS, {})
 
 
+@checked
 def adapters(model: nn.Module) -> dict[str, AdapterRecord]:
     """The adapters on ``model`` by name, in attach order (a copy; edit through the API)."""
     return dict(_records(model))
 
 
+@checked
 def active_adapters(model: nn.Module) -> list[str]:
     """Names of the active adapters."""
     return list(model.__dict__.get(_ACTIVE, []))
@@ -91,6 +94,7 @@ def _record(model: nn.Module, name: str) -> AdapterRecord:
     return recs[name]
 
 
+@checked
 def adapter_modules(model: nn.Module, name: str = "default") -> dict[str, Adapter]:
     """The per-layer adapter modules of adapter ``name``, by wrapped module name."""
     return dict(_record(model, name).modules)
@@ -102,6 +106,7 @@ def shared_module(model: nn.Module, name: str) -> nn.Module | None:
     return store[name] if store is not None and name in store else None
 
 
+@checked
 def trainable_parameters(model: nn.Module) -> int:
     """Number of scalars that train (``requires_grad``), each shared tensor counted once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -69,7 +69,8 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
         heads = _output_head_names(model)
         chosen = [n for n, m in adaptable_modules(model) if _is_linear(m) and n not in heads]
         if not chosen:
-            raise TargetError(f"'all-linear' found no linear layer in {type(model).__name__}")
+            raise TargetError(f"'all-linear' found no linear layer in the model (a {type(model).__name__}) "
+                              "besides an output head")
         return chosen
 
     if isinstance(targets, str):

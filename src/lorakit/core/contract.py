@@ -49,7 +49,7 @@ class AdapterConfig(BaseModel):
             read as a regular expression that must match the full module name.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     targets: Targets = "all-linear"
 

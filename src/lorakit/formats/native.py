@@ -30,8 +30,10 @@ from lorakit.formats.layout import FORMAT, FORMAT_VERSION, META_FILE, TENSORS_FI
 from lorakit.formats.peft_import import load_peft
 from lorakit.methods import get_method
 from lorakit.util.files import atomic_write, sha256_file, write_json
+from lorakit.util.arguments import checked
 
 
+@checked
 def save(model: nn.Module, path: str | os.PathLike[str], name: str = "default",
          extra: dict[str, Any] | None = None) -> Path:
     """Write adapter ``name`` to directory ``path`` (created if needed); returns the directory.
@@ -65,6 +67,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], name: str = "default",
     return out
 
 
+@checked
 def read_adapter(path: str | os.PathLike[str], *, tensors: bool = True) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read and verify an adapter directory: ``(metadata, tensors)``. Raises :class:`AdapterFileError`."""
     d = Path(path)
@@ -95,6 +98,7 @@ def read_adapter(path: str | os.PathLike[str], *, tensors: bool = True) -> tuple
     return meta, loaded
 
 
+@checked
 def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None, *,
          force: bool = False) -> nn.Module:
     """Attach the adapter saved in ``path`` to ``model`` and fill it; returns ``model``.
@@ -115,7 +119,8 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
     if is_peft_dir(path):
         return load_peft(model, path, name)
     meta, tensors = read_adapter(path)
-    name = name or meta.get("name") or "default"
+    if name is None:
+        name = meta.get("name") or "default"
     method, targets = meta["method"], list(meta["targets"])
     shapes = meta.get("layer_shapes")
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets) \

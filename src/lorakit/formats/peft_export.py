@@ -57,6 +57,7 @@ from lorakit.formats.layout import PEFT_PREFIX as PREFIX
 from lorakit.formats.layout import PEFT_WEIGHTS_FILE as WEIGHTS_FILE
 from lorakit.formats.layout import output_dir
 from lorakit.util.files import atomic_write, write_json
+from lorakit.util.arguments import Range, checked
 
 log = logging.getLogger("lorakit")
 
@@ -215,6 +216,7 @@ def _task_type(model: nn.Module) -> str | None:
     return "CAUSAL_LM" if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) else None
 
 
+@checked(rank=Range(ge=1))
 def export_peft(model: nn.Module, path: str | os.PathLike[str], name: str = "default", *,
                 rank: int | None = None, base_model_name_or_path: str | None = None) -> dict[str, Any]:
     """Write adapter ``name`` as a PEFT LoRA (or DoRA) adapter directory, loadable by PEFT and vLLM.

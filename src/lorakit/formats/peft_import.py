@@ -28,6 +28,7 @@ from lorakit.formats.layout import PEFT_PREFIX as PREFIX
 from lorakit.formats.layout import PEFT_WEIGHTS_FILE as WEIGHTS_FILE
 from lorakit.methods import get_method
 from lorakit.util.validation import parse
+from lorakit.util.arguments import checked
 
 #: Config fields that change PEFT's math in ways lorakit's LoRA/DoRA do not reproduce: must be falsy.
 _UNSUPPORTED_FIELDS = ("lora_bias", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config",
@@ -125,6 +126,7 @@ def _group(tensors: dict[str, Tensor], where: Path) -> dict[str, dict[str, Tenso
     return groups
 
 
+@checked
 def load_peft(model: nn.Module, path: str | os.PathLike[str], name: str | None = None) -> nn.Module:
     """Attach the PEFT LoRA or DoRA adapter in directory ``path`` to ``model`` as a lorakit adapter.
 
@@ -195,7 +197,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike[str], name: str | None =
             "a lorakit adapter has one rank and one alpha")
     (r, alpha), = settings
     order = [n for n in modules if n in plan]  # model order
-    name = name or "default"
+    name = "default" if name is None else name
     method = "dora" if dora else "lora"
     options = get_method(method).config_cls.parse({"targets": order, "r": r, "alpha": alpha,
                                                    "use_rslora": bool(fields.use_rslora),

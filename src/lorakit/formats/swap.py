@@ -39,6 +39,7 @@ from lorakit.core.contract import Adapter
 from lorakit.core.layers import LayerInfo
 from lorakit.errors import AdapterFileError, AdapterStateError, ConfigError, IncompatibleAdapterError
 from lorakit.formats.native import read_adapter, saved_config
+from lorakit.util.arguments import checked
 
 #: Options that may differ between the live and the saved adapter: they set only the rank, the scale (folded into
 #: ``B``), the init (its result is in the saved tensors) or training-time behaviour, never the function's form.
@@ -85,6 +86,7 @@ def _pad(key: str, saved: Tensor, live: Tensor, where: str) -> Tensor:
     return out
 
 
+@checked
 def hot_swap(model: nn.Module, name: str, path: str | os.PathLike[str], *, force: bool = False) -> nn.Module:
     """Replace the weights of loaded adapter ``name`` in place with those saved in ``path``.
 

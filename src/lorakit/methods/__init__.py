@@ -19,6 +19,7 @@ from lorakit.methods.lora_sb import LoraSb
 from lorakit.methods.lora_xs import LoraXs
 from lorakit.methods.rank1_sum import Rank1Sum
 from lorakit.methods.vera import Vera
+from lorakit.util.arguments import checked
 
 #: Every method lorakit offers, by name.
 METHODS: dict[str, type[Method]] = {
@@ -34,6 +35,7 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
+@checked
 def get_method(name: str) -> type[Method]:
     """The class registered as ``name``; :class:`UnknownMethodError` lists the valid names otherwise."""
     try:

@@ -31,6 +31,7 @@ from lorakit.core.callbacks import TrainingCallback
 from lorakit.core.collectives import all_reduce_mean_
 from lorakit.core.layers import adapted_layers
 from lorakit.errors import AdapterStateError, ConfigError
+from lorakit.util.arguments import Range, checked
 
 
 class Components(Protocol):
@@ -88,7 +89,7 @@ def check_growth(adapter: Components, extra: int, where: str) -> None:
         raise ConfigError(f"extra_rank must be a positive int, got {extra}")
     limit = min(adapter.d_in, adapter.d_out)
     if adapter.gate.numel() + extra > limit:
-        raise ConfigError(f"{where}: growing rank {adapter.gate.numel()} by {extra} exceeds "
+        raise ConfigError(f"{where}: growing rank {adapter.gate.numel()} by extra_rank={extra} exceeds "
                           f"min(d_in, d_out) = {limit}")
 
 
@@ -149,6 +150,7 @@ def shrink_adapters(adapters: Mapping[str, Components], optimizer: torch.optim.O
     return kept
 
 
+@checked(extra_rank=Range(ge=1))
 def grow(model: nn.Module, name: str, extra_rank: int, *, optimizer: torch.optim.Optimizer | None = None,
          layers: list[str] | None = None, generator: torch.Generator | None = None) -> dict[str, int]:
     """Add ``extra_rank`` fresh components to every (or each named) layer of a trained adapter.
@@ -212,6 +214,7 @@ class RankPruner(TrainingCallback):
             ``target_rank`` after :func:`grow`.
     """
 
+    @checked(total_steps=Range(ge=1))
     def __init__(self, model: nn.Module, name: str = "default", *, total_steps: int,
                  optimizer: torch.optim.Optimizer | None = None, auto_shrink: bool | None = None,
                  **overrides: Any) -> None:

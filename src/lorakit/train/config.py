@@ -31,10 +31,11 @@ from lorakit.methods import AdapterConfig, get_method
 from lorakit.util import resources
 from lorakit.util.files import write_text
 from lorakit.util.validation import parse
+from lorakit.util.arguments import checked
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -286,6 +287,7 @@ class TrainConfig(_Section):
 
 
 # --- loading -----------------------------------------------------------------------------------------------
+@checked
 def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = (),
                 base: Mapping[str, Any] | None = None) -> TrainConfig:
     """Read ``path`` (YAML), apply ``key.path=value`` overrides, and validate.
@@ -299,6 +301,9 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
     Raises:
         ConfigError: unreadable or malformed YAML, bad override syntax, or invalid values.
     """
+    if path is None and not base:
+        raise ConfigError("load_config(): give a YAML path or a non-empty base mapping (overrides alone do not make "
+                          "a run: model, data and output are required)")
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         data = read_yaml(path)

@@ -98,16 +98,16 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; other names are checked."""
+def resolve_device(name: str, *, what: str = "training.device") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; other names are checked (errors name the setting ``what``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"training.device: unknown device {name!r} (use auto, cpu, cuda, cuda:N)") from None
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{what}: unknown device {name!r} (use auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"training.device={name!r} but CUDA is not available")
+        raise ConfigError(f"{what}={name!r} but CUDA is not available")
     return dev
 
 

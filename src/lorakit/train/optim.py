@@ -23,6 +23,7 @@ from torch import nn
 
 from lorakit.core.layers import LayerKind, adapted_layers
 from lorakit.errors import AdapterStateError, ConfigError
+from lorakit.util.arguments import Range, checked
 
 _SIDES = ("A", "B", "embedding", "base")
 
@@ -39,6 +40,7 @@ def _check(lr: float, loraplus_ratio: float | None, embedding_lr: float | None, 
         raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
 
 
+@checked(lr=Range(gt=0), loraplus_ratio=Range(gt=0), embedding_lr=Range(gt=0), weight_decay=Range(ge=0))
 def param_groups(model: nn.Module, lr: float, *, loraplus_ratio: float | None = None,
                  embedding_lr: float | None = 1e-6, weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """Parameter groups of every trainable tensor of ``model``, usable with any ``torch.optim`` optimizer.
@@ -96,6 +98,7 @@ def param_groups(model: nn.Module, lr: float, *, loraplus_ratio: float | None = 
     return groups
 
 
+@checked(lr=Range(gt=0), loraplus_ratio=Range(gt=0), embedding_lr=Range(gt=0), weight_decay=Range(ge=0))
 def optimizer(model: nn.Module, lr: float, *, loraplus_ratio: float | None = None,
               embedding_lr: float | None = 1e-6, weight_decay: float = 0.0,
               **adamw_kwargs: Any) -> torch.optim.AdamW:

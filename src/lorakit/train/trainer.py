@@ -64,6 +64,19 @@ from lorakit.train.optim import optimizer as make_optimizer
 from lorakit.train.run import FitResult, Position, RunState, TrainingError, logged_eval
 from lorakit.train.runtime import lr_schedule, rebase_schedule, resolve_precision, seed_everything, stop_on_signals
 from lorakit.train.streaming import load_data
+from lorakit.util.arguments import checked
+
+
+def _records_like(data: Any) -> bool:
+    """Data a Trainer can tokenize: a file path, or a sequence of mappings (``datasets.Dataset`` rows are)."""
+    if isinstance(data, str | os.PathLike):
+        return True
+    if isinstance(data, bytes | Mapping):
+        return False
+    try:
+        return len(data) == 0 or isinstance(data[0], Mapping)
+    except Exception:
+        return False
 
 
 class Trainer:
@@ -88,9 +101,14 @@ class Trainer:
         log: where progress messages go (default: stderr, above the progress bar).
     """
 
+    @checked
     def __init__(self, model: nn.Module | None, config: TrainConfig | Mapping[str, Any] | str | os.PathLike[str],
-                 *, tokenizer: Any = None, train_data: Dataset | None = None, eval_data: Dataset | None = None,
+                 *, tokenizer: Any = None, train_data: Any = None, eval_data: Any = None,
                  callbacks: Sequence[TrainingCallback] = (), log: Callable[[str], None] | None = None) -> None:
+        for arg, data in (("train_data", train_data), ("eval_data", eval_data)):
+            if data is not None and not isinstance(data, Dataset) and not _records_like(data):
+                raise ConfigError(f"Trainer(): argument {arg!r} must be a lorakit Dataset, a datasets.Dataset, a "
+                                  f"list of records (dicts) or a data file path, got {type(data).__name__}")
         if isinstance(config, TrainConfig):
             self.config = config
         elif isinstance(config, Mapping):

@@ -27,7 +27,7 @@ def problems(e: ValidationError, root: type[BaseModel], *, unknown: str = "unkno
     """``field.path: problem`` for each error; unknown keys (called ``unknown``) list the allowed ones."""
     out = []
     for err in e.errors():
-        loc = [str(p) for p in err["loc"]]
+        loc = [str(p) if str(p) else "''" for p in err["loc"]]
         field = ".".join(loc) or "<config>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
