@@ -1,4 +1,10 @@
-"""Tiny models built from transformers configs (no download), shared by every test."""
+"""Tiny models built from transformers configs (no download), shared by every test.
+
+Device: tests marked ``cuda`` (the kernel, QLoRA and contract tests) take the ``device`` fixture, which is
+``LORAKIT_TEST_DEVICE`` (default ``cpu``). On a GPU machine, ``LORAKIT_TEST_DEVICE=cuda pytest -m cuda`` runs them
+there; without a GPU they run on the CPU as every other test does. Tests that only mean something on a GPU (CPU vs
+GPU results) skip on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,34 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tiny models gain nothing from threads, and spinning OpenMP threads slow a shared machine down a lot
 torch.set_num_threads(1)
+
+#: Where the tests marked ``cuda`` run: ``cpu`` (default) or ``cuda`` / ``cuda:N``.
+TEST_DEVICE = torch.device(os.environ.get("LORAKIT_TEST_DEVICE", "cpu"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: runs on LORAKIT_TEST_DEVICE (a GPU when set to cuda; the CPU otherwise)")
+    if TEST_DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("LORAKIT_TEST_DEVICE=cuda but torch sees no CUDA device")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device of the tests marked ``cuda``."""
+    return TEST_DEVICE
+
+
+@pytest.fixture(scope="session")
+def gpu(device: torch.device) -> torch.device:
+    """The GPU; skips a test that only means something there."""
+    if device.type != "cuda":
+        pytest.skip("needs LORAKIT_TEST_DEVICE=cuda on a GPU machine")
+    return device
+
+
+def on_gpu(t: torch.Tensor | torch.nn.Module) -> bool:
+    p = t if isinstance(t, torch.Tensor) else next(t.parameters(), None)
+    return p is not None and p.device.type == "cuda"
 
 
 def tiny_llama(seed: int = 0, **overrides):
@@ -45,12 +79,15 @@ MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
 
 def batch_for(model, seed: int = 1, batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:
-    """A fixed input batch with labels for ``model``."""
+    """A fixed input batch with labels for ``model``, on the model's device."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
     if "SequenceClassification" in type(model).__name__:
-        return {"input_ids": ids, "labels": torch.randint(0, 2, (batch,), generator=g)}
-    return {"input_ids": ids, "labels": ids.clone()}
+        out = {"input_ids": ids, "labels": torch.randint(0, 2, (batch,), generator=g)}
+    else:
+        out = {"input_ids": ids, "labels": ids.clone()}
+    dev = next(model.parameters()).device
+    return {k: v.to(dev) for k, v in out.items()}
 
 
 def output_of(model, batch) -> torch.Tensor:

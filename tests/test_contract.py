@@ -18,6 +18,8 @@ from lorakit.core.layers import LayerInfo
 
 from .conftest import MODELS, batch_for, output_of
 
+pytestmark = pytest.mark.cuda  # the matrix runs on LORAKIT_TEST_DEVICE (see conftest)
+
 
 @dataclass
 class Case:
@@ -64,10 +66,11 @@ def _layers(model: torch.nn.Module, name: str = "default") -> list[LayerInfo]:
     return [LayerInfo.of(t, model.get_submodule(t)) for t in adapter_modules(model, name)]
 
 
-def _attach(case: Case, model_name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def _attach(case: Case, model_name: str, device: torch.device | None = None
+            ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     if model_name not in case.models:
         pytest.skip(f"{case.method} does not support {model_name}")
-    model = MODELS[model_name]()
+    model = MODELS[model_name]().to(device or "cpu")
     batch = batch_for(model)
     lorakit.attach(model, case.method, **case.options, **case.runtime(model))
     return model, batch
@@ -79,7 +82,7 @@ def _perturb(model: torch.nn.Module, seed: int = 3) -> None:
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
+                p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.device))
 
 
 @pytest.fixture(params=sorted(CASES))
@@ -87,18 +90,18 @@ def case(request) -> Case:
     return CASES[request.param]
 
 
-def test_starts_unchanged(case: Case, model_name: str) -> None:
+def test_starts_unchanged(case: Case, model_name: str, device: torch.device) -> None:
     if not case.starts_unchanged:
         pytest.skip(f"{case.method}'s init changes the model by design")
-    model = MODELS[model_name]()
+    model = MODELS[model_name]().to(device)
     batch = batch_for(model)
     before = output_of(model, batch)
     lorakit.attach(model, case.method, **case.options, **case.runtime(model))
     torch.testing.assert_close(output_of(model, batch), before, rtol=1e-5, atol=1e-6)
 
 
-def test_only_intended_tensors_train(case: Case, model_name: str) -> None:
-    model, _ = _attach(case, model_name)
+def test_only_intended_tensors_train(case: Case, model_name: str, device: torch.device) -> None:
+    model, _ = _attach(case, model_name, device)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     if case.method == "full":
         assert trainable == {id(p) for p in model.parameters()}
@@ -110,8 +113,8 @@ def test_only_intended_tensors_train(case: Case, model_name: str) -> None:
     assert lorakit.trainable_parameters(model) == case.trainable(_layers(model), model)
 
 
-def test_merge_equals_unmerged_and_round_trips(case: Case, model_name: str) -> None:
-    model, batch = _attach(case, model_name)
+def test_merge_equals_unmerged_and_round_trips(case: Case, model_name: str, device: torch.device) -> None:
+    model, batch = _attach(case, model_name, device)
     _perturb(model)
     ref = output_of(model, batch)
     lorakit.merge(model)
@@ -126,12 +129,12 @@ def test_merge_equals_unmerged_and_round_trips(case: Case, model_name: str) -> N
     torch.testing.assert_close(output_of(model, batch), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_save_load_round_trip(case: Case, model_name: str, tmp_path) -> None:
-    model, batch = _attach(case, model_name)
+def test_save_load_round_trip(case: Case, model_name: str, tmp_path, device: torch.device) -> None:
+    model, batch = _attach(case, model_name, device)
     _perturb(model)
     ref = output_of(model, batch)
     lorakit.save(model, tmp_path / "adapter")
-    fresh = MODELS[model_name]()
+    fresh = MODELS[model_name]().to(device)
     lorakit.load(fresh, tmp_path / "adapter")
     torch.testing.assert_close(output_of(fresh, batch), ref, rtol=0, atol=0)
     assert lorakit.trainable_parameters(fresh) == lorakit.trainable_parameters(model)
@@ -154,7 +157,7 @@ def train_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], lr: flo
     return losses
 
 
-def test_training_lowers_loss(case: Case, model_name: str) -> None:
-    model, batch = _attach(case, model_name)
+def test_training_lowers_loss(case: Case, model_name: str, device: torch.device) -> None:
+    model, batch = _attach(case, model_name, device)
     losses = train_losses(model, batch, case.lr)
     assert losses[-1] < losses[0]

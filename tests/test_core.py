@@ -289,12 +289,36 @@ def test_merge_refuses_tied_weights() -> None:
 
 
 def test_weight_sample_of_a_tensor_beyond_float32_integer_range() -> None:
-    """A 28M-value embedding (SmolLM2's): float32 linspace rounds the last index past the end; it is clamped."""
+    """A 28M-value embedding (SmolLM2's): the last sample is the last value (no index past the end)."""
     from lorakit.core.layers import sample_weight
 
     w = torch.arange(28_311_552, dtype=torch.int32)
-    s = sample_weight(w)
-    assert s.shape == (256,) and s[-1] == float(torch.tensor(28_311_551).to(torch.bfloat16))
-    small = torch.randn(1000, 64)  # below 2^24 the indices are what they always were
+    for sampling in ("exact", "linspace"):
+        s = sample_weight(w, sampling)
+        assert s.shape == (256,) and s[-1] == float(torch.tensor(28_311_551).to(torch.bfloat16))
+    small = torch.randn(1000, 64)  # files saved before exact sampling: the indices they were fingerprinted with
     idx = torch.linspace(0, small.numel() - 1, steps=256).long()
-    assert torch.equal(sample_weight(small), small.reshape(-1)[idx].to(torch.bfloat16).float())
+    assert torch.equal(sample_weight(small, "linspace"), small.reshape(-1)[idx].to(torch.bfloat16).float())
+
+
+def test_fingerprint_samples_are_exact_integer_indices_on_every_device() -> None:
+    """Over 2^24 values a float32 linspace cannot hold every index, and its rounding depends on how the device
+    evaluates it (a fused multiply-add on a GPU moved 17-63 of the 256): the indices are exact integers
+    ``floor(i (n - 1) / 255)``, computed on the CPU whatever the weight's device."""
+    from lorakit.core.layers import sample_indices, sample_weight
+
+    n = 4097 * 4097  # 16,785,409 > 2^24
+    w = torch.randn(4097, 4097, generator=torch.Generator().manual_seed(0))
+    exact = torch.tensor([i * (n - 1) // 255 for i in range(256)])
+    assert torch.equal(sample_indices(n), exact) and sample_indices(n).device.type == "cpu"
+    assert torch.equal(sample_weight(w), w.reshape(-1)[exact].to(torch.bfloat16).float())
+    assert not torch.equal(sample_indices(n, "linspace"), exact)  # what a float32 linspace gives instead
+    assert torch.equal(sample_indices(7), torch.arange(7)) and torch.equal(sample_indices(1), torch.zeros(1).long())
+
+
+@pytest.mark.cuda
+def test_a_fingerprint_on_the_gpu_equals_the_one_on_the_cpu(device) -> None:
+    from lorakit.core.layers import sample_weight
+
+    w = torch.randn(4097, 4097, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_weight(w.to(device)), sample_weight(w))

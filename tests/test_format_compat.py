@@ -36,3 +36,26 @@ def test_adapter_saved_by_0_1_0_loads_and_computes_the_same(method: str) -> None
     torch.testing.assert_close(got, torch.tensor(EXPECTED[method]), rtol=1e-5, atol=1e-5)
     meta, _ = lorakit.read_adapter(DATA / method)
     assert meta["lorakit_version"] == "0.1.0" and meta["format_version"] == 1
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_an_old_fingerprint_keeps_its_sampling_through_save_and_hot_swap(method: str, tmp_path: Path) -> None:
+    """Files from before exact fingerprint sampling were fingerprinted with float32 linspace indices: they are
+    checked that way, saved again that way, and a different base is still refused."""
+    model = _base()
+    lorakit.load(model, DATA / method)
+    assert lorakit.adapters(model)["default"].sampling == "linspace"
+    saved = lorakit.save(model, tmp_path / "again")
+    meta, _ = lorakit.read_adapter(saved)
+    assert meta["base_sampling"] == "linspace"
+    assert meta["base_fingerprint"] == lorakit.read_adapter(DATA / method)[0]["base_fingerprint"]
+    lorakit.load(_base(), saved)  # the re-saved file is still recognised
+    if method == "lora":
+        lorakit.hot_swap(model, "default", DATA / method)  # hot-swap checks it the same way
+    other = tiny_llama(seed=1, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, vocab_size=32)
+    with pytest.raises(lorakit.IncompatibleAdapterError, match="different base weights"):
+        lorakit.load(other, DATA / method)
+    fresh = _base()  # a new adapter is fingerprinted with exact sampling
+    lorakit.attach(fresh, method, **({"r": 2} if method == "lora" else {}))
+    assert lorakit.read_adapter(lorakit.save(fresh, tmp_path / "new"))[0]["base_sampling"] == "exact"

@@ -21,6 +21,11 @@ from .conftest import batch_for, tiny_gpt2, tiny_llama
 from .test_contract import CASES, _perturb
 
 
+def _tol(device: torch.device) -> float:
+    """fp32 agreement of two computations of the same function: tighter on the CPU than with GPU kernels."""
+    return 1e-5 if device.type == "cpu" else 1e-4
+
+
 def _rel(a: Tensor, b: Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
 
@@ -51,13 +56,14 @@ FACTORS = {
 }
 
 
-def _factors(kind: str, d_in: int, d_out: int, r: int, p: float) -> LowRank:
+def _factors(kind: str, d_in: int, d_out: int, r: int, p: float, device: torch.device | str = "cpu") -> LowRank:
     a_tr, b_tr, mid, out = FACTORS[kind]
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(r, d_in, generator=g).requires_grad_(a_tr)
-    b = torch.randn(d_out, r, generator=g).requires_grad_(b_tr)
-    m = None if mid is None else torch.randn((r, r) if mid == "matrix" else (r,), generator=g).requires_grad_()
-    o = torch.randn(d_out, generator=g).requires_grad_() if out else None
+    a = torch.randn(r, d_in, generator=g).to(device).requires_grad_(a_tr)
+    b = torch.randn(d_out, r, generator=g).to(device).requires_grad_(b_tr)
+    m = None if mid is None else \
+        torch.randn((r, r) if mid == "matrix" else (r,), generator=g).to(device).requires_grad_()
+    o = torch.randn(d_out, generator=g).to(device).requires_grad_() if out else None
     return LowRank(a, b, m, o, scale=0.7, dropout=p)
 
 
@@ -74,14 +80,15 @@ def _formula(x: Tensor, w: Tensor, bias: Tensor, f: LowRank, mask: Tensor | None
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=["nodrop", "dropout"])
 @pytest.mark.parametrize("kind", sorted(FACTORS))
-def test_fused_op_matches_formula(kind: str, p: float, dtype: torch.dtype) -> None:
+@pytest.mark.cuda
+def test_fused_op_matches_formula(kind: str, p: float, dtype: torch.dtype, device: torch.device) -> None:
     """Forward and every gradient; frozen factors get none. bf16 is compared with the fp32 formula."""
     d_in, d_out, r = 48, 40, 6
     layer = AdaptedLayer(nn.Linear(d_in, d_out)).requires_grad_(False)
-    layer.base.to(dtype)
-    f = _factors(kind, d_in, d_out, r, p)
-    x = torch.randn(3, 7, d_in).to(dtype).requires_grad_()
-    gy = torch.randn(3, 7, d_out).to(dtype)
+    layer.base.to(device, dtype)
+    f = _factors(kind, d_in, d_out, r, p, device)
+    x = torch.randn(3, 7, d_in).to(device, dtype).requires_grad_()
+    gy = torch.randn(3, 7, d_out).to(device, dtype)
 
     torch.manual_seed(11)
     y = lowrank_linear(x, layer, f)
@@ -94,11 +101,11 @@ def test_fused_op_matches_formula(kind: str, p: float, dtype: torch.dtype) -> No
             t.grad = None
 
     torch.manual_seed(11)  # same draws as the fused op: the mask nn.Dropout would use on an x of this dtype
-    mask = F.dropout(torch.ones(x.shape, dtype=dtype), p, True).ne(0).float() if p else None
+    mask = F.dropout(torch.ones(x.shape, dtype=dtype, device=device), p, True).ne(0).float() if p else None
     xr = x.detach().float().requires_grad_()
     ref = _formula(xr, layer.base.weight.float(), layer.base.bias.float(), f, mask)
     ref.backward(gy.float())
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    tol = (1e-5 if device.type == "cpu" else 1e-4) if dtype == torch.float32 else 1e-2
     assert _rel(y, ref) < tol
     assert _rel(got["x"], xr.grad) < tol
     for k in ("a", "b", "mid", "out"):
@@ -161,9 +168,10 @@ def _grads(model: nn.Module, batch: dict[str, Tensor], seed: int = 0) -> tuple[T
     return loss.detach(), grads
 
 
-def _attached(method: str, dropout: float = 0.0, names: tuple[str, ...] = ("default",)) -> nn.Module:
+def _attached(method: str, dropout: float = 0.0, names: tuple[str, ...] = ("default",),
+              device: torch.device | str = "cpu") -> nn.Module:
     case = CASES[method]
-    model = tiny_llama()
+    model = tiny_llama().to(device)
     opts = dict(case.options)
     if dropout:
         opts["dropout"] = dropout
@@ -182,19 +190,20 @@ def _assert_same(a: tuple[Tensor, dict[str, Tensor]], b: tuple[Tensor, dict[str,
         assert _rel(a[1][k], b[1][k]) < tol, k
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", _layer_methods())
-def test_fused_model_equals_reference(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_model_equals_reference(method: str, monkeypatch: pytest.MonkeyPatch, device: torch.device) -> None:
     has_dropout = "dropout" in lorakit.METHODS[method].config_cls.model_fields
     for dropout in (0.0, 0.1) if has_dropout else (0.0,):
         try:
-            model = _attached(method, dropout)
+            model = _attached(method, dropout, device=device)
         except lorakit.ConfigError:  # a method may refuse dropout (Delta-LoRA)
             continue
         batch = batch_for(model)
         with kernels.fused(False):
             ref = _grads(model, batch)
         spy = _Spy(monkeypatch)
-        _assert_same(_grads(model, batch), ref)
+        _assert_same(_grads(model, batch), ref, tol=_tol(device))
         # every method with a fused path took it: 7 projections x 2 layers went through the fused op (a silent
         # fallback to the reference path would compare the reference with itself)
         assert spy.calls == (0 if method in REFERENCE_ONLY else 14), method
@@ -254,8 +263,9 @@ def test_several_active_adapters_use_the_plain_path(method: str, monkeypatch: py
     assert spy.calls == 0
 
 
-def test_grouped_projections_equal_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _attached("lora")
+@pytest.mark.cuda
+def test_grouped_projections_equal_reference(monkeypatch: pytest.MonkeyPatch, device: torch.device) -> None:
+    model = _attached("lora", device=device)
     batch = batch_for(model)
     with kernels.fused(False):
         ref = _grads(model, batch)
@@ -264,7 +274,7 @@ def test_grouped_projections_equal_reference(monkeypatch: pytest.MonkeyPatch) ->
     real = speed.ProjectionGroup.lookup
     monkeypatch.setattr(speed.ProjectionGroup, "lookup",
                         lambda self, layer, x: shared.append(real(self, layer, x)) or shared[-1])
-    _assert_same(_grads(model, batch), ref)
+    _assert_same(_grads(model, batch), ref, tol=_tol(device))
     assert len(shared) == 10 and all(h is not None for h in shared)
     assert all(g._x is None for g in {m.__dict__["_lorakit_group"] for m in model.modules()
                                         if "_lorakit_group" in m.__dict__})  # nothing kept after forward
@@ -274,7 +284,7 @@ def test_grouped_projections_equal_reference(monkeypatch: pytest.MonkeyPatch) ->
     shared.clear()
     with kernels.fused(False):
         ref = _grads(model, batch)
-    _assert_same(_grads(model, batch), ref)
+    _assert_same(_grads(model, batch), ref, tol=_tol(device))
     assert shared and all(h is None for h in shared)
     speed.ungroup_projections(model)
     assert not any("_lorakit_group" in m.__dict__ for m in model.modules())
@@ -348,9 +358,10 @@ def test_linear_cross_entropy_matches_plain_loss(head_trains: bool) -> None:
         assert got[1] is None and got[2] is None
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_causal_lm_loss_equals_model_loss(method: str) -> None:
-    model = _attached(method)
+def test_causal_lm_loss_equals_model_loss(method: str, device: torch.device) -> None:
+    model = _attached(method, device=device)
     batch = batch_for(model, seq=12)
     batch["labels"][0, :5] = -100
     with kernels.fused(False):
@@ -359,7 +370,7 @@ def test_causal_lm_loss_equals_model_loss(method: str) -> None:
     loss = speed.causal_lm_loss(model, batch["input_ids"], batch["labels"])
     loss.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    _assert_same((loss.detach(), got), ref)
+    _assert_same((loss.detach(), got), ref, tol=_tol(device))
 
 
 def test_set_fused_switch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -421,3 +432,99 @@ def test_bench_with_checkpointing_saves_activations() -> None:
     saved = {r["name"]: r["saved_activation_bytes"] for r in plain["rows"]}
     for r in ckpt["rows"]:  # every row, PEFT and the floor included, keeps less for backward
         assert r["saved_activation_bytes"] < saved[r["name"]], r["name"]
+
+
+# --- under autocast (the GPU default, training.precision auto/bf16): the fused op follows its casts -------------
+def _max_rel(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    return max(_rel(a[k], b[k]) for k in b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=["fp32-weights", "bf16-weights"])
+@pytest.mark.parametrize("method", _layer_methods())
+def test_fused_model_under_bf16_autocast_equals_reference(method: str, weights: torch.dtype,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          device: torch.device) -> None:
+    """bf16 autocast over an fp32 or a bf16 base (adapter weights fp32, as lorakit keeps them): every adapted
+    projection takes the fused op, and its loss and gradients are as close to the fp32 truth as the reference
+    path's under the same autocast (bf16 rounding makes both differ from fp32 by 1-5% on this tiny model)."""
+    has_dropout = "dropout" in lorakit.METHODS[method].config_cls.model_fields and method != "delta-lora"
+    for dropout in (0.0, 0.1) if has_dropout else (0.0,):
+        model = _attached(method, dropout, device=device)
+        batch = batch_for(model)
+        truth = _grads(model, batch)
+        for name, p in model.named_parameters():
+            if ".adapters." not in name:
+                p.data = p.data.to(weights)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            with kernels.fused(False):
+                ref = _grads(model, batch)
+            spy = _Spy(monkeypatch)
+            got = _grads(model, batch)
+        assert spy.calls == (0 if method in REFERENCE_ONLY else 14), method  # 7 projections x 2 layers
+        assert got[1].keys() == ref[1].keys() == truth[1].keys()
+        assert _rel(got[0], truth[0]) < 1e-3 and _rel(ref[0], truth[0]) < 1e-3
+        assert _max_rel(got[1], truth[1]) <= 1.5 * _max_rel(ref[1], truth[1]) + 5e-3, method
+        assert _max_rel(got[1], ref[1]) < 0.1
+        assert all(g.dtype == torch.float32 for n, g in got[1].items() if ".adapters." in n)  # fp32 adapter grads
+        monkeypatch.undo()
+
+
+_LIGER_CHECK = """
+import json, sys, torch
+from lorakit.fast import cross_entropy
+g = torch.Generator().manual_seed(0)
+out = {"kernel": cross_entropy.kernel("cpu")}
+for dtype in (torch.float32, torch.bfloat16):
+    h = torch.randn(2, 9, 32, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(50, 32, generator=g).to(dtype).requires_grad_()
+    labels = torch.randint(0, 50, (2, 9), generator=g)
+    labels[0, :3] = -100
+    got = cross_entropy.linear_cross_entropy(h, w, labels)
+    gh, gw = torch.autograd.grad(got, [h, w])
+    logits = (h.float() @ w.float().t())[:, :-1].reshape(-1, 50)
+    ref = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    rh, rw = torch.autograd.grad(ref, [h, w])
+    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
+    out[str(dtype)] = {"loss": rel(got, ref), "h": rel(gh, rh), "w": rel(gw, rw)}
+print(json.dumps(out))
+"""
+
+
+def test_liger_cross_entropy_runs_under_the_triton_interpreter(tmp_path) -> None:
+    """LORAKIT_CROSS_ENTROPY=liger forces Liger's kernel off CUDA; under TRITON_INTERPRET=1 it runs on the CPU, so
+    the branch every CUDA run takes is checked here (loss and gradients against full-logit cross-entropy)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("liger_kernel") is None:
+        pytest.skip("needs triton and liger-kernel (pip install 'lorakit[gpu]' triton)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", cross_entropy.KERNEL_ENV: "liger", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _LIGER_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["kernel"] == "liger"
+    assert max(res["torch.float32"].values()) < 1e-5
+    assert res["torch.bfloat16"]["loss"] < 1e-2 and max(res["torch.bfloat16"].values()) < 2e-2
+
+
+def test_cross_entropy_kernel_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cross_entropy.KERNEL_ENV, "chunked")
+    assert cross_entropy.kernel("cpu") == "chunked"
+    monkeypatch.setenv(cross_entropy.KERNEL_ENV, "auto")
+    assert cross_entropy.kernel("cpu") == "chunked"  # Liger only on CUDA unless forced
+    monkeypatch.setenv(cross_entropy.KERNEL_ENV, "fast")
+    with pytest.raises(lorakit.ConfigError, match="choose one of auto, liger, chunked"):
+        cross_entropy.kernel("cpu")
+    monkeypatch.setenv(cross_entropy.KERNEL_ENV, "liger")
+    monkeypatch.setattr(cross_entropy, "_LIGER", [None])
+    monkeypatch.setattr(cross_entropy, "_WHY", ["No module named 'liger_kernel'"])
+    with pytest.raises(lorakit.ConfigError, match="cannot be imported: No module named 'liger_kernel'"):
+        cross_entropy.kernel("cpu")
+    model = _attached("lora")
+    monkeypatch.setenv(cross_entropy.KERNEL_ENV, "chunked")
+    assert speed.loss_kernel(model) == "chunked"
+    with kernels.fused(False):
+        assert speed.loss_kernel(model) == "model"

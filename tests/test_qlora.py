@@ -42,16 +42,16 @@ def saved_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def quantized_base(kind: str, saved: Path, seed: int = 0) -> torch.nn.Module:
+def quantized_base(kind: str, saved: Path, seed: int = 0, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The tiny Llama quantized as ``kind``: lorakit.quantize for nf4/int8, bitsandbytes via transformers."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if kind in ("nf4", "int8"):
-        return lorakit.quantize(tiny_llama(seed), kind)
+        return lorakit.quantize(tiny_llama(seed).to(device), kind)
     qc = (BitsAndBytesConfig(load_in_8bit=True) if kind == "bnb-int8" else
           BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                              bnb_4bit_use_double_quant=True))
-    return AutoModelForCausalLM.from_pretrained(saved, quantization_config=qc, device_map={"": "cpu"}).eval()
+    return AutoModelForCausalLM.from_pretrained(saved, quantization_config=qc, device_map={"": str(device)}).eval()
 
 
 def _attach(method: str, model: torch.nn.Module) -> torch.nn.Module:
@@ -111,9 +111,10 @@ def test_bnb_cpu_repacking_does_not_move_the_weights(saved_base: Path) -> None:
 
 
 # --- the contract matrix on quantized bases --------------------------------------------------------------
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", SUPPORTED)
-def test_trains_on_a_quantized_base(method: str, base: str, saved_base: Path) -> None:
-    model = _attach(method, quantized_base(base, saved_base)).train()
+def test_trains_on_a_quantized_base(method: str, base: str, saved_base: Path, device: torch.device) -> None:
+    model = _attach(method, quantized_base(base, saved_base, device=device)).train()
     assert all(layer.quant is not None for _, layer in adapted_layers(model))
     frozen = {n: quant.dequantize_weight(m).clone() for n, m in model.named_modules() if quant.is_quantized(m)}
     losses = train_losses(model, batch_for(model), CASES[method].lr)
@@ -141,10 +142,11 @@ def test_save_load_and_merged_export(method: str, base: str, saved_base: Path, t
     torch.testing.assert_close(output_of(fresh, batch), ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", [m for m in SUPPORTED if m != "dora"])
 def test_fused_path_runs_on_quantized_weights_and_equals_the_reference(method: str, base: str,
-                                                                       saved_base: Path) -> None:
-    model = _attach(method, quantized_base(base, saved_base)).train()
+                                                                       saved_base: Path, device: torch.device) -> None:
+    model = _attach(method, quantized_base(base, saved_base, device=device)).train()
     _perturb(model)
     batch = batch_for(model)
     params = [p for p in model.parameters() if p.requires_grad]

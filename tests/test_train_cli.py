@@ -287,3 +287,52 @@ def test_adapters_train_inside_transformers_trainer(tiny_run, tmp_path: Path) ->
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert changed and changed <= trainable
     assert all(".adapters.default." in n for n in changed)
+
+
+# --- the GPU's default precision, on the CPU: bf16 autocast takes the fused path --------------------------------
+def test_bf16_autocast_training_runs_the_fused_op_on_every_layer(tiny_run, tmp_path: Path) -> None:
+    """``training.precision: bf16`` is what ``auto`` means on a GPU: every adapted projection of every step goes
+    through the fused op (counted), the run matches the reference path under the same autocast, and run.json says
+    how it computed."""
+    from lorakit.core.lowrank import fused_calls
+
+    sections = {"training": {"precision": "bf16", "max_steps": 3, "batch_size": 4, "warmup_steps": 2,
+                             "eval_every": None},
+                "data": {"eval": None, "eval_fraction": 0}}
+    runs = {}
+    for fused in (True, False):
+        out = tmp_path / f"fused-{fused}"
+        cfg = make_config(tiny_run, out, options={"r": 4, "dropout": 0.1}, **sections)
+        before = fused_calls()
+        assert main(["train", str(cfg), f"training.fused={str(fused).lower()}"]) == 0
+        runs[fused] = (fused_calls() - before, [r["loss"] for r in read_metrics(out / "metrics.jsonl")
+                                                if r["kind"] == "train"],
+                       load_file(out / "adapter" / "adapter.safetensors"),
+                       json.loads((out / "run.json").read_text())["runtime"])
+    calls, losses, adapter, runtime = runs[True]
+    assert calls == 3 * 14  # 3 steps x 7 projections x 2 layers, nothing on the reference path
+    assert runs[False][0] == 0
+    assert runtime["autocast"] == "bfloat16" and runtime["cross_entropy"] == "chunked" and runtime["fused"]
+    assert runs[False][3]["cross_entropy"] == "model"
+    # every step's loss, after the updates before it, as the reference path's (AdamW's sign-like first steps
+    # turn bf16 noise in near-zero gradient entries into lr-sized weight differences, so weights are not compared)
+    assert losses == pytest.approx(runs[False][1], rel=2e-3) and adapter.keys() == runs[False][2].keys()
+
+
+def test_the_gpu_default_keeps_frozen_weights_in_bf16_and_trained_ones_in_fp32(tiny_run, tmp_path: Path) -> None:
+    """On CUDA with precision and model.dtype auto, an fp32 checkpoint's frozen weights are stored in the autocast
+    dtype; not when base weights train, or when the user chose a dtype (the decision, checked without a GPU)."""
+    def decided(method: str = "lora", options: dict | None = None, **model: str) -> torch.dtype | None:
+        cfg = yaml.safe_load(make_config(tiny_run, tmp_path / "run", method=method, options=options,
+                                         model=model).read_text())
+        cfg["training"].pop("device")
+        trainer = Trainer(None, cfg)
+        trainer.device, trainer.amp_dtype = torch.device("cuda"), torch.bfloat16  # what auto resolves to there
+        return trainer.frozen_dtype()
+
+    assert decided(dtype="auto") == torch.bfloat16
+    assert decided("delta-lora", {"r": 4}, dtype="auto") == torch.bfloat16  # its fp32 master copy keeps W exact
+    assert decided("full", {}, dtype="auto") is None
+    assert decided(dtype="float32") is None
+    cpu = Trainer(None, yaml.safe_load(make_config(tiny_run, tmp_path / "cpu").read_text()))
+    assert cpu.frozen_dtype() is None and cpu.amp_dtype is None  # the CPU default is plain fp32

@@ -19,7 +19,7 @@ from torch import nn
 
 from lorakit.adapt.records import _records
 from lorakit.core import quant
-from lorakit.core.layers import AdaptedLayer, sample_weight
+from lorakit.core.layers import AdaptedLayer, original_samples
 from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.util.arguments import checked
 
@@ -106,7 +106,7 @@ def quantize(model: nn.Module, scheme: str = "nf4", *, skip: tuple[str, ...] | l
         if scheme == "nf4" and w.numel() % NF4_BLOCK:
             kept.append(name)
             continue
-        sample = sample_weight(w)
+        sample = original_samples(w)
         if device is not None:
             m.to(device)
             w = m.weight.detach()
@@ -146,7 +146,7 @@ def _bnb_quantize(model: nn.Module, scheme: str, skip: tuple[str, ...], device: 
             q.bias = nn.Parameter(m.bias.detach().to("cpu", w.dtype if scheme != "bnb-int8" else m.bias.dtype),
                                   requires_grad=False)
         q = q.to(dev)  # bitsandbytes quantizes on the move to a device
-        q.__dict__[quant.ORIGINAL_SAMPLE] = sample_weight(w)
+        q.__dict__[quant.ORIGINAL_SAMPLE] = original_samples(w)
         q.train(m.training)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)

@@ -34,6 +34,8 @@ class AdapterRecord:
         targets: module names it wraps (layer methods) or parameter names it trains (``full``).
         fingerprint: hash of the targeted base weights at attach time (see :func:`fingerprint`).
         sketch, base_exact: the rest of the :class:`BaseIdentity` (recognises the base through quantization).
+        sampling: how the fingerprint chose its weight samples (:data:`~lorakit.core.layers.SAMPLINGS`):
+            ``exact``, or ``linspace`` for an adapter loaded from a file saved before ``exact``.
         modules: its per-layer :class:`~lorakit.Adapter` modules by module name, in model order (empty for
             ``full``).
         extra: metadata saved with the adapter (e.g. what trained it), refreshed with the method's live
@@ -48,6 +50,7 @@ class AdapterRecord:
     modules: dict[str, Adapter] = field(default_factory=dict, repr=False)
     sketch: list[float] = field(default_factory=list, repr=False)
     base_exact: bool = True
+    sampling: str = "exact"
     _extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -120,10 +123,10 @@ def _digest(items: Iterable[tuple[str, tuple[int, ...], Tensor]]) -> str:
     return h.hexdigest()[:32]
 
 
-def fingerprint(named: Iterable[tuple[str, Tensor]]) -> str:
+def fingerprint(named: Iterable[tuple[str, Tensor]], sampling: str = "exact") -> str:
     """A cheap, dtype-robust hash of base weights: names, shapes and 256 evenly spaced values of each,
     rounded to bfloat16 (so the same checkpoint loaded in fp32 or bf16 gives the same fingerprint)."""
-    return _digest((name, tuple(t.shape), sample_weight(t)) for name, t in named)
+    return _digest((name, tuple(t.shape), sample_weight(t, sampling)) for name, t in named)
 
 
 #: Values per target kept in an adapter's base sketch (a subset of the fingerprint's samples).
@@ -163,17 +166,18 @@ class BaseIdentity:
         return norm > 0 and float((saved - own).norm()) / norm <= SKETCH_TOLERANCE
 
 
-def base_identity(model: nn.Module, method: str, targets: list[str]) -> BaseIdentity:
-    """The :class:`BaseIdentity` of the base weights an adapter of ``method`` on ``targets`` depends on."""
+def base_identity(model: nn.Module, method: str, targets: list[str], sampling: str = "exact") -> BaseIdentity:
+    """The :class:`BaseIdentity` of the base weights an adapter of ``method`` on ``targets`` depends on
+    (``sampling``: ``linspace`` to check an adapter saved before ``exact`` sampling)."""
     items: list[tuple[str, tuple[int, ...], Tensor]] = []
     exact = True
     if not get_method(method).layer_method:
         params = dict(model.named_parameters())
-        items = [(n, tuple(params[n].shape), sample_weight(params[n])) for n in targets]
+        items = [(n, tuple(params[n].shape), sample_weight(params[n], sampling)) for n in targets]
     else:
         for n in targets:
             module = model.get_submodule(n)
-            sample, ok = weight_sample(module)
+            sample, ok = weight_sample(module, sampling)
             exact = exact and ok
             items.append((n, weight_shape(module), sample))
     step = max(1, SAMPLES // SKETCH)
@@ -181,6 +185,6 @@ def base_identity(model: nn.Module, method: str, targets: list[str]) -> BaseIden
     return BaseIdentity(_digest(items), sketch, exact)
 
 
-def target_fingerprint(model: nn.Module, method: str, targets: list[str]) -> str:
+def target_fingerprint(model: nn.Module, method: str, targets: list[str], sampling: str = "exact") -> str:
     """Fingerprint of the base weights an adapter of ``method`` on ``targets`` depends on."""
-    return base_identity(model, method, targets).fingerprint
+    return base_identity(model, method, targets, sampling).fingerprint

@@ -106,31 +106,50 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
 
 #: Values of each weight a base fingerprint samples (evenly spaced over the flattened ``(d_out, d_in)`` weight).
 SAMPLES = 256
+#: How those values are chosen: ``exact`` (integer indices ``floor(i (n - 1) / (k - 1))``, the same on every
+#: device and CPU), or ``linspace``, the float32 ``torch.linspace`` of adapters saved before ``exact`` existed
+#: (lorakit <= 0.1.x wrote no ``base_sampling``): on a GPU, or on a CPU of another vector width, its rounding moves
+#: indices of weights over 2^24 values, so it is only recomputed, on the CPU, to check those adapters.
+SAMPLINGS = ("exact", "linspace")
 
 
-def sample_weight(w: Tensor) -> Tensor:
+def sample_indices(n: int, sampling: str = "exact") -> Tensor:
+    """Indices (int64, on the CPU) of the :data:`SAMPLES` values a fingerprint reads from ``n`` values."""
+    k = min(n, SAMPLES)
+    if sampling == "linspace":
+        idx = torch.linspace(0, n - 1, steps=k, device="cpu").long()
+        return idx.clamp_(max=n - 1)  # float32 rounds the last index past the end beyond 2^24 values
+    if sampling != "exact":
+        raise ValueError(f"unknown sampling {sampling!r}; one of {SAMPLINGS}")
+    if k <= 1:
+        return torch.zeros(k, dtype=torch.long)
+    return torch.arange(k, dtype=torch.long) * (n - 1) // (k - 1)  # exact integer arithmetic
+
+
+def sample_weight(w: Tensor, sampling: str = "exact") -> Tensor:
     """:data:`SAMPLES` evenly spaced values of ``w`` (flattened), rounded to bfloat16, as fp32 on the CPU."""
     flat = w.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), SAMPLES), device=flat.device).long()
-    # float32 linspace rounds the last index past the end beyond 2^24 values (a large embedding); clamping keeps
-    # every index smaller tensors always had, so saved fingerprints stay valid
-    idx.clamp_(max=flat.numel() - 1)
-    return flat[idx].to(torch.bfloat16).float().cpu()
+    return flat[sample_indices(flat.numel(), sampling).to(flat.device)].to(torch.bfloat16).float().cpu()
 
 
-def weight_sample(module: nn.Module) -> tuple[Tensor, bool]:
+def original_samples(w: Tensor) -> dict[str, Tensor]:
+    """:func:`sample_weight` of ``w`` under every sampling: kept by a layer that is about to be quantized."""
+    return {s: sample_weight(w, s) for s in SAMPLINGS}
+
+
+def weight_sample(module: nn.Module, sampling: str = "exact") -> tuple[Tensor, bool]:
     """``(sample, exact)``: :func:`sample_weight` of ``W0``, and whether it is the base model's own weight.
 
-    A layer quantized by :func:`lorakit.quantize` kept the sample of its original weight (exact); a layer that
+    A layer quantized by :func:`lorakit.quantize` kept the samples of its original weight (exact); a layer that
     was quantized elsewhere (bitsandbytes at load time) only has its dequantized weight, which differs from the
     original by the quantization error (not exact)."""
     base = _unwrapped(module)
     kept = base.__dict__.get(quant.ORIGINAL_SAMPLE)
     if kept is not None:  # quantized by lorakit (or dequantized since): the original weight's sample
-        return kept, True
+        return kept[sampling], True
     if quant.is_quantized(base):
-        return sample_weight(quant.dequantize_weight(base, torch.float32)), False
-    return sample_weight(weight_view(module)), not base.__dict__.get(quant.DEQUANTIZED, False)
+        return sample_weight(quant.dequantize_weight(base, torch.float32), sampling), False
+    return sample_weight(weight_view(module), sampling), not base.__dict__.get(quant.DEQUANTIZED, False)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ fused path off, which is how the tests compare it with the reference path on the
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,20 +132,21 @@ class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, a: Tensor, mid: Tensor | None,
                 b: Tensor, out: Tensor | None, h_pre: Tensor | None, scale: float, p: float,
-                qbase: nn.Module | None) -> Tensor:
+                qbase: nn.Module | None, mask_dtype: torch.dtype | None) -> Tensor:
         mask = None
         if h_pre is not None:
             h = h_pre
         elif p > 0:
-            # Same generator draws as nn.Dropout(x): the mask does not depend on the values dropped.
-            noise = F.dropout(torch.ones_like(x), p, True)  # (N, d_in), entries 0 or 1/(1-p)
-            mask = noise.ne(0)
-            h = (x * noise) @ a.t()
+            # Same generator draws as nn.Dropout on the layer's input (of mask_dtype: under autocast the input
+            # before its cast): the mask does not depend on the values dropped.
+            noise = F.dropout(torch.ones(x.shape, dtype=mask_dtype or x.dtype, device=x.device), p, True)
+            mask = noise.ne(0)  # (N, d_in)
+            h = (x * noise.to(x.dtype)) @ a.t()
             del noise
         else:
             h = x @ a.t()  # (N, r)
         u = _scaled(_mid(h, mid), scale)  # (N, r): the scale is applied on the small side
-        w = weight if qbase is None else quant.dequantize_weight(qbase, x.dtype)  # (d_out, d_in)
+        w = _base_weight(weight, qbase, x.dtype)  # (d_out, d_in), in the compute dtype
         y = F.linear(x, w, bias)  # (N, d_out): the base GEMM
         del w  # a dequantized weight lives for this GEMM only
         y.addmm_(u, _row_scaled(b, out).t())  # rank-r epilogue, in place: no (N, d_out) temporary
@@ -188,7 +190,7 @@ class _LowRankLinear(torch.autograd.Function):
                 xd = x if mask is None else x * mask * (1.0 / (1.0 - p))
                 g_a = gh.t() @ xd  # (r, d_in)
             if need[0]:
-                w = weight if ctx.qbase is None else quant.dequantize_weight(ctx.qbase, gy.dtype)
+                w = _base_weight(weight, ctx.qbase, gy.dtype)
                 g_x = gy @ w  # (N, d_in): input gradient of the base GEMM
                 del w
                 if not ctx.pre:
@@ -197,18 +199,37 @@ class _LowRankLinear(torch.autograd.Function):
                     else:
                         g_x.add_((gh @ a) * mask, alpha=1.0 / (1.0 - p))
         if need[1]:
-            g_w = gy.t() @ x
+            g_w = (gy.t() @ x).to(weight.dtype)
         if need[2]:
             g_bias = gy.sum(0, dtype=torch.float32).to(gy.dtype)
-        return g_x, g_w, g_bias, g_a, g_mid, g_b, g_out, g_pre, None, None, None
+        return g_x, g_w, g_bias, g_a, g_mid, g_b, g_out, g_pre, None, None, None, None
+
+
+def _base_weight(weight: Tensor | None, qbase: nn.Module | None, dtype: torch.dtype) -> Tensor:
+    """``W`` in the compute dtype: dequantized from a quantized base, or cast (under autocast) for this GEMM
+    only; a cast or dequantized copy is never saved for backward, which makes it again."""
+    if qbase is not None:
+        return quant.dequantize_weight(qbase, dtype)
+    assert weight is not None
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in for input ``x``: autocast's when autocast is on for ``x``'s device
+    (as it casts ``F.linear``'s inputs), else ``x``'s own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def supports(layer: AdaptedLayer, x: Tensor) -> bool:
     """Whether :func:`lowrank_linear` can replace ``layer``'s plain forward for input ``x``.
 
     Only plain ``nn.Linear`` / GPT-2 ``Conv1D`` bases and the quantized linears of :mod:`lorakit.core.quant`
-    (dequantized inside the op), without hooks (another subclass has its own forward), floating inputs of the
-    weight's (compute) dtype, and no autocast (whose casts the fused function would not reproduce).
+    (dequantized inside the op), without hooks (another subclass has its own forward), and floating inputs of
+    the weight's (compute) dtype, or of any floating dtype under autocast, which the op then follows: it casts
+    the input, base weight, bias and factors to autocast's dtype as autocast casts ``F.linear``'s inputs, and
+    computes in it (see :func:`lowrank_linear`).
     """
     base = layer.base
     q = quant.quant_kind(base)
@@ -219,9 +240,8 @@ def supports(layer: AdaptedLayer, x: Tensor) -> bool:
     else:
         plain = layer.kind is LayerKind.CONV1D and Conv1D is not None and type(base) is Conv1D
         dtype = base.weight.dtype
-    return (plain and not base._forward_hooks and not base._forward_pre_hooks
-            and x.is_floating_point() and x.dtype == dtype
-            and not torch.is_autocast_enabled(x.device.type))
+    return (plain and not base._forward_hooks and not base._forward_pre_hooks and x.is_floating_point()
+            and (x.dtype == dtype or torch.is_autocast_enabled(x.device.type)))
 
 
 def lowrank_linear(x: Tensor, layer: AdaptedLayer, f: LowRank, h: Tensor | None = None) -> Tensor | None:
@@ -245,16 +265,19 @@ def lowrank_linear(x: Tensor, layer: AdaptedLayer, f: LowRank, h: Tensor | None 
         h = group.lookup(layer, x)
     if not torch.compiler.is_compiling():  # a Python counter would make dynamo guard on it and recompile
         _CALLS[0] += 1
-    dt = x.dtype
+    amp = torch.is_autocast_enabled(x.device.type)
+    dt = torch.get_autocast_dtype(x.device.type) if amp else x.dtype  # autocast casts F.linear's inputs so
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
-    h2 = None if h is None else h.reshape(-1, h.shape[-1])  # (N, r)
+    mask_dtype = x.dtype  # nn.Dropout would draw its mask on the input as it arrives
+    x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, d_in); autograd casts the input gradient back
+    h2 = None if h is None else h.reshape(-1, h.shape[-1]).to(dt)  # (N, r)
     bias = layer.bias
     mid = None if f.mid is None else f.mid.to(dt)
     out = None if f.out is None else f.out.to(dt)
     a = f.a if h2 is not None else f.a.to(dt)  # unused (no cast) when h is given
     qbase = layer.base if quant.is_quantized(layer.base) else None
-    weight = None if qbase is not None else layer.weight
-    y = _LowRankLinear.apply(x2, weight, None if bias is None else bias.to(dt), a, mid, f.b.to(dt), out,
-                             h2, float(f.scale), float(f.dropout) if h2 is None else 0.0, qbase)
+    weight = None if qbase is not None else layer.weight  # cast to dt inside the op, per GEMM
+    with torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext():  # GEMMs already in dt
+        y = _LowRankLinear.apply(x2, weight, None if bias is None else bias.to(dt), a, mid, f.b.to(dt), out,
+                                 h2, float(f.scale), float(f.dropout) if h2 is None else 0.0, qbase, mask_dtype)
     return y.view(*lead, y.shape[-1])  # (..., d_out)

@@ -3,15 +3,25 @@
 On CUDA, Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` when the optional ``liger-kernel`` extra is
 installed; otherwise a chunked PyTorch autograd function (:class:`_LinearCrossEntropy`) whose gradients are
 formed chunk by chunk in forward. Both skip the head weight's gradient when the head is frozen.
+
+Which one runs is :func:`kernel`'s answer, reported by the trainer (``run.json``) and the bench. The environment
+variable ``LORAKIT_CROSS_ENTROPY`` chooses: ``auto`` (the default, as above), ``chunked``, or ``liger`` (Liger on
+any device: on the CPU it runs under Triton's interpreter, ``TRITON_INTERPRET=1``, which is how the tests check
+it without a GPU; an error if Liger cannot be imported). A Liger that is installed but fails to import is said
+once as a warning, with the reason, never skipped silently.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lorakit.errors import ConfigError
 
 
 def _ce_chunk_rows(vocab: int) -> int:
@@ -89,22 +99,56 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: T
         labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (..., T): position t predicts t + 1
     h2 = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     t2 = labels.reshape(-1).to(h2.device)  # (N,)
-    liger = _liger() if h2.is_cuda else None
-    if liger is not None:
-        return liger(ignore_index=ignore_index, reduction="mean")(weight, h2, t2, bias)
+    if kernel(h2.device) == "liger":
+        return _liger()(ignore_index=ignore_index, reduction="mean")(weight, h2, t2, bias)
     rows = chunk if chunk is not None else _ce_chunk_rows(weight.shape[0])
     return _LinearCrossEntropy.apply(h2, weight, bias, t2, ignore_index, int(rows))
 
 
+#: Environment variable choosing the implementation: ``auto``, ``liger`` or ``chunked`` (module docstring).
+KERNEL_ENV = "LORAKIT_CROSS_ENTROPY"
+KERNELS = ("auto", "liger", "chunked")
+log = logging.getLogger(__name__)
 _LIGER: list[Any] = []  # [class or None] once looked up
+_WHY: list[str] = []  # why Liger could not be imported
+
+
+def kernel(device: torch.device | str) -> str:
+    """The implementation :func:`linear_cross_entropy` uses for tensors on ``device``: ``liger`` or ``chunked``.
+
+    Raises:
+        ConfigError: ``LORAKIT_CROSS_ENTROPY`` is not one of :data:`KERNELS`, or asks for Liger and Liger cannot
+            be imported (the reason is in the message).
+    """
+    choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if choice not in KERNELS:
+        raise ConfigError(f"{KERNEL_ENV}={choice!r}: choose one of {', '.join(KERNELS)}")
+    if choice == "chunked":
+        return "chunked"
+    if choice == "liger":
+        if _liger() is None:
+            raise ConfigError(f"{KERNEL_ENV}=liger but Liger-Kernel cannot be imported: {_WHY[0]}")
+        return "liger"
+    return "liger" if torch.device(device).type == "cuda" and _liger() is not None else "chunked"
 
 
 def _liger() -> Any:
-    """Liger-Kernel's fused linear cross-entropy class, or ``None`` if the optional extra is missing."""
+    """Liger-Kernel's fused linear cross-entropy class, or ``None`` (not installed, or its import failed: the
+    reason is kept, and said once as a warning unless the extra is simply not installed)."""
     if not _LIGER:
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        except Exception:  # not installed, or no Triton on this machine
+        except ModuleNotFoundError as e:
+            missing = (e.name or "").split(".")[0]
+            _WHY.append(f"{e}" + (" (pip install 'lorakit[gpu]')" if missing == "liger_kernel" else ""))
+            if missing != "liger_kernel":  # installed, but one of its own imports is missing
+                log.warning("Liger-Kernel is installed but cannot be imported (%s); using the chunked "
+                            "cross-entropy", e)
+            LigerFusedLinearCrossEntropyLoss = None  # noqa: N806
+        except Exception as e:  # e.g. no usable Triton on this machine
+            _WHY.append(f"{type(e).__name__}: {e}")
+            log.warning("Liger-Kernel is installed but cannot be imported (%s: %s); using the chunked "
+                        "cross-entropy", type(e).__name__, e)
             LigerFusedLinearCrossEntropyLoss = None  # noqa: N806
         _LIGER.append(LigerFusedLinearCrossEntropyLoss)
     return _LIGER[0]

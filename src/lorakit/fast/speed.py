@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from lorakit.core import lowrank
 from lorakit.core.layers import AdaptedLayer
 from lorakit.errors import ConfigError
+from lorakit.fast.cross_entropy import kernel as cross_entropy_kernel
 from lorakit.fast.cross_entropy import linear_cross_entropy
 
 #: Sibling projections that read the same input in common architectures (Llama/Mistral/Qwen attention and
@@ -187,14 +188,31 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor | None = None, labels: Te
     """
     if labels is None:
         raise ConfigError("causal_lm_loss needs labels")
+    parts = _body_and_head(model)
+    if parts is None:
+        return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                     position_ids=position_ids, labels=labels).loss
+    body, head = parts
+    hidden = body(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                  position_ids=position_ids,
+                  use_cache=False)[0]  # (B, T, H)
+    return linear_cross_entropy(hidden, head.weight, labels, head.bias)
+
+
+def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """The decoder and the plain linear head :func:`causal_lm_loss` fuses with the loss, or ``None`` when it
+    must use the model's own loss."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if (not lowrank.fused_enabled() or model_type not in PLAIN_HEAD_MODELS or type(head) is not nn.Linear
             or not isinstance(body, nn.Module) or body is model):
-        return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                     position_ids=position_ids, labels=labels).loss
-    hidden = body(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                  position_ids=position_ids,
-                  use_cache=False)[0]  # (B, T, H)
-    return linear_cross_entropy(hidden, head.weight, labels, head.bias)
+        return None
+    return body, head
+
+
+def loss_kernel(model: nn.Module) -> str:
+    """Which loss :func:`causal_lm_loss` computes for ``model`` now: ``liger`` or ``chunked`` (the fused linear
+    cross-entropy, :func:`lorakit.fast.cross_entropy.kernel`), or ``model`` (the model's own full-logit loss)."""
+    parts = _body_and_head(model)
+    return "model" if parts is None else cross_entropy_kernel(parts[1].weight.device)

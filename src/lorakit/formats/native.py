@@ -25,6 +25,7 @@ from lorakit.adapt.model import (
     check_fits,
     target_shapes,
 )
+from lorakit.core.layers import SAMPLINGS
 from lorakit.errors import AdapterFileError, ConfigError, IncompatibleAdapterError
 from lorakit.formats.layout import FORMAT, FORMAT_VERSION, META_FILE, TENSORS_FILE, is_peft_dir, output_dir
 from lorakit.formats.peft_import import load_peft
@@ -60,6 +61,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], name: str = "default",
         "base_fingerprint": rec.fingerprint,
         "base_sketch": rec.sketch,
         "base_exact": rec.base_exact,
+        "base_sampling": rec.sampling,
         "tensors_sha256": sha256_file(out / TENSORS_FILE),
         "extra": {**rec.extra, **(extra or {})},
     }
@@ -131,8 +133,9 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
     except ConfigError as e:
         raise AdapterFileError(f"{path}: saved options are not valid for method {method!r} ({e})") from None
     check_fits(model, method, shapes)
-    ident = base_identity(model, method, targets)
     sketch, exact = _saved_sketch(meta, path)
+    sampling = saved_sampling(meta, path)
+    ident = base_identity(model, method, targets, sampling)
     if not force and not ident.matches(meta["base_fingerprint"], sketch, exact):
         hint = ""
         if not (ident.exact and exact) and not sketch:
@@ -143,9 +146,18 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
             f"!= this model's {ident.fingerprint}){hint}; pass force=True to load anyway")
     attach_config(model, config, method, name=name, targets=targets, init=False, tensors=tensors)
     rec = _record(model, name)
-    rec.fingerprint, rec.sketch, rec.base_exact = meta["base_fingerprint"], sketch or [], exact
+    rec.fingerprint, rec.sketch, rec.base_exact, rec.sampling = meta["base_fingerprint"], sketch or [], exact, sampling
     rec.extra = dict(meta.get("extra") or {})
     return model
+
+
+def saved_sampling(meta: dict[str, Any], path: str | os.PathLike[str]) -> str:
+    """How the saved fingerprint sampled the base weights (files without ``base_sampling`` predate ``exact``)."""
+    sampling = meta.get("base_sampling", "linspace")
+    if sampling not in SAMPLINGS:
+        raise AdapterFileError(f"{path}: corrupted metadata (base_sampling {sampling!r} is not one of "
+                               f"{', '.join(SAMPLINGS)})")
+    return sampling
 
 
 def _saved_sketch(meta: dict[str, Any], path: str | os.PathLike[str]) -> tuple[list[float] | None, bool]:

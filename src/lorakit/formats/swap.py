@@ -38,7 +38,7 @@ from lorakit.adapt.tensors import fill_modules
 from lorakit.core.contract import Adapter
 from lorakit.core.layers import LayerInfo
 from lorakit.errors import AdapterFileError, AdapterStateError, ConfigError, IncompatibleAdapterError
-from lorakit.formats.native import read_adapter, saved_config
+from lorakit.formats.native import read_adapter, saved_config, saved_sampling
 from lorakit.util.arguments import checked
 
 #: Options that may differ between the live and the saved adapter: they set only the rank, the scale (folded into
@@ -148,7 +148,8 @@ def hot_swap(model: nn.Module, name: str, path: str | os.PathLike[str], *, force
         raise IncompatibleAdapterError(
             f"{where}options {changed} differ from adapter {name!r}'s ({[new_opts.get(k) for k in changed]} vs "
             f"{[live_opts.get(k) for k in changed]}); hot_swap replaces weights, not the method's form")
-    fp = target_fingerprint(model, rec.method, rec.targets)
+    sampling = saved_sampling(meta, path)
+    fp = target_fingerprint(model, rec.method, rec.targets, sampling)
     if fp != meta["base_fingerprint"] and not force:
         raise IncompatibleAdapterError(
             f"{where}adapter was trained on different base weights (fingerprint {meta['base_fingerprint']} != this "
@@ -200,7 +201,7 @@ def hot_swap(model: nn.Module, name: str, path: str | os.PathLike[str], *, force
         resync = getattr(module, "_sync_flags", None)  # Delta-LoRA mirrors its flag buffers in Python attributes
         if callable(resync):
             resync()
-    rec.fingerprint = meta["base_fingerprint"]
+    rec.fingerprint, rec.sampling = meta["base_fingerprint"], sampling
     rec.extra = dict(meta.get("extra") or {})
     return model
 

@@ -52,6 +52,7 @@ from lorakit.train.checkpoint import (
     latest_good_checkpoint,
     load_training_checkpoint,
     prepare_run_dir,
+    read_json,
     rng_state,
     save_training_checkpoint,
     write_json,
@@ -65,6 +66,14 @@ from lorakit.train.run import FitResult, Position, RunState, TrainingError, logg
 from lorakit.train.runtime import lr_schedule, rebase_schedule, resolve_precision, seed_everything, stop_on_signals
 from lorakit.train.streaming import load_data
 from lorakit.util.arguments import checked
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def _records_like(data: Any) -> bool:
@@ -147,6 +156,11 @@ class Trainer:
             self.tokenizer = load_tokenizer(cfg.model)
         if self.model is None:
             self.model = load_model(cfg.model, pad_token_id=self.tokenizer.pad_token_id, device=self.device)
+            frozen = self.frozen_dtype()
+            if frozen is not None and any(p.dtype == torch.float32 for p in self.model.parameters()):
+                self.model.to(frozen)  # adapters attach afterwards, in fp32
+                self._log(f"frozen base weights stored in {str(frozen).removeprefix('torch.')}, the compute dtype "
+                          "(adapter weights and optimizer state stay fp32; model.dtype: float32 keeps fp32)")
         if cfg.model.task == "classification" and getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         task, n = cfg.model.task, cfg.model.num_labels
@@ -160,6 +174,37 @@ class Trainer:
             self.eval_data = dataset_from(self.eval_data, cfg.data, self.tokenizer, task=task, num_labels=n)
         if not self.dist.fsdp:  # FSDP moves each shard to the device itself (the whole model may not fit)
             self.model.to(self.device)
+
+    def frozen_dtype(self) -> torch.dtype | None:
+        """The dtype the frozen base weights are stored in on the default GPU path, or ``None`` to keep them as
+        loaded: with ``training.precision`` and ``model.dtype`` both ``auto`` on CUDA, an fp32 checkpoint's
+        frozen weights go to the autocast dtype (bf16), the dtype every GEMM runs in anyway, which halves their
+        memory and spares a cast per layer per step. Not when base weights train (full fine-tuning, a
+        classification head): they keep fp32 masters under autocast."""
+        cfg = self.config
+        if (self.device.type != "cuda" or self.amp_dtype is None or cfg.training.precision != "auto"
+                or cfg.model.dtype != "auto" or cfg.model.quantize != "none"):
+            return None
+        if not get_method(cfg.adapter.method).layer_method or self._trains_head():
+            return None
+        return self.amp_dtype
+
+    def _trains_head(self) -> bool:
+        return self.config.model.task == "classification" and self.config.adapter.train_head
+
+    def runtime_info(self) -> dict[str, Any]:
+        """How this run computes (``run.json``'s ``runtime``): device, autocast dtype, the frozen weights' dtype,
+        whether fused adapter paths are on, which loss kernel runs, and compile."""
+        model, t = self.model, self.config.training
+        assert model is not None
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad})
+        fused_loss = t.fused and self.config.model.task == "causal-lm" and not self.dist.fsdp
+        return {"device": str(self.device), "device_name": _device_name(self.device),
+                "autocast": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else None,
+                "frozen_dtypes": dtypes, "fused": t.fused,
+                "cross_entropy": speed.loss_kernel(model) if fused_loss else "model",
+                "compile": t.compile is True or (t.compile == "auto" and self.device.type == "cuda"),
+                "torch": torch.__version__}
 
     def _head_name(self) -> str | None:
         if self.config.model.task != "classification" or not self.config.adapter.train_head:
@@ -344,6 +389,8 @@ class Trainer:
                                             "lorakit_version": __version__})
                 save_config(cfg, out / "config.yaml")
         self._speed_up(model)
+        if self.dist.is_main:  # how this run computes (a resume says it again: it may run elsewhere)
+            write_json(out / RUN_FILE, {**read_json(out / RUN_FILE), "runtime": self.runtime_info()})
         # under torchrun: DDP, or FSDP2 (after checkpointing/compile, and before the optimizer: FSDP moves the
         # adapter to the device); then each process draws its own dropout masks
         self._forward = self.dist.wrap(model, self._loss, log=self._log)
@@ -391,6 +438,7 @@ class Trainer:
         n_train = trainable_parameters(model)
         n_all = sum(p.numel() for p in model.parameters())
         info = {"method": self.config.adapter.method, "trainable_params": n_train, "total_params": n_all,
+                "cross_entropy": self.runtime_info()["cross_entropy"],
                 "train_examples": len(d), "eval_examples": len(self.eval_data or []), "total_steps": run.total,
                 "truncated": d.n_truncated, "dropped": d.n_dropped, "device": str(self.device),
                 "precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32"}
