@@ -393,13 +393,52 @@ def test_bench_smoke(tmp_path) -> None:
     saved = json.loads(out.read_text())
     assert saved["ratios"] == res["ratios"]
     names = [r["name"] for r in saved["rows"]]
-    assert names[:4] == ["floor", "lora", "lora[plain]", "peft:lora"] and "full" in names
+    assert names[:6] == ["floor", "floor[hf-loss]", "lora", "lora[plain]", "peft:lora", "peft:lora[hf-loss]"]
+    assert "full" in names and not saved["failed_rows"]
     assert not [r for r in saved["rows"] if r["error"]]
-    for key in ("lora_vs_peft", "lora_vs_floor", "lora_mem_vs_peft"):
+    for key in ("lora_vs_peft", "lora_vs_floor", "lora_mem_vs_peft", "lora_vs_peft_hf_loss"):
         assert saved["ratios"][key] > 0
+    # the floor and PEFT's row run the lorakit rows' loss kernel, so the ratios compare adapters only
+    loss = {r["name"]: r["loss"] for r in saved["rows"]}
+    assert loss["floor"] == loss["lora"] == loss["peft:lora"] == loss["full"] == "chunked"
+    assert loss["floor[hf-loss]"] == loss["peft:lora[hf-loss]"] == loss["lora[plain]"] == "model"
     assert saved["versions"]["torch"] and saved["device"]["name"] and isinstance(saved["noisy_rows"], list)
     assert main(["bench", "--methods", "nope", "--workload", "tiny"]) != 0
 
+
+
+def test_bench_compiles_every_row_and_says_so(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows one after the other as on a GPU, more compiled rows than dynamo's per-code-object cache holds (the
+    layers of every row share one code object): each compiled row is compiled afresh and really runs its compiled
+    graphs in every measured step (counted by the backend); the JSON is written as rows finish; ``--strict``."""
+    from lorakit.cli import main
+    from lorakit.evaluation import bench
+
+    out = tmp_path / "c.json"
+    written: list[int] = []
+    real = bench.write_json
+    monkeypatch.setattr(bench, "write_json", lambda path, data, **kw: written.append(len(data["rows"])) or
+                        real(path, data, **kw))
+    methods = ["lora", "lora-fa", "vera", "delta-lora", "lora-xs", "rank1-sum", "full"]
+    res = bench.run_bench("cpu", methods, out=out, workload="tiny", steps=1, warmup=1, compile_layers=True,
+                          compile_backend="aot_eager", interleave=False, quiet=True)
+    compiled = [r for r in res["rows"] if r["compiled"]]
+    assert [r["name"] for r in compiled] == methods
+    for r in compiled:
+        assert r["ran_compiled"] and r["frames"] >= 1 and r["graph_calls_per_step"] >= 2, r
+        assert r["compile_s"] is not None
+    assert not res["not_compiled_rows"] and not res["failed_rows"]
+    assert len(written) == len(res["rows"]) + 1  # after each row, and once at the end
+    assert json.loads(out.read_text())["rows"][-1]["name"] == "full"
+
+    def broken(row, *a, **k):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(bench, "_prepare", broken)
+    assert main(["bench", "--device", "cpu", "--workload", "tiny", "--methods", "lora", "--steps", "1",
+                 "--warmup", "0", "--strict"]) == 1
+    assert main(["bench", "--device", "cpu", "--workload", "tiny", "--methods", "lora", "--steps", "1",
+                 "--warmup", "0"]) == 0  # without --strict a failed row is reported, not fatal
 
 
 def test_bench_cpu_ratios_use_fast_medians() -> None:

@@ -473,13 +473,19 @@ def bench(
     quantize: Annotated[str | None, typer.Option(help="Comma-separated QLoRA rows: LoRA on a base quantized "
                                                  "with nf4, int8, bnb-nf4, bnb-fp4 or bnb-int8 (with "
                                                  "--compare-peft, PEFT's LoRA on the bnb ones too).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit with status 1 when a row failed or a compiled "
+                                         "row ran eager.")] = False,
 ) -> int:
     """Benchmark every method against the frozen-base floor, PEFT and full fine-tuning: step time, tokens/s,
     memory and MFU, in one process."""
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     schemes = [q.strip() for q in quantize.split(",") if q.strip()] if quantize else None
-    run_bench(device, chosen, compare_peft, out, workload=workload, steps=steps, warmup=warmup,
-              compile_layers=compile_layers, threads=threads, checkpointing=checkpointing, quantize=schemes)
+    result = run_bench(device, chosen, compare_peft, out, workload=workload, steps=steps, warmup=warmup,
+                       compile_layers=compile_layers, threads=threads, checkpointing=checkpointing, quantize=schemes)
+    bad = result["failed_rows"] + result["not_compiled_rows"]
+    if strict and bad:
+        _say(f"--strict: {len(bad)} row(s) failed or ran eager: {', '.join(bad)}")
+        return 1
     return 0
 
 

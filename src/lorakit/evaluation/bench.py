@@ -5,11 +5,22 @@ One step = forward + backward + optimizer step (AdamW) on a Llama-shaped model w
 tokens. Rows:
 
 - ``floor``: the frozen base, forward + input-gradient backward (no weight gradient, no optimizer): the least
-  any adapter method can cost.
+  any adapter method can cost, with the same loss kernel as the lorakit rows (the fused linear cross-entropy),
+  so ``<method>_vs_floor`` is the adapter's own cost. ``floor[hf-loss]``: the same with the model's full-logit
+  loss.
 - ``<method>``: a lorakit method with its fast paths (fused adapter linears, shared ``x A^T`` for q/k/v and
   gate/up, fused linear cross-entropy, and ``torch.compile`` of each decoder layer when ``compile`` is on).
-- ``lora[plain]``: LoRA through the reference path (no fused op), the baseline of the fast paths.
-- ``peft:<method>``: PEFT's equivalent (LoRA, DoRA, VeRA) on the same model and inputs.
+- ``lora[plain]``: LoRA through the reference path (no fused op, the model's loss), the baseline of the fast
+  paths.
+- ``peft:<method>``: PEFT's equivalent (LoRA, DoRA, VeRA) on the same model and inputs, with the same loss kernel
+  as the lorakit rows (so ``<method>_vs_peft`` compares the adapters); ``peft:lora[hf-loss]``: PEFT's LoRA as
+  its users run it, with the model's loss (``lora_vs_peft_hf_loss``).
+
+Every row says which loss kernel it ran (``loss``: ``liger``, ``chunked`` or ``model``) and, for compiled rows,
+how its compile went: dynamo is reset before each compiled row (its per-code-object cache would otherwise fill up
+after a few rows and later rows would silently run eager), the graphs compiled (``frames``), the compiled-graph
+calls per measured step and whether every decoder layer ran compiled in each step (``ran_compiled``), and the
+extra time of the first warm-up step (``compile_s``). Rows are written to the JSON file as they finish.
 - ``full``: full fine-tuning.
 - ``qlora:<scheme>`` (with ``quantize``): LoRA on the base quantized by :func:`lorakit.quantize` (``nf4``,
   ``int8``, ``bnb-nf4``...), beside bf16 ``lora``; ``peft:qlora:<scheme>``: PEFT's LoRA on the same quantized
@@ -35,7 +46,6 @@ Run: ``lorakit bench --device cpu --compare-peft --out benchmarks/results/cpu.js
 from __future__ import annotations
 
 import gc
-import json
 import os
 import time
 from collections.abc import Callable
@@ -55,6 +65,7 @@ from lorakit.errors import ConfigError
 from lorakit.evaluation.bench_results import WORKLOADS, Row, Workload, format_table, summarize_rows
 from lorakit.fast import speed
 from lorakit.methods import METHODS
+from lorakit.util.files import write_json
 
 
 def _options(method: str) -> dict[str, Any]:
@@ -81,7 +92,7 @@ def _adamw(params: list[nn.Parameter], device: str) -> torch.optim.Optimizer | N
 
 
 def _prepare(row: Row, w: Workload, device: str, batch: tuple[Tensor, Tensor], compile_layers: bool,
-             checkpointing: bool = False) -> None:
+             checkpointing: bool = False, backend: str = "inductor", reset: bool = True) -> None:
     """Build ``row``'s model, optimizer and step function."""
     ids, labels = batch
     model = build_model(w, device)
@@ -91,29 +102,44 @@ def _prepare(row: Row, w: Workload, device: str, batch: tuple[Tensor, Tensor], c
     if checkpointing:  # every row alike, before PEFT wraps the model (non-reentrant: works for every method)
         speed.enable_checkpointing(model)
     fused_ctx: Callable[[], Any] = nullcontext
+    hf_loss = row.name.endswith("[hf-loss]")
     if row.kind == "floor":
         def loss_fn() -> Tensor:
             # the input gradient makes autograd run the whole backward without any weight gradient
             embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-            return model(inputs_embeds=embeds, labels=labels).loss
+            if hf_loss:
+                return model(inputs_embeds=embeds, labels=labels).loss
+            return speed.causal_lm_loss(model, labels=labels, inputs_embeds=embeds)
+        row.loss = "model" if hf_loss else speed.loss_kernel(model)
     elif row.kind == "peft":
         model = _peft_model(model, row.method or "", row.options)
+        inner = model.get_base_model()  # the transformers model, PEFT's layers inside it
 
         def loss_fn() -> Tensor:
-            return model(input_ids=ids, labels=labels).loss
+            if hf_loss:
+                return model(input_ids=ids, labels=labels).loss
+            return speed.causal_lm_loss(inner, ids, labels)
+        row.loss = "model" if hf_loss else speed.loss_kernel(inner)
     else:
         runtime = {"init_batches": [{"input_ids": ids, "labels": labels}]} \
             if METHODS[row.method or ""].needs_init_data else {}
         attach(model, row.method or "", **row.options, **runtime)
         if row.kind == "plain":
             fused_ctx = lambda: lowrank.fused(False)  # noqa: E731
+            row.loss = "model"
 
             def loss_fn() -> Tensor:
                 return model(input_ids=ids, labels=labels).loss
         else:
             speed.group_projections(model)
             if compile_layers:
-                speed.compile_layers(model)
+                if reset:  # a fresh cache per row: the layers of every row share one code object
+                    torch._dynamo.reset()
+                row.graph_calls = [0]
+                row.frames = [0]
+                speed.compile_layers(model, backend=_counting_backend(backend, row.frames, row.graph_calls))
+                row.compiled_layers = len(speed.decoder_layers(model))
+            row.loss = speed.loss_kernel(model)
 
             def loss_fn() -> Tensor:
                 return speed.causal_lm_loss(model, ids, labels)
@@ -145,6 +171,26 @@ def _prepare(row: Row, w: Workload, device: str, batch: tuple[Tensor, Tensor], c
                                 if isinstance(m, nn.Linear) and not isinstance(m, AdaptedLayer))
 
 
+def _counting_backend(name: str, frames: list[int], calls: list[int]) -> Callable[..., Any]:
+    """A ``torch.compile`` backend that compiles with backend ``name`` and counts the graphs it compiles
+    (``frames``) and every call of a compiled forward graph (``calls``): proof that a row ran compiled."""
+    from torch._dynamo import lookup_backend
+
+    inner = lookup_backend(name)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable[..., Any]:
+        frames[0] += 1
+        compiled = inner(gm, example_inputs)
+
+        def run(*args: Any) -> Any:
+            calls[0] += 1
+            return compiled(*args)
+
+        return run
+
+    return backend
+
+
 def _peft_model(model: nn.Module, method: str, opts: dict[str, Any]) -> nn.Module:
     """PEFT's counterpart of ``method`` (:attr:`~lorakit.Method.peft_counterpart`) with the same options."""
     import peft  # a comparison dependency only: lorakit itself never needs it
@@ -164,13 +210,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(row: Row, device: str) -> None:
+def _timed(row: Row, device: str, into: list[float] | None = None) -> None:
     _sync(device)
     t = time.perf_counter()
     assert row.step is not None
     row.step()
     _sync(device)
-    row.times.append(time.perf_counter() - t)
+    (row.times if into is None else into).append(time.perf_counter() - t)
 
 
 def _state_bytes(model: nn.Module, opt_like: Any = None) -> int:
@@ -231,7 +277,7 @@ def matmul_peak(device: str, dtype: torch.dtype) -> float:
 
 # --- running ----------------------------------------------------------------------------------------------------
 def _rows(methods: list[str], compare_peft: bool, quantize: list[str]) -> list[Row]:
-    rows = [Row("floor", "floor", None)]
+    rows = [Row("floor", "floor", None), Row("floor[hf-loss]", "floor", None)]
     if quantize and "lora" not in methods:
         methods = ["lora", *methods]  # QLoRA rows are compared with bf16 LoRA
     for m in methods:
@@ -242,6 +288,8 @@ def _rows(methods: list[str], compare_peft: bool, quantize: list[str]) -> list[R
             rows.append(Row("lora[plain]", "plain", m, _options(m)))
         if compare_peft and METHODS[m].peft_counterpart:
             rows.append(Row(f"peft:{m}", "peft", m, _options(m)))
+            if m == "lora":
+                rows.append(Row("peft:lora[hf-loss]", "peft", m, _options(m)))
     for scheme in quantize:
         rows.append(Row(f"qlora:{scheme}", "lorakit", "lora", _options("lora"), quant=scheme))
         if compare_peft and scheme.startswith("bnb-"):
@@ -254,14 +302,15 @@ def _rows(methods: list[str], compare_peft: bool, quantize: list[str]) -> list[R
 def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_peft: bool = False,
               out: str | Path | None = None, *, workload: str | None = None, steps: int | None = None,
               warmup: int | None = None, compile_layers: bool | None = None, threads: int | None = None,
-              checkpointing: bool = False, quiet: bool = False, quantize: list[str] | None = None) -> dict[str, Any]:
+              checkpointing: bool = False, quiet: bool = False, quantize: list[str] | None = None,
+              compile_backend: str = "inductor", interleave: bool | None = None) -> dict[str, Any]:
     """Measure the rows described in the module docstring; print a table; write JSON to ``out``.
 
     Args:
         device: ``"cpu"`` or ``"cuda"``.
         methods: lorakit methods to measure (default: every registered method, full fine-tuning included).
         compare_peft: add PEFT's LoRA/DoRA/VeRA rows for the requested methods it implements.
-        out: JSON file to write (directories are created).
+        out: JSON file to write (directories are created), rewritten as rows finish.
         workload: ``"cpu"``, ``"gpu"`` or ``"tiny"`` (default: ``"gpu"`` on CUDA, ``"cpu"`` on the CPU).
         steps, warmup: measured and warm-up steps per row (default: the workload's: 8 and 3 on the GPU
             workload, 6 and 2 on the CPU one, where the step that measures saved activations is one more).
@@ -270,9 +319,13 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
         checkpointing: activation checkpointing of every decoder layer in every row (floor and PEFT included).
         quantize: add QLoRA rows: LoRA on the base quantized with each of these schemes (and PEFT's LoRA on the
             bitsandbytes ones, with ``compare_peft``).
+        compile_backend: the ``torch.compile`` backend of compiled rows (``aot_eager`` traces without code
+            generation: what the tests use).
+        interleave: time the rows in interleaved rounds (default: on the CPU) rather than one after the other
+            (the GPU's way: one row's model on the device at a time).
 
     Returns:
-        The results dictionary written to ``out`` (``rows``, ``ratios``, versions, device...).
+        The results dictionary written to ``out`` (``rows``, ``ratios``, versions, device, ``failed_rows``...).
     """
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -302,26 +355,44 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
     ids = torch.randint(0, w.vocab, (w.batch, w.seq), generator=g).to(device)
     batch = (ids, ids.clone())
     rows = _rows(methods, compare_peft, quantize)
-    interleave = device == "cpu"
+    interleave = device == "cpu" if interleave is None else interleave
     t0 = time.perf_counter()
+
+    def report(peak: float) -> dict[str, Any]:
+        result = summarize_rows(rows, w, device, peak, steps, warmup, compile_layers, threads, methods,
+                                interleaved=interleave)
+        result["settings"].update(checkpointing=checkpointing, quantize=quantize, compile_backend=compile_backend
+                                  if compile_layers else None)
+        result["elapsed_s"] = round(time.perf_counter() - t0, 1)
+        result["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
+        if out is not None:  # rewritten as rows finish: a run cut short keeps what it measured
+            write_json(out, result, indent=2)
+        return result
+
     live: list[Row] = []
+    limits = _recompile_room(sum(r.kind in ("lorakit", "full") for r in rows) if compile_layers and interleave else 0)
     for row in rows:
         try:
-            _prepare(row, w, device, batch, compile_layers and row.kind in ("lorakit", "full"), checkpointing)
+            # interleaved rows all stay live: one reset up front, and room in dynamo's cache for every row's graphs
+            _prepare(row, w, device, batch, compile_layers and row.kind in ("lorakit", "full"), checkpointing,
+                     compile_backend, reset=not interleave)
             if device == "cuda":  # after the build, whose fp32 init would otherwise set the peak
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(warmup):
-                assert row.step is not None
-                row.step()
+                _timed(row, device, row.warmup_times)
             if not interleave:
+                calls = row.graph_calls[0] if row.graph_calls else 0
                 for _ in range(steps):
                     _timed(row, device)
-                row.mem_bytes = torch.cuda.max_memory_allocated()
+                _check_compiled(row, calls, steps)
                 if not compile_layers or row.kind not in ("lorakit", "full"):
                     row.saved_bytes = _saved_activation_bytes(row)
+                row.mem_bytes = torch.cuda.max_memory_allocated() if device == "cuda" else \
+                    _state_bytes(row.model) + (row.saved_bytes or 0)  # type: ignore[arg-type]
                 row.model = row.step = None
                 gc.collect()
-                torch.cuda.empty_cache()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
             else:
                 row.saved_bytes = _saved_activation_bytes(row)  # a real step: the last warm-up step
                 row.mem_bytes = _state_bytes(row.model) + row.saved_bytes  # type: ignore[arg-type]
@@ -329,24 +400,41 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
         except Exception as e:  # one broken row must not lose the others
             row.error = f"{type(e).__name__}: {e}"
             row.model = row.step = None
-    for k in range(steps if interleave else 0):
+        report(peak_before)
+    before = {id(r): r.graph_calls[0] if r.graph_calls else 0 for r in live}
+    for k in range(steps if interleave and live else 0):
         order = live[k % len(live):] + live[:k % len(live)]  # rotate so no row always runs first
         for row in order:
             _timed(row, device)
     for row in live:
+        _check_compiled(row, before[id(row)], steps)
         row.model = row.step = None
-    peak = max(peak_before, matmul_peak(device, dtype))
-    result = summarize_rows(rows, w, device, peak, steps, warmup, compile_layers, threads, methods, interleaved=interleave)
-    result["settings"]["checkpointing"] = checkpointing
-    result["settings"]["quantize"] = quantize
-    result["elapsed_s"] = round(time.perf_counter() - t0, 1)
-    result["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
+    limits.restore()
+    result = report(max(peak_before, matmul_peak(device, dtype)))
     if not quiet:
         print(format_table(result))
-    if out is not None:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
+class _recompile_room:  # noqa: N801 - used like a function
+    """Raise dynamo's per-code-object recompile limit for ``rows`` compiled rows alive at once (every row's layers
+    share one code object, and each row needs its own few cache entries); :meth:`restore` puts it back."""
+
+    def __init__(self, rows: int) -> None:
+        import torch._dynamo.config as cfg
+
+        self.cfg, self.before = cfg, cfg.recompile_limit
+        if rows:
+            torch._dynamo.reset()
+            cfg.recompile_limit = max(self.before, 8 * rows)
+
+    def restore(self) -> None:
+        self.cfg.recompile_limit = self.before
+
+
+def _check_compiled(row: Row, calls_before: int, steps: int) -> None:
+    """Whether every decoder layer of a compiled row ran a compiled graph in every measured step."""
+    if row.graph_calls is None or steps == 0:
+        return
+    row.graph_calls_per_step = (row.graph_calls[0] - calls_before) / steps
+    row.ran_compiled = row.graph_calls_per_step >= (row.compiled_layers or 1)

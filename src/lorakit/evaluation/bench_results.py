@@ -62,8 +62,23 @@ class Row:
     trainable: int = 0
     error: str | None = None
     base_weight_bytes: int | None = None
+    loss: str | None = None  # the loss kernel the row ran: liger | chunked | model
+    warmup_times: list[float] = field(default_factory=list)
+    # compiled rows: graphs compiled, compiled-graph calls (counted by the backend), decoder layers compiled
+    frames: list[int] | None = None
+    graph_calls: list[int] | None = None
+    compiled_layers: int | None = None
+    graph_calls_per_step: float | None = None
+    ran_compiled: bool | None = None
     step: Callable[[], None] | None = field(default=None, repr=False)
     model: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def compile_s(self) -> float | None:
+        """The first warm-up step's time beyond a measured step's: what compiling cost (compiled rows)."""
+        if self.frames is None or not self.warmup_times or not self.times:
+            return None
+        return max(0.0, self.warmup_times[0] - statistics.median(self.times))
 
 
 def flops_per_token(w: Workload, full: bool) -> float:
@@ -120,11 +135,16 @@ def summarize_rows(rows: list[Row], w: Workload, device: str, peak: float, steps
             "tokens_per_s": tokens / med if med else None,
             "peak_mem_bytes": row.mem_bytes, "saved_activation_bytes": row.saved_bytes,
             "trainable_params": row.trainable, "quantize": row.quant, "base_weight_bytes": row.base_weight_bytes,
-            "mfu": fpt * tokens / med / peak if med else None, "error": row.error,
+            "mfu": fpt * tokens / med / peak if med else None, "error": row.error, "loss": row.loss,
+            "compiled": row.frames is not None, "compile_s": row.compile_s,
+            "frames": row.frames[0] if row.frames else None, "graph_calls_per_step": row.graph_calls_per_step,
+            "ran_compiled": row.ran_compiled,
         }
-    floor = by_name["floor"]
+    floor = by_name.get("floor")
 
-    def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+    def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> float | None:
+        if a is None or b is None:
+            return None
         if interleaved and key == "step_s":
             key = "step_s_fast"
         return a[key] / b[key] if a.get(key) and b.get(key) else None
@@ -153,9 +173,14 @@ def summarize_rows(rows: list[Row], w: Workload, device: str, peak: float, steps
             r["vs_peft"] = ratios[f"{key}_vs_peft"] = ratio(r, p, "step_s")
             ratios[f"{key}_mem_vs_peft"] = ratio(r, p, "peak_mem_bytes")
             ratios[f"{key}_tokens_per_s_vs_peft"] = ratio(p, r, "step_s")
-    for name in ("lora[plain]", "peft:lora", "peft:dora", "peft:vera"):
+    for name in ("lora[plain]", "peft:lora", "peft:lora[hf-loss]", "peft:dora", "peft:vera"):
         if name in by_name:
             by_name[name]["vs_floor"] = ratio(by_name[name], floor, "step_s")
+    if "lora" in by_name and "peft:lora[hf-loss]" in by_name:  # lorakit as it runs vs PEFT as its users run it
+        ratios["lora_vs_peft_hf_loss"] = ratio(by_name["lora"], by_name["peft:lora[hf-loss]"], "step_s")
+        ratios["lora_mem_vs_peft_hf_loss"] = ratio(by_name["lora"], by_name["peft:lora[hf-loss]"], "peak_mem_bytes")
+    if floor is not None and "floor[hf-loss]" in by_name:
+        ratios["fused_loss_floor_vs_hf_loss_floor"] = ratio(floor, by_name["floor[hf-loss]"], "step_s")
     return {
         "workload": asdict(w), "device": {"type": device, "name": _device_name(device), "threads": threads},
         "versions": _versions(),
@@ -170,6 +195,8 @@ def summarize_rows(rows: list[Row], w: Workload, device: str, peak: float, steps
         "noisy_rows": [r["name"] for r in by_name.values() if r["step_s"] and r["step_s_fast"]
                        and r["step_s"] > (1 + NOISY) * r["step_s_fast"]],
         "ratios": ratios,
+        "failed_rows": [r["name"] for r in by_name.values() if r["error"]],
+        "not_compiled_rows": [r["name"] for r in by_name.values() if r["ran_compiled"] is False],
     }
 
 
@@ -180,20 +207,22 @@ def format_table(result: dict[str, Any]) -> str:
             f"peft {result['versions']['peft']}, matmul peak {result['matmul_peak_tflops']:.3g} TFLOP/s"
             + (", activation checkpointing" if result["settings"].get("checkpointing") else "")
             + (", layers compiled" if result["settings"].get("compile_layers") else ""))
-    lines = [head, f"{'row':<16}{'step s':>9}{'tok/s':>10}{'mem MiB':>10}{'MFU':>7}{'vs floor':>10}"
-                   f"{'vs PEFT':>9}"]
+    lines = [head, f"{'row':<20}{'step s':>9}{'tok/s':>10}{'mem MiB':>10}{'MFU':>7}{'vs floor':>10}"
+                   f"{'vs PEFT':>9}  loss     compiled"]
 
     def f(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
     for r in result["rows"]:
         if r["error"]:
-            lines.append(f"{r['name']:<16} error: {r['error']}")
+            lines.append(f"{r['name']:<20} error: {r['error']}")
             continue
         mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**20
-        lines.append(f"{r['name']:<16}{f(r['step_s'], '.4f'):>9}{f(r['tokens_per_s'], ',.0f'):>10}"
+        compiled = "-" if not r.get("compiled") else "yes" if r.get("ran_compiled") else "NO (ran eager)"
+        lines.append(f"{r['name']:<20}{f(r['step_s'], '.4f'):>9}{f(r['tokens_per_s'], ',.0f'):>10}"
                      f"{f(mem, ',.0f'):>10}{f(r['mfu'] and 100 * r['mfu'], '.1f'):>7}"
-                     f"{f(r.get('vs_floor'), '.3f'):>10}{f(r.get('vs_peft'), '.3f'):>9}")
+                     f"{f(r.get('vs_floor'), '.3f'):>10}{f(r.get('vs_peft'), '.3f'):>9}  {r.get('loss') or '-':<8} "
+                     f"{compiled}")
     lines.append("ratios: " + ", ".join(f"{k}={v:.3f}" for k, v in result["ratios"].items() if v is not None))
     noisy = result.get("noisy_rows")
     if noisy:

@@ -182,7 +182,9 @@ class TrainingConfig(_Section):
         warmup_ratio: warm-up as a share of the total steps.
         min_lr_ratio: the schedule's final learning rate as a share of ``lr``.
         max_grad_norm: clip the global gradient norm to this (``None``: no clipping).
-        precision: ``auto`` picks bf16 autocast on GPUs that support it (fp16 otherwise), fp32 on CPU.
+        precision: ``auto`` picks bf16 autocast on GPUs that support it (fp16 otherwise), fp32 on CPU. The fused
+            adapter path follows autocast; with ``auto`` on a GPU and ``model.dtype: auto`` an fp32 checkpoint's
+            frozen weights are stored in the autocast dtype (adapter weights and optimizer state stay fp32).
         gradient_checkpointing: recompute activations in backward to save memory.
         fused: lorakit's fast paths (fused adapter linears, one shared ``x A^T`` for sibling projections,
             fused linear cross-entropy): the same function with less time and memory; ``false`` runs the
