@@ -184,8 +184,10 @@ def definition_row(item: Item) -> dict[str, str]:
             "word": item.word, "pos": POS_NAMES[item.pos]}
 
 
-def split_items(items: list[Item], *, n_train: int, n_eval: int, seed: int) -> tuple[list[Item], list[Item]]:
-    """Train and held-out items, split by word; each synset and each definition used at most once overall."""
+def split_items(items: list[Item], *, n_train: int, n_eval: int, seed: int,
+                n_choice: int = 0) -> tuple[list[Item], list[Item], list[Item]]:
+    """Train, held-out and choice items, split by word; each synset and each definition used at most once overall
+    (the held-out and train items are the same whatever ``n_choice``: the choice items come after both)."""
     by_word: dict[str, list[Item]] = {}
     for it in sorted(items, key=lambda i: (i.word, i.pos)):
         by_word.setdefault(it.word, []).append(it)
@@ -195,6 +197,7 @@ def split_items(items: list[Item], *, n_train: int, n_eval: int, seed: int) -> t
     seen_defs: set[str] = set()
     train: list[Item] = []
     held: list[Item] = []
+    choice: list[Item] = []
     for w in words:
         kept = []
         for it in by_word[w]:
@@ -209,9 +212,39 @@ def split_items(items: list[Item], *, n_train: int, n_eval: int, seed: int) -> t
             held.extend(kept[:n_eval - len(held)])
         elif len(train) < n_train:
             train.extend(kept[:n_train - len(train)])
+        elif len(choice) < n_choice:
+            choice.extend(kept[:n_choice - len(choice)])
         else:
             break
-    return train, held
+    return train, held, choice
+
+
+#: Glosses offered per choice item: the right one and this many others' of the same part of speech.
+DISTRACTORS = 3
+
+
+def choice_rows(items: list[Item], seed: int) -> list[dict[str, Any]]:
+    """Four-way multiple choice over held-out words: each row's own gloss among :data:`DISTRACTORS` glosses of
+    other choice words with the same part of speech, in a seeded order (``answer`` is the right one's index)."""
+    rng = random.Random(seed + 1)
+    by_pos: dict[str, list[Item]] = {}
+    for it in items:
+        by_pos.setdefault(it.pos, []).append(it)
+    rows = []
+    if len(items) <= DISTRACTORS:
+        raise ValueError(f"a choice set needs more than {DISTRACTORS} items, got {len(items)}")
+    for it in items:
+        others = [o for o in by_pos[it.pos] if o.word != it.word]
+        if len(others) >= DISTRACTORS:
+            picked = rng.sample(others, DISTRACTORS)
+        else:  # too few of this part of speech (small builds): the rest from the others
+            rest = [o for o in items if o.word != it.word and o.pos != it.pos]
+            picked = others + rng.sample(rest, DISTRACTORS - len(others))
+        options = [f" {x.definition}" for x in [it, *picked]]
+        order = list(range(len(options)))
+        rng.shuffle(order)
+        rows.append({**definition_row(it), "choices": [options[i] for i in order], "answer": order.index(0)})
+    return rows
 
 
 # --- the Jargon File --------------------------------------------------------------------------------------------
@@ -295,14 +328,16 @@ def _jargon_files(src: str | Path) -> tuple[str, bytes]:
 
 
 def build(wordnet: str | Path, jargon: str | Path, out: str | Path, *, seed: int = 0, n_train: int = 3000,
-          n_eval: int = 150, n_general: int = 60, sources: dict[str, Any] | None = None) -> dict[str, Any]:
+          n_eval: int = 150, n_general: int = 60, n_choice: int = 0,
+          sources: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the task's files into ``out``; returns the build summary (also written as ``definitions_build.json``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     items = parse_wordnet(read_source(wordnet, WORDNET_FILES))
-    train, held = split_items(items, n_train=n_train, n_eval=n_eval, seed=seed)
-    if len(held) < n_eval or len(train) < n_train:
-        raise ValueError(f"only {len(train)} train / {len(held)} eval items (asked {n_train} / {n_eval})")
+    train, held, choice = split_items(items, n_train=n_train, n_eval=n_eval, seed=seed, n_choice=n_choice)
+    if len(held) < n_eval or len(train) < n_train or len(choice) < n_choice:
+        raise ValueError(f"only {len(train)} train / {len(held)} eval / {len(choice)} choice items (asked "
+                         f"{n_train} / {n_eval} / {n_choice})")
     index, body = _jargon_files(jargon)
     general = general_rows(parse_jargon(index, body), n=n_general, seed=seed)
     if len(general) < n_general:
@@ -310,6 +345,8 @@ def build(wordnet: str | Path, jargon: str | Path, out: str | Path, *, seed: int
     files = {f"{TASK}_train.jsonl": [definition_row(i) for i in train],
              f"{TASK}_eval.jsonl": [definition_row(i) for i in held],
              f"{TASK}_heldout_general.jsonl": general}
+    if n_choice:
+        files[f"{TASK}_choice.jsonl"] = choice_rows(choice, seed)
     for name, rows in files.items():
         (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     (out / f"{TASK}.LICENSE").write_text(LICENSE_TEXT, encoding="utf-8")
@@ -386,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=int, default=3000)
     ap.add_argument("--eval", type=int, default=150)
     ap.add_argument("--general", type=int, default=60)
+    ap.add_argument("--choice", type=int, default=600, help="held-out words of the 4-way gloss choice set")
     a = ap.parse_args(argv)
     wordnet, jargon = a.wordnet, a.jargon
     if a.download:
@@ -398,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         sources[pkg] = {"version": PACKAGES[pkg][0], "file": src.name,
                         "sha256": sha256(src) if src.is_file() else None}
     summary = build(wordnet, jargon, a.out, seed=a.seed, n_train=a.train, n_eval=a.eval, n_general=a.general,
-                    sources=sources)
+                    n_choice=a.choice, sources=sources)
     print(json.dumps(summary, indent=1))
     return 0
 

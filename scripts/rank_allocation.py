@@ -3,7 +3,8 @@
     .venv/bin/python scripts/rank_allocation.py --out reports/rank-allocation     (~5 min on 1 CPU thread)
 
 Writes OUT/results.json (every run's final rank per linear, KL before/after) and OUT/report.md (the claim's
-rule, verdict and numbers, from lorakit.evaluation.claims.claim_rank_allocation).
+rule, verdict and numbers, from lorakit.evaluation.claims.claim_rank_allocation, and the comparison with a uniform
+fixed-rank LoRA at the same budget, claim_dynamic_rank).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 
 from lorakit.evaluation import rank_allocation as ra
-from lorakit.evaluation.claims import claim_rank_allocation
+from lorakit.evaluation.claims import claim_dynamic_rank, claim_rank_allocation
+from lorakit.evaluation.evidence import Evidence
 from lorakit.evaluation.compare import host_info
 from lorakit.util.files import write_json, write_text
 
@@ -34,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     res = ra.run(seeds=a.seeds, steps=a.steps, length=a.length, log=lambda m: print(m, flush=True))
     claim = claim_rank_allocation(res)
+    versus = claim_dynamic_rank(Evidence({"experiments": {"rank_allocation": res}}), {})
     command = "python scripts/rank_allocation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    res.update(command=command.strip(), host=host_info(), wall_s=round(time.perf_counter() - t0, 1), claim=claim)
+    res.update(command=command.strip(), host=host_info(), wall_s=round(time.perf_counter() - t0, 1), claim=claim,
+               claim_fixed_rank=versus)
     write_json(out / "results.json", res, indent=1, allow_nan=False)
     st = res["settings"]
     lines = [f"# {claim['claim']}", "", f"Made by `{res['command']}` ({res['wall_s']:.0f} s).", "",
@@ -50,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in res["runs"]:
         lines.append(f"| {r['rank']} | {r['seed']} | " + " | ".join(str(r["ranks"][m]) for m in st["relevant"])
                      + f" | {r['other_mean_rank']:.2f} | {r['budget']} |")
+    lines += ["", f"# {versus['claim']}", "", f"**Verdict: {versus['verdict']}**", "", f"Rule: {versus['rule']}.",
+              "", *[f"- {n}" for n in versus["numbers"]]]
     write_text(out / "report.md", "\n".join(lines) + "\n")
-    print(f"{claim['verdict']}\nwrote {out / 'results.json'}, {out / 'report.md'}")
+    print(f"{claim['verdict']}\n{versus['verdict']}\nwrote {out / 'results.json'}, {out / 'report.md'}")
     return 0
 
 

@@ -347,3 +347,46 @@ def test_pruned_is_no_worse_than_fixed_rank_lora_at_the_same_budget() -> None:
     print(f"\nvalidation loss (1.0 = untrained): rank1-sum pruned to {ranks}: {pruned:.5f}; "
           f"LoRA r=1 everywhere: {lora:.5f}")
     assert pruned <= lora * 1.05
+
+
+def test_a_short_run_still_re_masks_many_times() -> None:
+    """t_init/t_final as fractions of a 60-step run leave a 36-step cubic phase: with interval 10 that was 3
+    re-masks, a step function; min_remasks (20) makes it every step here."""
+    model = tiny_llama()
+    lorakit.attach(model, "rank1-sum", r_init=4, target_rank=2)
+    pruner = RankPruner(model, total_steps=60)
+    assert (pruner.t_init, pruner.t_end, pruner.interval) == (6, 42, 1)
+    long = RankPruner(model, total_steps=2000)
+    assert long.interval == 10  # a long run keeps the configured interval
+    budgets = {pruner.budget(t) for t in range(pruner.t_init, pruner.t_end + 1)}
+    assert len(budgets) > 10
+
+
+def test_adalora_mode_keeps_masked_components_training_and_lets_them_return() -> None:
+    """mode="adalora": outside the budget a component's gate is zeroed, not its mask: it still trains and is
+    scored, comes back at a later re-mask when its score rises, and the final budget is met exactly (then shrunk)."""
+    model = tiny_llama()
+    lorakit.attach(model, "rank1-sum", r_init=4, target_rank=2, mode="adalora", t_init=2, t_final=2, interval=1,
+                   orth_reg=0.0)
+    _perturb(model)
+    model.train()
+    batch = batch_for(model, seq=12)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    pruner = RankPruner(model, total_steps=14, optimizer=opt)
+    layers = adapter_modules(model)
+    while pruner.t <= pruner.t_init:
+        _train_step(model, batch, opt, pruner)
+    assert all(int(a.mask.sum()) == 4 for a in layers.values())  # nothing is pruned before the end
+    assert sum(pruner.ranks().values()) == pruner.budget(pruner.t) < 4 * len(layers)
+    target, a = next((t, a) for t, a in layers.items() if bool((a.gate == 0).any()))
+    out = int((a.gate == 0).nonzero()[0])
+    # its importance rises (as if the data now needed it): it must be back in the budget after the next re-mask
+    for store in (pruner._ema, pruner._unc):
+        for k, v in store[target].items():
+            v.select(0 if k != "lora_B" else 1, out).fill_(1e3)
+    _train_step(model, batch, opt, pruner)
+    assert float(a.gate[out]) != 0.0  # trained on and kept: it came back
+    while not pruner.finished:
+        _train_step(model, batch, opt, pruner)
+    assert sum(pruner.ranks().values()) == 2 * len(layers)
+    assert all(x.gate.numel() == x.rank for x in layers.values())  # shrunk to the final budget

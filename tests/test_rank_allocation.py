@@ -24,6 +24,11 @@ def test_experiment_runs_and_reports(tmp_path: Path) -> None:
     for r in res["runs"]:
         assert r["kl_before"] > 0 and r["budget"] == 2 * len(r["ranks"]) == 56  # target_rank 2 x 28 linears
         assert r["relevant_rank"] == sum(r["ranks"][m] for m in res["settings"]["relevant"])
+    fixed = res["fixed_rank_runs"]
+    assert [(r["rank"], r["seed"], r["method"], r["r"]) for r in fixed] == [(6, 0, "lora", 2)]
+    # the same rank budget (2 x 28 linears); the parameters differ with where rank1-sum put its rank
+    assert res["fixed_rank"]["lora_params"] > 0 and res["fixed_rank"]["rank1_sum_params"] > 0
+    assert res["claim_fixed_rank"]["verdict"].startswith("inconclusive (one seed")
     assert res["claim"]["id"] == "rank-allocation"
     assert res["claim"]["verdict"].startswith("inconclusive (one seed")  # one seed per version: no spread
     assert "## Final rank per linear" in (out / "report.md").read_text()

@@ -125,6 +125,21 @@ def test_builder_rows_and_filters(sources: tuple[Path, Path], tmp_path: Path) ->
     assert all(r["text"].endswith(".") and len(r["text"]) <= 700 for r in general)
 
 
+def test_choice_items_are_held_out_with_same_pos_distractors(sources: tuple[Path, Path], tmp_path: Path) -> None:
+    builder.build(*sources, tmp_path / "c", seed=0, n_train=40, n_eval=10, n_general=8, n_choice=8)
+    plain = _build(sources, tmp_path / "plain")
+    for name in (f"{TASK}_train.jsonl", f"{TASK}_eval.jsonl"):  # the choice set comes after both: they are unchanged
+        assert (tmp_path / "c" / name).read_bytes() == plain[name]
+    train, held = _rows(tmp_path / "c" / f"{TASK}_train.jsonl"), _rows(tmp_path / "c" / f"{TASK}_eval.jsonl")
+    choice = _rows(tmp_path / "c" / f"{TASK}_choice.jsonl")
+    assert len(choice) == 8 and not {r["word"] for r in choice} & {r["word"] for r in train + held}
+    glosses = {r["completion"] for r in choice}
+    for r in choice:
+        assert len(r["choices"]) == 4 and r["choices"][r["answer"]] == r["completion"]
+        others = [c for i, c in enumerate(r["choices"]) if i != r["answer"]]
+        assert all(c in glosses and c != r["completion"] for c in others)  # other choice words' glosses
+
+
 def test_eval_items_are_disjoint_from_training(sources: tuple[Path, Path], tmp_path: Path) -> None:
     for seed in range(5):
         out = tmp_path / f"s{seed}"

@@ -28,7 +28,7 @@ from lorakit.errors import ConfigError, LorakitError
 from lorakit.evaluation import tasks as task_data
 from lorakit.evaluation.bench import run_bench
 from lorakit.evaluation.bench_results import WORKLOADS
-from lorakit.evaluation.compare import RESULTS_FILE, run_compare
+from lorakit.evaluation.compare import RESULTS_FILE, experiments, run_compare
 from lorakit.evaluation.compare_config import load_compare_config
 from lorakit.evaluation.demo import DEMO_METHOD, DEMO_STEPS, DEMO_TASK, DEMO_TASKS, run_bundled_demo
 from lorakit.evaluation.report import write_report
@@ -419,7 +419,8 @@ def compare(
     seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (overrides compare.seeds); "
                                               "several give mean and spread.")] = None,
     report_only: Annotated[bool, typer.Option("--report-only", help="Only rebuild the report from "
-                                              "OUT/results.json.")] = False,
+                                              "OUT/results.json (with the config's compare.experiments as they "
+                                              "are now).")] = False,
 ) -> int:
     """Fine-tune several methods with the same data, steps, seed and budget, and write a comparison report.
 
@@ -430,7 +431,12 @@ def compare(
         path = out / RESULTS_FILE
         if not path.is_file():
             raise ConfigError(f"--report-only: {path} does not exist")
-        files = write_report(read_json(path, "comparison results"), out)
+        results = read_json(path, "comparison results")
+        if config.is_file():  # the experiments may have run after the comparison
+            exps = load_compare_config(config, list(overrides or [])).compare.experiments
+            results["experiments"] = experiments(exps)
+            results.setdefault("compare", {})["experiments"] = {k: v["path"] for k, v in results["experiments"].items()}
+        files = write_report(results, out)
         say("report written: " + ", ".join(str(f) for f in files))
         return 0
     extra = list(overrides or [])

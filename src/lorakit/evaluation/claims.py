@@ -1,23 +1,14 @@
-"""Summary statistics of a comparison and the verdicts on the method papers' claims.
+"""The method papers' claims, each checked against a comparison's numbers with a rule fixed before the run.
 
-Every claim is checked with the numbers of ``results.json`` and gets a verdict: ``supported``,
-``refuted`` or ``inconclusive (why)``. The decision rules are fixed here, before any run, and printed in the
-report next to each verdict, so a claim our numbers refute is reported as refuted:
+Every claim gets ``{"id", "claim", "source", "rule", "verdict", "numbers"}``; the verdict is ``supported``,
+``refuted``, ``not reproduced at this budget (...)``, ``not reproduced in this setting (...)`` or ``inconclusive
+(why)``. Quality comparisons follow :mod:`lorakit.evaluation.evidence` (paired by seed and item, equivalence by
+TOST within declared margins, Holm's correction over the report's tests, "refuted" only for a gap that held across
+budgets on a model of the paper's kind); cost claims (parameters, activation bytes, time, memory, latency) have
+their own thresholds, stated in each rule.
 
-* **Task quality** is judged on exact-match accuracy (higher is better), token F1 of greedy generations when
-  measured (higher is better; free-text tasks) and the eval loss on the completions (lower is better). A
-  difference counts only beyond its noise margin, which comes from the measured seed-to-seed spread:
-  ``t95(df) sqrt(s1^2/k1 + s2^2/k2)`` (Welch's two-sided 95% interval of the difference of two means over ``k``
-  seeds each, ``s`` their sample standard deviations), at least 1% of the loss; for accuracy at least the
-  binomial ``2 sqrt(p1 (1-p1)/n1 + p2 (1-p2)/n2)`` too (``n`` = examples x seeds, ``p`` smoothed as
-  ``(correct+1)/(n+2)``), for token F1 at least 0.01. With one seed the spread is unmeasured and no quality
-  verdict is given. Accuracy is left out when both are below 5% (floor).
-* "A beats B": supported if a metric is better beyond noise and none is worse; refuted if one is worse and
-  none better; otherwise inconclusive. "A matches B": the same, except that both metrics within noise is
-  supported (a match).
-* **Setting**: a paper's claim our numbers contradict on a model more than 10x smaller than the paper's
-  smallest is reported as "not reproduced in this setting", not "refuted": the claim was not tested where
-  it was made.
+:func:`evaluate_claims` evaluates every claim twice: the first pass registers the tests, Holm's procedure decides
+them together, the second pass gives the verdicts.
 """
 
 from __future__ import annotations
@@ -27,32 +18,32 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-#: Logged training losses averaged for "final train loss", and the smoothing window of the LoRA+ check.
-TAIL = 10
-ACC_FLOOR = 0.05
+from lorakit.evaluation.evidence import (
+    TAIL,
+    UNMEASURED,
+    Evidence,
+    combine,
+    in_setting,
+    mean_curve,
+    quality,
+    smooth,
+    stat,
+    summarize,
+)
+from lorakit.evaluation.stats import t_quantile
+
 LOSS_REL_TOL = 0.01
-#: The smallest token-F1 difference that counts (absolute).
-F1_TOL = 0.01
-#: Two-sided 95% critical values of Student's t by degrees of freedom (the largest tabulated df <= the actual one
-#: is used: conservative); beyond 30, 2.0.
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
-#: A model this many times smaller than the paper's smallest turns "refuted" into "not reproduced in this setting".
-SCALE_GAP = 10
-UNMEASURED = ("inconclusive (one seed per method: the seed-to-seed spread is unmeasured; run compare.seeds "
-              "with 3 or more)")
+#: Two-sided 95% critical values of Student's t (kept for the unpaired rank-allocation rule).
 
 
 def t95(df: float) -> float:
-    """Two-sided 95% critical value of Student's t with ``df`` degrees of freedom (see :data:`_T95`)."""
-    if df >= 31:
-        return 2.0
-    return _T95[max(k for k in _T95 if k <= max(1.0, df))]
+    """Two-sided 95% critical value of Student's t with ``df`` degrees of freedom."""
+    return t_quantile(0.975, max(1.0, df))
 
 
 def welch_margin(sa: dict[str, Any], sb: dict[str, Any]) -> float | None:
-    """Half-width of Welch's 95% interval of ``mean_a - mean_b`` from two :func:`_stat` entries, or ``None`` when
-    either has fewer than two values (no spread measured)."""
+    """Half-width of Welch's 95% interval of ``mean_a - mean_b`` (unpaired: two different experiments), or ``None``
+    when either side has fewer than two values."""
     if sa["n"] < 2 or sb["n"] < 2:
         return None
     va, vb = sa["std"] ** 2 / sa["n"], sb["std"] ** 2 / sb["n"]
@@ -63,200 +54,14 @@ def welch_margin(sa: dict[str, Any], sb: dict[str, Any]) -> float | None:
     return t95(df) * math.sqrt(se2)
 
 
-# --- summary --------------------------------------------------------------------------------------------------
-def _stat(values: Sequence[float]) -> dict[str, Any] | None:
-    vals = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
-    if not vals:
-        return None
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "min": min(vals), "max": max(vals), "n": len(vals), "values": vals}
+# --- helpers ------------------------------------------------------------------------------------------------------
+def _claim(cid: str, title: str, source: str, rule: str, verdict: str, numbers: list[str]) -> dict[str, Any]:
+    return {"id": cid, "claim": title, "source": source, "rule": rule, "verdict": verdict, "numbers": numbers}
 
 
-def final_train_loss(run: dict[str, Any]) -> float | None:
-    """Mean of the last :data:`TAIL` logged training losses (one step's loss is one batch's noise)."""
-    losses = [loss for _, loss in run.get("train_loss") or []]
-    return statistics.fmean(losses[-TAIL:]) if losses else None
-
-
-def run_metrics(run: dict[str, Any], base: dict[str, Any] | None) -> dict[str, float | None]:
-    """The per-run numbers of the report table (``forgetting`` relative to the base model)."""
-    base = base or {}
-    heldout, base_heldout = run.get("heldout_loss"), base.get("heldout_loss")
-    before, peak = run.get("rss_before_train_bytes"), run.get("peak_rss_bytes")
-    return {
-        "trainable_params": run.get("trainable_params"),
-        "adapter_bytes": run.get("adapter_bytes"),
-        "final_train_loss": final_train_loss(run),
-        "eval_loss": run.get("eval_loss"),
-        "accuracy": run.get("accuracy"),
-        "token_f1": run.get("token_f1"),
-        "correct": run.get("correct"),
-        "examples": run.get("examples"),
-        "forgetting": heldout - base_heldout if heldout is not None and base_heldout is not None else None,
-        "heldout_loss": heldout,
-        "step_time_s": run.get("step_time_s"),
-        "peak_rss_bytes": run.get("peak_rss_bytes"),
-        "train_rss_increase_bytes": peak - before if peak is not None and before is not None else None,
-        "peak_gpu_bytes": run.get("peak_gpu_bytes"),
-        "saved_activation_bytes": run.get("saved_activation_bytes"),
-    }
-
-
-def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{label: {metric: stat or None, "runs": n_ok, "failed": [errors]}}`` over the seeds of each label."""
-    out: dict[str, dict[str, Any]] = {}
-    for label in results["labels"]:
-        runs = [r for r in results["runs"] if r["label"] == label]
-        ok = [r for r in runs if r.get("ok")]
-        per_run = [run_metrics(r, results.get("base")) for r in ok]
-        entry: dict[str, Any] = {"runs": len(ok), "failed": [r.get("error", "?") for r in runs if not r.get("ok")]}
-        keys = per_run[0].keys() if per_run else run_metrics({}, None).keys()
-        for key in keys:
-            entry[key] = _stat([m[key] for m in per_run if m[key] is not None])
-        out[label] = entry
-    return out
-
-
-def mean_curve(results: dict[str, Any], label: str) -> list[tuple[int, float]]:
-    """The training-loss curve of ``label`` averaged over its seeds (steps every seed logged)."""
-    curves = [dict((int(s), float(v)) for s, v in r.get("train_loss") or [])
-              for r in results["runs"] if r["label"] == label and r.get("ok")]
-    if not curves:
-        return []
-    steps = sorted(set.intersection(*(set(c) for c in curves)))
-    return [(s, statistics.fmean(c[s] for c in curves)) for s in steps]
-
-
-def smooth(curve: Sequence[tuple[int, float]], window: int = TAIL) -> list[tuple[int, float]]:
-    """Trailing mean over ``window`` points (the first points average what exists)."""
-    out, vals = [], [v for _, v in curve]
-    for i, (s, _) in enumerate(curve):
-        chunk = vals[max(0, i - window + 1):i + 1]
-        out.append((s, statistics.fmean(chunk)))
-    return out
-
-
-# --- comparisons ------------------------------------------------------------------------------------------------
 def _mean(summary: dict[str, Any], label: str, key: str) -> float | None:
     s = summary.get(label, {}).get(key)
     return s["mean"] if s else None
-
-
-def compare_accuracy(summary: dict[str, Any], a: str, b: str) -> dict[str, Any] | None:
-    """``a`` vs ``b`` in accuracy: ``{"diff", "margin", "outcome"}`` (better/worse/tie), ``None`` if unusable."""
-    sa, sb = summary.get(a, {}), summary.get(b, {})
-    if not (sa.get("accuracy") and sb.get("accuracy") and sa.get("correct") and sb.get("correct")):
-        return None
-    pa, pb = sa["accuracy"]["mean"], sb["accuracy"]["mean"]
-    if max(pa, pb) < ACC_FLOOR:
-        return {"diff": pa - pb, "margin": None, "outcome": "floor"}
-    spread = welch_margin(sa["accuracy"], sb["accuracy"])
-    if spread is None:
-        return {"diff": pa - pb, "margin": None, "outcome": "unmeasured"}
-    na = sum(sa["examples"]["values"])
-    nb = sum(sb["examples"]["values"])
-    qa = (sum(sa["correct"]["values"]) + 1) / (na + 2)
-    qb = (sum(sb["correct"]["values"]) + 1) / (nb + 2)
-    binomial = 2 * math.sqrt(qa * (1 - qa) / na + qb * (1 - qb) / nb)
-    return _outcome(pa - pb, max(spread, binomial), higher_better=True)
-
-
-def compare_loss(summary: dict[str, Any], a: str, b: str, key: str = "eval_loss") -> dict[str, Any] | None:
-    """``a`` vs ``b`` on a loss (lower is better), margin ``max(Welch 95% half-width over seeds, 1%)``;
-    outcome ``"unmeasured"`` with fewer than two seeds on either side."""
-    sa, sb = summary.get(a, {}).get(key), summary.get(b, {}).get(key)
-    if not sa or not sb:
-        return None
-    spread = welch_margin(sa, sb)
-    if spread is None:
-        return {"diff": sa["mean"] - sb["mean"], "margin": None, "outcome": "unmeasured"}
-    margin = max(spread, LOSS_REL_TOL * abs(sb["mean"]))
-    return _outcome(sa["mean"] - sb["mean"], margin, higher_better=False)
-
-
-def compare_f1(summary: dict[str, Any], a: str, b: str) -> dict[str, Any] | None:
-    """``a`` vs ``b`` in token F1 (higher is better), margin ``max(Welch 95% half-width over seeds,
-    F1_TOL)``; ``"unmeasured"`` with fewer than two seeds on either side, ``None`` if either has no F1."""
-    sa, sb = summary.get(a, {}).get("token_f1"), summary.get(b, {}).get("token_f1")
-    if not sa or not sb:
-        return None
-    spread = welch_margin(sa, sb)
-    if spread is None:
-        return {"diff": sa["mean"] - sb["mean"], "margin": None, "outcome": "unmeasured"}
-    return _outcome(sa["mean"] - sb["mean"], max(spread, F1_TOL), higher_better=True)
-
-
-def _outcome(diff: float, margin: float, *, higher_better: bool) -> dict[str, Any]:
-    signed = diff if higher_better else -diff
-    outcome = "better" if signed > margin else "worse" if signed < -margin else "tie"
-    return {"diff": diff, "margin": margin, "outcome": outcome}
-
-
-def quality_verdict(summary: dict[str, Any], a: str, b: str, *, kind: str) -> tuple[str, str]:
-    """``(verdict, numbers)`` for "``a`` beats ``b``" (``kind="beats"``) or "``a`` matches ``b``"."""
-    acc, loss = compare_accuracy(summary, a, b), compare_loss(summary, a, b)
-    parts, outcomes = [], []
-    unmeasured = False
-    if acc is not None and acc["outcome"] == "floor":
-        parts.append(f"accuracy {100 * acc['diff']:+.1f} points (both below {ACC_FLOOR:.0%}: not used)")
-    elif acc is not None and acc["outcome"] == "unmeasured":
-        parts.append(f"accuracy {100 * acc['diff']:+.1f} points (one seed: no margin)")
-        unmeasured = True
-    elif acc is not None:
-        parts.append(f"accuracy {100 * acc['diff']:+.1f} ± {100 * acc['margin']:.1f} points ({acc['outcome']})")
-        outcomes.append(acc["outcome"])
-    for name, res, fmt in (("token F1", compare_f1(summary, a, b), "{:+.3f}"), ("eval loss", loss, "{:+.4f}")):
-        if res is None:
-            continue
-        if res["outcome"] == "unmeasured":
-            parts.append(f"{name} {fmt.format(res['diff'])} (one seed: no margin)")
-            unmeasured = True
-        else:
-            parts.append(f"{name} {fmt.format(res['diff'])} ± {fmt.format(res['margin']).lstrip('+')} "
-                         f"({res['outcome']})")
-            outcomes.append(res["outcome"])
-    text = f"{a} vs {b}: " + "; ".join(parts) if parts else f"{a} vs {b}: no numbers"
-    if unmeasured:
-        return UNMEASURED, text
-    if not outcomes:
-        return "inconclusive (no usable numbers)", text
-    if "better" in outcomes and "worse" in outcomes:
-        return "inconclusive (the metrics disagree)", text
-    if "worse" in outcomes:
-        return "refuted", text
-    if "better" in outcomes:
-        return "supported", text
-    return ("supported", text) if kind == "matches" else ("inconclusive (difference within noise)", text)
-
-
-def combine(verdicts: Sequence[str]) -> str:
-    """All supported -> supported; any refuted -> refuted; else the first inconclusive reason."""
-    if any(v == "refuted" for v in verdicts):
-        return "refuted"
-    if all(v == "supported" for v in verdicts):
-        return "supported"
-    return next(v for v in verdicts if not v == "supported")
-
-
-def model_params(results: dict[str, Any]) -> int | None:
-    """The compared model's parameter count (the largest ``total_params`` a run reported)."""
-    counts = [r.get("total_params") for r in results.get("runs", []) if r.get("total_params")]
-    return max(counts) if counts else None
-
-
-def in_setting(verdict: str, results: dict[str, Any], paper_params: float, paper: str) -> str:
-    """``verdict``, except that "refuted" on a model :data:`SCALE_GAP` x smaller than ``paper_params`` (the
-    smallest model the claim was shown on) becomes "not reproduced in this setting (...)"."""
-    n = model_params(results)
-    if verdict != "refuted" or not n or n * SCALE_GAP > paper_params:
-        return verdict
-    return (f"not reproduced in this setting (a {n / 1e6:.1f}M-parameter model; the claim was shown on "
-            f"{paper}, {paper_params / 1e6:.0f}M and larger)")
-
-
-# --- the claims -------------------------------------------------------------------------------------------------
-def _claim(cid: str, title: str, source: str, rule: str, verdict: str, numbers: list[str]) -> dict[str, Any]:
-    return {"id": cid, "claim": title, "source": source, "rule": rule, "verdict": verdict, "numbers": numbers}
 
 
 def _missing(summary: dict[str, Any], labels: Sequence[str]) -> str | None:
@@ -279,32 +84,185 @@ def _fmt(summary: dict[str, Any], labels: Sequence[str], key: str, fmt: str) -> 
 
 
 def _quality_lines(summary: dict[str, Any], labels: Sequence[str]) -> list[str]:
-    f1 = any(_mean(summary, lab, "token_f1") is not None for lab in labels)
-    return ["accuracy: " + _fmt(summary, labels, "accuracy", "{:.3f}"),
-            *(["token F1: " + _fmt(summary, labels, "token_f1", "{:.3f}")] if f1 else []),
-            "eval loss: " + _fmt(summary, labels, "eval_loss", "{:.4f}")]
+    out = []
+    for key, name, fmt in (("choice_accuracy", "choice accuracy", "{:.3f}"), ("choice_loss", "choice-set loss",
+                                                                              "{:.4f}"),
+                           ("accuracy", "accuracy", "{:.3f}"), ("eval_loss", "eval loss", "{:.4f}")):
+        if any(_mean(summary, lab, key) is not None for lab in labels):
+            out.append(f"{name} (mean over seeds): " + _fmt(summary, labels, key, fmt))
+    return out
 
 
-def claim_lora_sb(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+QUALITY_RULE = "quality rules of the report (paired by seed and item, Holm-corrected; 'matches' by TOST)"
+
+
+# --- quality claims -------------------------------------------------------------------------------------------------
+def claim_lora_sb(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
     labels = ["lora", "lora-xs", "lora-sb"]
     title = ("LoRA-SB matches or beats LoRA with 27-90x fewer trainable parameters, and beats LoRA-XS at the "
              "same parameter count")
     src = "Ponkshe, Singhal et al. 2024, https://arxiv.org/abs/2411.19557 (abstract)"
-    rule = "LoRA-SB matches LoRA and beats LoRA-XS (quality rules above); the parameter ratio must lie in 27-90x"
+    rule = f"LoRA-SB matches LoRA and beats LoRA-XS ({QUALITY_RULE}); the parameter ratio must lie in 27-90x"
     why = _missing(s, labels)
     if why:
         return _claim("lora-sb", title, src, rule, why, [])
     p = {lab: _mean(s, lab, "trainable_params") or 0.0 for lab in labels}
     ratio = p["lora"] / p["lora-sb"] if p["lora-sb"] else math.inf
-    v1, t1 = quality_verdict(s, "lora-sb", "lora", kind="matches")
-    v2, t2 = quality_verdict(s, "lora-sb", "lora-xs", kind="beats")
-    verdict = in_setting(combine([v1, v2]), results, 355e6, "RoBERTa-large to Mistral-7B")
+    paper = (3e9, "Llama-3.2-3B, Mistral-7B and Gemma-2-9B (its generative tasks)")
+    v1, t1 = quality(ev, "lora-sb", "lora", kind="matches", paper_params=paper[0], paper=paper[1])
+    v2, t2 = quality(ev, "lora-sb", "lora-xs", kind="beats", paper_params=paper[0], paper=paper[1])
+    verdict = combine([v1, v2])
     if not 27 <= ratio <= 90 and verdict == "supported":
         verdict = f"inconclusive (parameter ratio {ratio:.1f}x is outside 27-90x)"
+    eta = (ev.results.get("methods") or {}).get("lora-sb", {}).get("eta")
     nums = [f"trainable parameters: {', '.join(f'{lab} {p[lab]:,.0f}' for lab in labels)} "
-            f"(LoRA / LoRA-SB = {ratio:.1f}x)", *_quality_lines(s, labels),
-            f"{t1} -> matches LoRA: {v1}", f"{t2} -> beats LoRA-XS: {v2}"]
+            f"(LoRA / LoRA-SB = {ratio:.1f}x); LoRA-SB eta {eta if eta is not None else 'lr / warmup steps'}",
+            *_quality_lines(s, labels), f"matches LoRA: {v1}", *t1, f"beats LoRA-XS: {v2}", *t2]
     return _claim("lora-sb", title, src, rule, verdict, nums)
+
+
+def claim_vera(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
+    title = "VeRA trains 10x fewer parameters than LoRA while matching its quality"
+    src = "Kopiczko et al. 2023, https://arxiv.org/abs/2310.11454 (abstract: 10x fewer trainable parameters)"
+    rule = ("count: per layer LoRA trains r (d_in + d_out) and VeRA r_vera + d_out, so the ratio is a function of "
+            "the layer widths: supported if >= 10 at this model's widths, 'not reproduced in this setting' if the "
+            f"widths are below those where the formula reaches 10; quality: VeRA matches LoRA ({QUALITY_RULE})")
+    why = _missing(s, ["lora", "vera"])
+    if why:
+        return _claim("vera", title, src, rule, why, [])
+    results = ev.results
+    pl, pv = _mean(s, "lora", "trainable_params") or 0.0, _mean(s, "vera", "trainable_params") or 0.0
+    ratio = pl / pv if pv else math.inf
+    r_lora = int(results["methods"].get("lora", {}).get("r") or 8)
+    r_vera = int(results["methods"].get("vera", {}).get("r") or 256)
+    width = vera_width_for(10, r_lora, r_vera)
+    here = vera_width_for(ratio, r_lora, r_vera) if ratio < 2 * r_lora else None
+    if ratio >= 10:
+        count = "supported"
+    elif width is None:
+        count = "refuted"
+    else:
+        count = (f"not reproduced in this setting (ratio {ratio:.1f}x at this model's widths, about {here:.0f} "
+                 f"wide as square layers; with LoRA r={r_lora} and VeRA r={r_vera} it reaches 10x from "
+                 f"{width:.0f} wide)" if here is not None else "refuted")
+    v, t = quality(ev, "vera", "lora", kind="matches", paper_params=355e6, paper="GPT-2 Medium (its E2E generation)")
+    nums = [f"trainable parameters: lora {pl:,.0f}, vera {pv:,.0f} (ratio {ratio:.1f}x)",
+            f"formula, square d x d layers: ratio = {r_lora} 2d / ({r_vera} + d): 10x from d = "
+            + (f"{width:.0f}" if width is not None else "never") + "; e.g. "
+            + ", ".join(f"{2 * r_lora * d / (r_vera + d):.1f}x at {d}" for d in (256, 768, 4096)),
+            *_quality_lines(s, ["lora", "vera"]), f"matches LoRA: {v}", *t]
+    return _claim("vera", title, src, rule, combine([count, v]), nums)
+
+
+def claim_rank1_sum(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
+    title = "Rank-1 Sum LoRA (pruned to an average rank r) matches fixed-rank LoRA with rank r"
+    src = "the seed article (dynamic rank), with AdaLoRA (https://arxiv.org/abs/2303.10512) as the reference"
+    rule = f"rank1-sum matches LoRA ({QUALITY_RULE}) with final trainable parameters within 10% of LoRA's"
+    why = _missing(s, ["lora", "rank1-sum"])
+    if why:
+        return _claim("rank1-sum", title, src, rule, why, [])
+    pl, pr = _mean(s, "lora", "trainable_params") or 0.0, _mean(s, "rank1-sum", "trainable_params") or 0.0
+    m = ev.results["methods"]
+    v, t = quality(ev, "rank1-sum", "lora", kind="matches", paper_params=406e6,
+                   paper="BART-large (AdaLoRA's summarization)")
+    r1 = m["rank1-sum"]
+    nums = [f"final trainable parameters: lora {pl:,.0f} (r={m['lora'].get('r')}), rank1-sum {pr:,.0f} "
+            f"(r_init={r1.get('r_init')}, target_rank={r1.get('target_rank')}, mode={r1.get('mode', 'prune')})",
+            *_quality_lines(s, ["lora", "rank1-sum"]), *t]
+    if pl and abs(pr - pl) > 0.1 * pl:
+        return _claim("rank1-sum", title, src, rule,
+                      f"inconclusive (budgets differ: {pr / pl:.2f}x LoRA's parameters)", nums)
+    return _claim("rank1-sum", title, src, rule, v, nums)
+
+
+def claim_delta_lora(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
+    title = "Delta-LoRA improves on LoRA's quality at the same number of trainable parameters"
+    src = "Zi et al. 2023, https://arxiv.org/abs/2309.02411 (abstract)"
+    rule = f"Delta-LoRA beats LoRA ({QUALITY_RULE}) with trainable parameters within 1% of LoRA's"
+    why = _missing(s, ["lora", "delta-lora"])
+    if why:
+        return _claim("delta-lora", title, src, rule, why, [])
+    pl, pd = _mean(s, "lora", "trainable_params") or 0.0, _mean(s, "delta-lora", "trainable_params") or 0.0
+    v, t = quality(ev, "delta-lora", "lora", kind="beats", paper_params=355e6,
+                   paper="GPT-2 Medium (its E2E generation)")
+    m = ev.results["methods"].get("delta-lora", {})
+    nums = [f"trainable parameters: lora {pl:,.0f}, delta-lora {pd:,.0f}; delta_start "
+            f"{m.get('delta_start', 'default (10% of the run)')}, delta_lambda {m.get('delta_lambda', 0.5)}",
+            *_quality_lines(s, ["lora", "delta-lora"]), *t]
+    if pl and abs(pd - pl) > 0.01 * pl:
+        return _claim("delta-lora", title, src, rule, f"inconclusive (budgets differ: {pd / pl:.2f}x)", nums)
+    return _claim("delta-lora", title, src, rule, v, nums)
+
+
+def claim_qlora(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
+    title = "QLoRA (LoRA on a 4-bit NF4 frozen base) matches 16-bit LoRA's quality"
+    src = ("Dettmers et al. 2023, https://arxiv.org/abs/2305.14314 (4-bit NormalFloat QLoRA replicates 16-bit LoRA "
+           "and full fine-tuning)")
+    rule = f"qlora matches lora ({QUALITY_RULE}) with the same adapter and learning rate"
+    why = _missing(s, ["lora", "qlora"])
+    if why:
+        return _claim("qlora", title, src, rule, why, [])
+    v, t = quality(ev, "qlora", "lora", kind="matches", paper_params=80e6,
+                   paper="T5 (80M-11B, generative Super-NaturalInstructions) and LLaMA 7B-65B")
+    q = ev.results["methods"].get("qlora", {}).get("quantize", "?")
+    return _claim("qlora", title, src, rule, v, [f"qlora: base quantized to {q}",
+                                                   *_quality_lines(s, ["lora", "qlora"]), *t])
+
+
+def claim_forgetting(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
+    title = "LoRA forgets less of the base model's pretraining than full fine-tuning"
+    src = "Biderman et al. 2024, \"LoRA Learns Less and Forgets Less\", https://arxiv.org/abs/2405.09673"
+    rule = ("forgetting = loss on general text no run trains on, after minus before. In a setting where full "
+            "fine-tuning measurably forgets (the `-hot` labels: higher learning rates; its forgetting significantly "
+            "above 0 by the paired seed t-test), and where LoRA's in-task quality matches full fine-tuning's "
+            "(choice-set loss equivalent within its margin, TOST), LoRA forgets less (paired difference of the "
+            "forgetting, significant, Holm-corrected); refuted if it forgets significantly more. The same pair at the "
+            "tuned learning rates is reported beside it")
+    pair = ("lora-hot", "full-hot") if "lora-hot" in s and "full-hot" in s else ("lora", "full")
+    why = _missing(s, list(pair))
+    if why:
+        return _claim("forgetting", title, src, rule, why, [])
+    a, b = pair
+    ra, rb = ev.runs(a), ev.runs(b)
+    seeds = sorted(set(ra) & set(rb))
+    base = (ev.results.get("base") or {}).get("heldout_loss")
+    fa = [ra[k].get("heldout_loss") for k in seeds]
+    fb = [rb[k].get("heldout_loss") for k in seeds]
+    if len(seeds) < 2 or None in fa + fb or base is None:
+        return _claim("forgetting", title, src, rule, UNMEASURED if len(seeds) < 2 else
+                      "inconclusive (forgetting not measured)", [])
+    from lorakit.evaluation.stats import paired_difference, t_test
+
+    d = paired_difference(fa, fb)
+    test = f"{a} vs {b}: forgetting differs"
+    ev.register(test, d.p)
+    forgets = t_test([x - base for x in fb], 0.0, "greater")
+    measurable = forgets <= 0.05
+    matched, tl = quality(ev, a, b, kind="matches", paper_params=7e9, paper="Llama-2-7B")
+    nums = [f"setting: {a} vs {b}; forgetting (nats/token): {a} {statistics.fmean(fa) - base:+.4f}, "
+            f"{b} {statistics.fmean(fb) - base:+.4f}; difference {d.diff:+.4f}, 95% [{d.ci95[0]:+.4f}, "
+            f"{d.ci95[1]:+.4f}], p {d.p:.3g}",
+            f"{b} forgets measurably: one-sided p {forgets:.3g}", f"in-task quality matched: {matched}", *tl]
+    for x, y in (("lora", "full"),) if pair != ("lora", "full") and "lora" in s and "full" in s else ():
+        rx, ry = ev.runs(x), ev.runs(y)
+        common = sorted(set(rx) & set(ry))
+        vx = [rx[k].get("heldout_loss") for k in common]
+        vy = [ry[k].get("heldout_loss") for k in common]
+        if len(common) >= 2 and None not in vx + vy:
+            dd = paired_difference(vx, vy)
+            nums.append(f"at the tuned learning rates: {x} - {y} forgetting {dd.diff:+.4f}, 95% [{dd.ci95[0]:+.4f}, "
+                        f"{dd.ci95[1]:+.4f}]")
+    if not measurable:
+        return _claim("forgetting", title, src, rule, "inconclusive (full fine-tuning does not measurably forget in "
+                      "this setting)", nums)
+    sig = ev.significant(test, d.p)
+    if sig and d.diff > 0:
+        return _claim("forgetting", title, src, rule, in_setting("refuted", ev.results, 7e9, "Llama-2-7B"), nums)
+    if matched != "supported":
+        return _claim("forgetting", title, src, rule, "inconclusive (in-task quality not shown matched: "
+                      + matched + ")", nums)
+    return _claim("forgetting", title, src, rule, "supported" if sig and d.diff < 0 else
+                  "inconclusive (no significant difference in forgetting)", nums)
 
 
 def claim_loraplus(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
@@ -329,12 +287,12 @@ def claim_loraplus(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]
     ratio = results["methods"].get("lora+", {}).get("training", {}).get("loraplus_ratio")
     nums = [f"LoRA+ ratio {ratio}; LoRA's final smoothed training loss {target:.4f} (tolerance {tol:.4f}), "
             f"reached at step {reach_lora}; LoRA+'s final smoothed loss {plus[-1][1]:.4f}",
-            "eval loss: " + _fmt(s, ["lora", "lora+"], "eval_loss", "{:.4f}"),
-            "accuracy: " + _fmt(s, ["lora", "lora+"], "accuracy", "{:.3f}")]
+            *_quality_lines(s, ["lora", "lora+"])]
     if reach_plus is None or reach_plus >= 1.1 * reach_lora:
         nums.append("LoRA+ never reached it" if reach_plus is None else
                     f"LoRA+ reached it at step {reach_plus} ({reach_plus / reach_lora:.2f}x LoRA's steps)")
-        return _claim("lora+", title, src, rule, in_setting("refuted", results, 124e6, "GPT-2 to Llama-7B"), nums)
+        return _claim("lora+", title, src, rule, in_setting("refuted", results, 7e9, "LLaMA-7B (its generative "
+                                                             "fine-tuning; GPT-2 and RoBERTa on GLUE)"), nums)
     nums.append(f"LoRA+ reached it at step {reach_plus}: {reach_lora / reach_plus:.2f}x fewer steps")
     verdict = "supported" if reach_plus <= 0.9 * reach_lora else \
         "inconclusive (within 10% of LoRA's steps, inside the tolerance of this rule)"
@@ -346,45 +304,12 @@ def _seed_curves(results: dict[str, Any], label: str) -> list[list[tuple[int, fl
             for r in results["runs"] if r["label"] == label and r.get("ok")]
 
 
+
 def vera_width_for(ratio: float, r_lora: int, r_vera: int) -> float | None:
     """Width ``d`` of square layers at which LoRA / VeRA trainable parameters equal ``ratio``: per layer
     ``r_lora 2d / (r_vera + d)`` (``None`` if no width reaches it: ``2 r_lora <= ratio``)."""
     return ratio * r_vera / (2 * r_lora - ratio) if 2 * r_lora > ratio else None
 
-
-def claim_vera(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
-    title = "VeRA trains 10x fewer parameters than LoRA while matching its quality"
-    src = "Kopiczko et al. 2023, https://arxiv.org/abs/2310.11454 (abstract: 10x fewer trainable parameters)"
-    rule = ("count: per layer LoRA trains r (d_in + d_out) and VeRA r_vera + d_out, so the ratio is a function of "
-            "the layer widths: supported if >= 10 at this model's widths, 'not reproduced in this setting' if the "
-            "widths are below those where the formula reaches 10; quality: VeRA matches LoRA (rules above)")
-    why = _missing(s, ["lora", "vera"])
-    if why:
-        return _claim("vera", title, src, rule, why, [])
-    pl, pv = _mean(s, "lora", "trainable_params") or 0.0, _mean(s, "vera", "trainable_params") or 0.0
-    ratio = pl / pv if pv else math.inf
-    r_lora = int(results["methods"].get("lora", {}).get("r") or 8)
-    r_vera = int(results["methods"].get("vera", {}).get("r") or 256)
-    width = vera_width_for(10, r_lora, r_vera)
-    here = vera_width_for(ratio, r_lora, r_vera) if ratio < 2 * r_lora else None
-    if ratio >= 10:
-        count = "supported"
-    elif width is None:
-        count = "refuted"
-    else:
-        count = (f"not reproduced in this setting (ratio {ratio:.1f}x at this model's widths, about {here:.0f} "
-                 f"wide as square layers; with LoRA r={r_lora} and VeRA r={r_vera} it reaches 10x from "
-                 f"{width:.0f} wide)" if here is not None else "refuted")
-    v, t = quality_verdict(s, "vera", "lora", kind="matches")
-    v = in_setting(v, results, 125e6, "RoBERTa-base to Llama-2-13B")
-    nums = [f"trainable parameters: lora {pl:,.0f}, vera {pv:,.0f} (ratio {ratio:.1f}x)",
-            f"formula, square d x d layers: ratio = {r_lora} 2d / ({r_vera} + d): 10x from d = "
-            + (f"{width:.0f}" if width is not None else "never") + "; e.g. "
-            + ", ".join(f"{2 * r_lora * d / (r_vera + d):.1f}x at {d}" for d in (256, 768, 4096)),
-            "adapter file: " + _fmt(s, ["lora", "vera"], "adapter_bytes", "{:,.0f} bytes")
-            + " (VeRA's file includes its shared frozen projections when save_projections is on)",
-            *_quality_lines(s, ["lora", "vera"]), f"{t} -> matches LoRA: {v}"]
-    return _claim("vera", title, src, rule, combine([count, v]), nums)
 
 
 def claim_lora_fa(s: dict[str, Any]) -> dict[str, Any]:
@@ -414,84 +339,6 @@ def _fmt_mb(s: dict[str, Any], labels: Sequence[str], key: str, fmt: str) -> str
     return ", ".join(f"{lab} " + (fmt.format(m / 2**20) if (m := _mean(s, lab, key)) is not None else "n/a")
                      for lab in labels if lab in s)
 
-
-def claim_forgetting(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
-    title = "LoRA forgets less of the base model's pretraining than full fine-tuning"
-    src = "Biderman et al. 2024, \"LoRA Learns Less and Forgets Less\", https://arxiv.org/abs/2405.09673"
-    rule = ("forgetting = loss on general text no run trains on (pretraining-like text the base model knows), "
-            "after minus before; supported if LoRA's is lower than "
-            "full fine-tuning's by more than max(Welch 95% half-width over seeds, 0.01 nats), refuted if higher by "
-            "as much; one seed: inconclusive")
-    why = _missing(s, ["lora", "full"])
-    if why:
-        return _claim("forgetting", title, src, rule, why, [])
-    fl, ff = s["lora"].get("forgetting"), s["full"].get("forgetting")
-    if not fl or not ff:
-        return _claim("forgetting", title, src, rule, "inconclusive (forgetting not measured)", [])
-    spread = welch_margin(fl, ff)
-    diff = fl["mean"] - ff["mean"]
-    margin = max(spread or 0.0, 0.01)
-    verdict = "supported" if diff < -margin else "refuted" if diff > margin else \
-        "inconclusive (difference within noise)"
-    verdict = UNMEASURED if spread is None else in_setting(verdict, results, 6.7e9, "Llama-2-7B")
-    nums = [f"forgetting (nats/token): lora {fl['mean']:+.4f}, full {ff['mean']:+.4f} "
-            f"(difference {diff:+.4f} ± {margin:.4f})",
-            "learning side, accuracy: " + _fmt(s, ["lora", "full"], "accuracy", "{:.3f}")
-            + "; eval loss: " + _fmt(s, ["lora", "full"], "eval_loss", "{:.4f}")]
-    return _claim("forgetting", title, src, rule, verdict, nums)
-
-
-def claim_rank1_sum(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
-    title = "Rank-1 Sum LoRA (pruned to an average rank r) matches fixed-rank LoRA with rank r"
-    src = "the seed article (dynamic rank), with AdaLoRA (https://arxiv.org/abs/2303.10512) as the reference"
-    rule = "rank1-sum matches LoRA (quality rules above) with final trainable parameters within 10% of LoRA's"
-    why = _missing(s, ["lora", "rank1-sum"])
-    if why:
-        return _claim("rank1-sum", title, src, rule, why, [])
-    pl, pr = _mean(s, "lora", "trainable_params") or 0.0, _mean(s, "rank1-sum", "trainable_params") or 0.0
-    m = results["methods"]
-    v, t = quality_verdict(s, "rank1-sum", "lora", kind="matches")
-    v = in_setting(v, results, 184e6, "DeBERTaV3-base (AdaLoRA)")
-    nums = [f"final trainable parameters: lora {pl:,.0f} (r={m['lora'].get('r')}), rank1-sum {pr:,.0f} "
-            f"(r_init={m['rank1-sum'].get('r_init')}, target_rank={m['rank1-sum'].get('target_rank')})",
-            *_quality_lines(s, ["lora", "rank1-sum"]), t]
-    if pl and abs(pr - pl) > 0.1 * pl:
-        return _claim("rank1-sum", title, src, rule,
-                      f"inconclusive (budgets differ: {pr / pl:.2f}x LoRA's parameters)", nums)
-    return _claim("rank1-sum", title, src, rule, v, nums)
-
-
-def claim_delta_lora(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
-    title = "Delta-LoRA improves on LoRA's quality at the same number of trainable parameters"
-    src = "Zi et al. 2023, https://arxiv.org/abs/2309.02411 (abstract)"
-    rule = "Delta-LoRA beats LoRA (quality rules above) with trainable parameters within 1% of LoRA's"
-    why = _missing(s, ["lora", "delta-lora"])
-    if why:
-        return _claim("delta-lora", title, src, rule, why, [])
-    pl, pd = _mean(s, "lora", "trainable_params") or 0.0, _mean(s, "delta-lora", "trainable_params") or 0.0
-    v, t = quality_verdict(s, "delta-lora", "lora", kind="beats")
-    m = results["methods"].get("delta-lora", {})
-    nums = [f"trainable parameters: lora {pl:,.0f}, delta-lora {pd:,.0f}; delta_start "
-            f"{m.get('delta_start', 'default (10% of the run)')}, delta_lambda {m.get('delta_lambda', 0.5)}",
-            *_quality_lines(s, ["lora", "delta-lora"]), t]
-    if pl and abs(pd - pl) > 0.01 * pl:
-        return _claim("delta-lora", title, src, rule, f"inconclusive (budgets differ: {pd / pl:.2f}x)", nums)
-    return _claim("delta-lora", title, src, rule, in_setting(v, results, 125e6, "RoBERTa-base to BART-large"),
-                  nums)
-
-
-def claim_qlora(results: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
-    title = "QLoRA (LoRA on a 4-bit NF4 frozen base) matches 16-bit LoRA's quality"
-    src = ("Dettmers et al. 2023, https://arxiv.org/abs/2305.14314 (4-bit NormalFloat QLoRA replicates 16-bit LoRA "
-           "and full fine-tuning)")
-    rule = "qlora matches lora (quality rules above) with the same adapter and learning rate"
-    why = _missing(s, ["lora", "qlora"])
-    if why:
-        return _claim("qlora", title, src, rule, why, [])
-    v, t = quality_verdict(s, "qlora", "lora", kind="matches")
-    q = results["methods"].get("qlora", {}).get("quantize", "?")
-    nums = [f"qlora: base quantized to {q}", *_quality_lines(s, ["lora", "qlora"]), t]
-    return _claim("qlora", title, src, rule, in_setting(v, results, 80e6, "T5 80M-11B and LLaMA 7B-65B"), nums)
 
 
 def _steps_to(curve: Sequence[tuple[int, float]], target: float) -> int | None:
@@ -526,6 +373,7 @@ def claim_lora_efficiency(results: dict[str, Any], s: dict[str, Any]) -> dict[st
             f"step {nf} x {tf:.3f} s = {time_f:.1f} s ({time_l / time_f:.2f}x)",
             f"{mem_key.replace('_', ' ')}: lora {ml / 2**20:.1f} MB, full {mf / 2**20:.1f} MB ({ml / mf:.2f}x)"]
     return _claim("lora-efficiency", title, src, rule, verdict, nums)
+
 
 
 def lr_grid(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -589,6 +437,7 @@ def claim_lr_sensitivity(results: dict[str, Any]) -> dict[str, Any]:
     return _claim("lr-sensitivity", title, src, rule, verdict, nums)
 
 
+
 def claim_rank_allocation(alloc: dict[str, Any]) -> dict[str, Any]:
     """The dynamic-rank claim on the controlled experiment of :mod:`lorakit.evaluation.rank_allocation`."""
     title = ("The dynamic-rank method (rank1-sum) gives more rank to the layers and the data that need it")
@@ -613,7 +462,7 @@ def claim_rank_allocation(alloc: dict[str, Any]) -> dict[str, Any]:
     mean_ratio = statistics.fmean(ratios)
     v_layers = "supported" if mean_ratio >= 2 and min(ratios) > 1 else "refuted" if mean_ratio <= 1 else \
         "inconclusive (changed linears get more, but not 2x in the mean or not in every seed)"
-    sh, se = (_stat([r["relevant_share"] for r in rs]) for rs in (hard_runs, easy_runs))
+    sh, se = (stat([r["relevant_share"] for r in rs]) for rs in (hard_runs, easy_runs))
     assert sh is not None and se is not None
     spread = welch_margin(sh, se)
     diff = sh["mean"] - se["mean"]
@@ -631,14 +480,107 @@ def claim_rank_allocation(alloc: dict[str, Any]) -> dict[str, Any]:
     return _claim("rank-allocation", title, src, rule, verdict, nums)
 
 
+
+
+def claim_latency(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
+    """"No additional inference latency" (LoRA's merged weights), from the latency experiment."""
+    title = "A merged adapter adds no inference latency; an unmerged one's overhead, measured"
+    src = "Hu et al. 2021, https://arxiv.org/abs/2106.09685 (no additional inference latency once merged)"
+    rule = ("generation tokens/s of the base model, the merged model and the unmerged adapter, batch 1 and 8, each "
+            "method, interleaved repetitions: supported if every merged model is within 5% of the base model's "
+            "tokens/s (the median of its repetitions) at both batch sizes, refuted if one is more than 10% slower")
+    exp = (ev.results.get("experiments") or {}).get("latency")
+    if not exp:
+        return _claim("latency", title, src, rule, "inconclusive (the latency experiment was not run)", [])
+    rows = exp.get("rows") or []
+    ratios = [r["merged_vs_base"] for r in rows if r.get("merged_vs_base")]
+    if not ratios:
+        return _claim("latency", title, src, rule, "inconclusive (no measurement)", [])
+    worst = min(ratios)
+    verdict = "supported" if worst >= 0.95 else "refuted" if worst < 0.9 else "inconclusive (within 5-10%)"
+    nums = [f"{r['method']} batch {r['batch']}: base {r['base_tok_s']:.1f} tok/s, merged {r['merged_tok_s']:.1f} "
+            f"({r['merged_vs_base']:.3f}x), unmerged {r['unmerged_tok_s']:.1f} ({r['unmerged_vs_base']:.3f}x)"
+            for r in rows]
+    return _claim("latency", title, src, rule, verdict, [*nums, f"from `{exp.get('path')}`"])
+
+
+def claim_swapping(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
+    title = "Task-specific adapters swap quickly on one base, each keeping its own quality"
+    src = "Hu et al. 2021, https://arxiv.org/abs/2106.09685 (quick task switching by swapping LoRA weights)"
+    rule = ("two adapters trained for two different tasks on one base: each task's metric after swapping (hot_swap "
+            "into one loaded adapter) and when the two are mixed per row in one batch must equal the adapter alone "
+            "(within 1e-6 of its loss, the same answers): supported if both hold for both tasks, refuted if either "
+            "does not; combining the two into one adapter is reported beside it (its cost on each task)")
+    exp = (ev.results.get("experiments") or {}).get("swapping")
+    if not exp:
+        return _claim("swapping", title, src, rule, "inconclusive (the swapping experiment was not run)", [])
+    tasks = exp.get("tasks") or {}
+    ok = all(t.get("swap_equal") and t.get("per_row_equal") for t in tasks.values()) and bool(tasks)
+    nums = []
+    for name, t in tasks.items():
+        nums.append(f"{name}: alone {t['alone']:.4f}, after hot-swap {t['swapped']:.4f}, per-row mixed "
+                    f"{t['per_row']:.4f}, combined ({exp.get('combine', 'cat')}) {t['combined']:.4f} "
+                    f"[{t.get('metric', 'loss')}]")
+    nums.append(f"hot-swap time {exp.get('swap_ms', float('nan')):.1f} ms; from `{exp.get('path')}`")
+    return _claim("swapping", title, src, rule, "supported" if ok else "refuted", nums)
+
+
+def claim_dynamic_rank(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
+    """Dynamic rank vs a uniform fixed rank at the same parameter budget, on the rank-allocation experiment."""
+    title = "Dynamic rank (rank1-sum) is more efficient than a fixed rank at the same parameter budget"
+    src = "the seed article (dynamic rank), with AdaLoRA (https://arxiv.org/abs/2303.10512) as the reference"
+    rule = ("on the rank-allocation experiment's harder teacher: rank1-sum pruned to its budget against LoRA with a "
+            "uniform rank giving the same total rank (target_rank on every linear: about the same trainable "
+            "parameters, both counts shown), same steps, learning rate and batches, paired by "
+            "seed: supported if rank1-sum's final KL to the teacher is significantly lower (paired t, 5%), refuted if "
+            "significantly higher, else inconclusive")
+    alloc = (ev.results.get("experiments") or {}).get("rank_allocation")
+    if not alloc:
+        return _claim("dynamic-rank", title, src, rule, "inconclusive (the rank-allocation experiment was not run)",
+                      [])
+    st = alloc.get("settings") or {}
+    hard = st.get("hard_rank")
+    dyn = {r["seed"]: r["kl_after"] for r in alloc.get("runs") or [] if r.get("rank") == hard}
+    fixed = {r["seed"]: r["kl_after"] for r in alloc.get("fixed_rank_runs") or [] if r.get("rank") == hard}
+    seeds = sorted(set(dyn) & set(fixed))
+    if len(seeds) < 2:
+        return _claim("dynamic-rank", title, src, rule, UNMEASURED, [])
+    from lorakit.evaluation.stats import paired_difference
+
+    d = paired_difference([dyn[k] for k in seeds], [fixed[k] for k in seeds])
+    verdict = "supported" if d.p <= 0.05 and d.diff < 0 else "refuted" if d.p <= 0.05 else \
+        "inconclusive (no significant difference)"
+    fr = alloc.get("fixed_rank") or {}
+    nums = [f"final KL per token: rank1-sum " + ", ".join(f"{dyn[k]:.4f}" for k in seeds)
+            + "; fixed-rank LoRA " + ", ".join(f"{fixed[k]:.4f}" for k in seeds),
+            f"difference {d.diff:+.4f}, 95% [{d.ci95[0]:+.4f}, {d.ci95[1]:+.4f}], p {d.p:.3g}",
+            f"budgets: the same total rank; trainable parameters rank1-sum {fr.get('rank1_sum_params') or 0:,} "
+            f"(first seed) vs LoRA r={fr.get('r', '?')} {fr.get('lora_params') or 0:,}"]
+    return _claim("dynamic-rank", title, src, rule, verdict, nums)
+
+
+
+
+
 def evaluate_claims(results: dict[str, Any], summary: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Every claim's ``{"id", "claim", "source", "rule", "verdict", "numbers"}``."""
+    """Every claim's ``{"id", "claim", "source", "rule", "verdict", "numbers"}`` (two passes: register, decide)."""
     s = summary if summary is not None else summarize(results)
-    return [claim_lora_sb(results, s), claim_loraplus(results, s), claim_vera(results, s), claim_lora_fa(s),
-            claim_forgetting(results, s), claim_rank1_sum(results, s), claim_delta_lora(results, s),
-            claim_lora_efficiency(results, s), claim_qlora(results, s), claim_lr_sensitivity(results)]
+    ev = Evidence(results)
+
+    def run() -> list[dict[str, Any]]:
+        return [claim_lora_sb(ev, s), claim_loraplus(results, s), claim_vera(ev, s), claim_lora_fa(s),
+                claim_forgetting(ev, s), claim_rank1_sum(ev, s), claim_delta_lora(ev, s),
+                claim_lora_efficiency(results, s), claim_qlora(ev, s), claim_lr_sensitivity(results),
+                claim_latency(ev, s), claim_swapping(ev, s), claim_dynamic_rank(ev, s)]
+
+    run()  # registers every test
+    ev.decide()
+    out = run()
+    tests = sorted(ev.tests.items(), key=lambda kv: kv[1])
+    for c in out:
+        c["tests"] = len(tests)
+    return out
 
 
-__all__ = ["claim_rank_allocation", "combine", "compare_accuracy", "compare_loss", "evaluate_claims",
-           "final_train_loss", "in_setting", "lr_grid", "mean_curve", "model_params", "quality_verdict",
-           "run_metrics", "smooth", "summarize", "t95", "vera_width_for", "welch_margin"]
+__all__ = ["claim_rank_allocation", "evaluate_claims", "in_setting", "lr_grid", "summarize", "t95",
+           "vera_width_for", "welch_margin"]

@@ -104,6 +104,8 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
     if cc.compare.lr_sweep:
         results["lr_sweep"] = sweep_summary(cc.compare.lr_sweep)
         results["compare"]["lr_sweep"] = results["lr_sweep"]["path"]
+    results["experiments"] = experiments(cc.compare.experiments)
+    results["compare"]["experiments"] = {k: v["path"] for k, v in results["experiments"].items()}
     done: dict[int, dict[str, Any]] = {}
     lock = threading.Lock()
 
@@ -135,6 +137,21 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
             run_one(k, base=False)
     write_report(results, out)
     return results
+
+
+def experiments(paths: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The experiments' results by name (``compare.experiments``), each with the ``path`` it came from. An
+    experiment that has not run yet (no file) is left out, with a note, rather than stopping the comparison."""
+    out = {}
+    for name, path in paths.items():
+        p = Path(path)
+        if not p.is_file():
+            continue
+        try:
+            out[name] = {**json.loads(p.read_text()), "path": display_path(str(p))}
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"compare.experiments.{name}: {path}: unreadable ({e})") from None
+    return out
 
 
 def sweep_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -194,7 +211,9 @@ def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, 
         f1["data"] = f1["data"] or cfg.data.eval
     job = {"label": label, "config": str(cfg_path), "result": str(run_dir.with_name(run_dir.name + ".result.json")),
            "base": base, "accuracy": acc, "f1": f1, "forgetting": c.forgetting,
-           "forgetting_max_length": c.forgetting_max_length, "threads": c.threads}
+           "forgetting_max_length": c.forgetting_max_length, "threads": c.threads,
+           "budgets": c.budgets, "choice": c.choice.model_dump() if c.choice is not None else None,
+           "choice_at": c.choice_steps()}
     job_path = run_dir.with_name(run_dir.name + ".job.json")
     write_json(job_path, job, indent=1, allow_nan=False)
     log_path = run_dir.with_name(run_dir.name + ".log")

@@ -49,6 +49,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora+": ("lora", {"training": {"loraplus_ratio": 16.0}}),
     "qlora": ("lora", {"model": {"quantize": "nf4"}}),
 }
+#: Experiments a comparison can carry the results of (``compare.experiments``).
+EXPERIMENTS = ("latency", "swapping", "rank_allocation")
 #: ``model`` keys a method's entry may set (everything else about the model is shared).
 MODEL_KEYS = ("quantize",)
 
@@ -90,6 +92,34 @@ class F1Spec(_Strict):
     batch_size: int = Field(32, ge=1)
 
 
+class ChoiceSpec(_Strict):
+    """Multiple-choice accuracy by likelihood (:func:`lorakit.evaluation.scoring.choice_eval`): no generation noise,
+    and a per-item loss (the right answer's negative log-likelihood per token) for paired statistics.
+
+    Attributes:
+        data: JSONL rows with ``prompt``, ``choices`` and ``answer`` (e.g. ``bundled://data/definitions_choice.jsonl``).
+        examples: how many rows to score (the first ones; ``None``: all).
+        batch_size: rows scored together.
+    """
+
+    data: str
+    examples: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class Margins(_Strict):
+    """Equivalence margins, declared before a run: "A matches B" holds when the 90% interval of ``A - B`` lies within
+    ``(-margin, margin)`` (TOST).
+
+    Attributes:
+        loss: on a per-token loss, in nats.
+        accuracy: on an accuracy, as a share (0.03 = 3 points).
+    """
+
+    loss: float = Field(0.03, gt=0)
+    accuracy: float = Field(0.03, gt=0)
+
+
 class CompareSection(_Strict):
     """The ``compare`` section.
 
@@ -111,6 +141,15 @@ class CompareSection(_Strict):
         parallel: runs at once, each in its own process (after the first, which also evaluates the base model).
             On CPU set ``threads`` too, with ``parallel x threads`` at most the cores: the runs then share
             memory bandwidth, not cores, and every method's step time is measured under the same load.
+        budgets: optimizer steps at which each run is measured on the way (a learning curve in one run; the last
+            is the run's length); the verdicts are taken at each. ``None``: at the end only.
+        choice: multiple-choice accuracy and per-item losses (``null``: not measured).
+        choice_at: the budgets at which the choice accuracy is measured (the per-item loss is measured at every
+            budget); ``None``: the last two budgets.
+        margins: the equivalence margins of the "matches" claims.
+        experiments: results of the experiments some claims rest on, by name (``latency``, ``swapping``,
+            ``rank_allocation``): JSON files written by ``scripts/latency.py``, ``scripts/swapping.py`` and
+            ``scripts/rank_allocation.py``, copied into this comparison's results.
     """
 
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
@@ -123,6 +162,28 @@ class CompareSection(_Strict):
     contention_retries: int = Field(1, ge=0)
     parallel: int = Field(1, ge=1)
     lr_sweep: str | None = None
+    budgets: list[int] | None = Field(None, min_length=1)
+    choice: ChoiceSpec | None = None
+    choice_at: list[int] | None = None
+    margins: Margins = Margins()
+    experiments: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _budgets_sorted(self) -> CompareSection:
+        if self.budgets is not None:
+            if sorted(set(self.budgets)) != self.budgets or self.budgets[0] < 1:
+                raise ValueError(f"budgets must be increasing positive step counts, got {self.budgets}")
+            if self.choice_at is not None and not set(self.choice_at) <= set(self.budgets):
+                raise ValueError(f"choice_at {self.choice_at} must be among the budgets {self.budgets}")
+        elif self.choice_at is not None:
+            raise ValueError("choice_at needs budgets")
+        return self
+
+    def choice_steps(self) -> list[int]:
+        """The budgets at which the choice accuracy is measured."""
+        if self.budgets is None:
+            return []
+        return list(self.choice_at) if self.choice_at is not None else self.budgets[-2:]
 
     @model_validator(mode="after")
     def _parallel_needs_threads(self) -> CompareSection:
@@ -218,11 +279,18 @@ def load_compare_config(path: str | os.PathLike[str], overrides: Sequence[str] =
                 data["data"][key] = resolve_data_path(data["data"][key])
     if cmp.forgetting:
         cmp.forgetting = resolve_data_path(cmp.forgetting)
+    for name, path in list(cmp.experiments.items()):
+        if name not in EXPERIMENTS:
+            raise ConfigError(f"compare.experiments: unknown experiment {name!r} (known: {', '.join(EXPERIMENTS)})")
+        cmp.experiments[name] = str(Path(path).resolve())
     if cmp.lr_sweep:
         cmp.lr_sweep = str(Path(cmp.lr_sweep).resolve())
         if not Path(cmp.lr_sweep).is_file():
             raise ConfigError(f"compare.lr_sweep: {cmp.lr_sweep} is not a file (the sweep's results.json)")
-    for spec in (cmp.accuracy, cmp.f1):
+    for spec in (cmp.accuracy, cmp.f1, cmp.choice):
         if spec is not None and spec.data:
             spec.data = resolve_data_path(spec.data)
+    steps = (data.get("training") or {}).get("max_steps")
+    if cmp.budgets is not None and steps is not None and cmp.budgets[-1] != steps:
+        raise ConfigError(f"compare.budgets: the last budget ({cmp.budgets[-1]}) must be training.max_steps ({steps})")
     return CompareConfig(base=data, compare=cmp, methods={k: dict(v or {}) for k, v in methods.items()})

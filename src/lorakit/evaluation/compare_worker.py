@@ -23,6 +23,7 @@ from lorakit.adapt.model import trainable_parameters
 from lorakit.core import lowrank
 from lorakit.core.callbacks import TrainingCallback
 from lorakit.evaluation import generation as ev
+from lorakit.evaluation.scoring import choice_eval
 from lorakit.fast import speed
 from lorakit.train.config import load_config
 from lorakit.train.metrics import METRICS_FILE, read_metrics
@@ -44,6 +45,37 @@ class StepTimer(TrainingCallback):
         return gaps[len(gaps) // 2] if gaps else None
 
 
+class BudgetEval(TrainingCallback):
+    """Measures the model at the job's budgets during training (a learning curve in one run): the per-item loss
+    of the choice rows' right answers at every budget, and the choice accuracy at ``choice_at``. Runs after the
+    optimizer step, in eval mode and without gradients (no random draw, so the training is unchanged)."""
+
+    def __init__(self, trainer: Any, job: dict[str, Any]) -> None:
+        self.trainer, self.budgets, self.at = trainer, set(job.get("budgets") or []), set(job.get("choice_at") or [])
+        spec = job.get("choice") or {}
+        self.rows = ev.choice_rows(spec["data"], spec.get("examples")) if spec else []
+        self.batch_size = int(spec.get("batch_size") or 16)
+        self.steps = 0
+        self.results: list[dict[str, Any]] = []
+
+    def measure(self, step: int, full: bool) -> dict[str, Any]:
+        model, tok = self.trainer.model, self.trainer.tokenizer
+        t = time.perf_counter()
+        rows = self.rows if full else [{**r, "choices": [r["choices"][int(r["answer"])]], "answer": 0}
+                                       for r in self.rows]
+        res = choice_eval(model, tok, rows, batch_size=self.batch_size)
+        out = {"step": step, "choice_loss": res["choice_loss"], "item_loss": res["item_loss"]}
+        if full:
+            out.update(choice_accuracy=res["choice_accuracy"], choice_correct=res["choice_correct"])
+        out["eval_s"] = round(time.perf_counter() - t, 1)
+        return out
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.rows and self.steps in self.budgets:
+            self.results.append(self.measure(self.steps, self.steps in self.at))
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train and evaluate one run in this process; returns its measurements.
 
@@ -56,11 +88,15 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     cfg = load_config(job["config"])
     timer = StepTimer()
     trainer = Trainer(None, cfg, callbacks=[timer], log=lambda m: print(m, file=sys.stderr, flush=True))
+    budgets = BudgetEval(trainer, job)
+    trainer.extra_callbacks.append(budgets)  # after the timer: its evaluations fall between two timed steps
     trainer.prepare()
     assert trainer.model is not None and trainer.train_data is not None
     res: dict[str, Any] = {"threads": torch.get_num_threads()}
     if job.get("base"):
         res["base"] = {"ok": True, "eval_loss": trainer.evaluate().get("eval_loss"), **_quality(trainer, job)}
+        if budgets.rows:
+            res["base"]["budgets"] = [budgets.measure(0, True)]
     cuda = trainer.device.type == "cuda"
     res["rss_before_train_bytes"] = ev.rss_bytes()
     windowed = ev.reset_peak_rss()
@@ -90,6 +126,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(Path(cfg.output.dir) / "checkpoints", ignore_errors=True)  # only needed to resume
     res["saved_activation_bytes"] = _activation_bytes(trainer)
     res.update(_quality(trainer, job))
+    if budgets.results:
+        res["budgets"] = budgets.results
     return res
 
 

@@ -45,6 +45,12 @@ def _prompt_rows(path: str | os.PathLike[str], limit: int | None, keep: Callable
     return rows[:limit] if limit is not None else rows
 
 
+def choice_rows(path: str | os.PathLike[str], limit: int | None = None) -> list[dict[str, Any]]:
+    """Multiple-choice rows (``prompt``, ``choices``, ``answer``) of a JSONL file, the first ``limit`` of them."""
+    return _prompt_rows(path, limit, lambda r: isinstance(r.get("choices"), list) and len(r["choices"]) > 1
+                        and isinstance(r.get("answer"), int) and 0 <= r["answer"] < len(r["choices"]))
+
+
 def completion_rows(path: str | os.PathLike[str], limit: int | None = None) -> list[dict[str, Any]]:
     """The ``{"prompt", "completion"}`` rows of a JSONL file (first ``limit``), for :func:`completion_f1`."""
     return _prompt_rows(path, limit, lambda r: isinstance(r.get("completion"), str))

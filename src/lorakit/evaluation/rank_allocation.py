@@ -14,7 +14,9 @@ known:
   harder version needs more rank in the relevant linears; under the same budget their share should grow.
 
 ``python scripts/rank_allocation.py`` runs it (3 seeds per version, a few minutes on a CPU) and writes
-``results.json`` and ``report.md`` with the verdict of :func:`lorakit.evaluation.claims.claim_rank_allocation`.
+``results.json`` and ``report.md`` with the verdicts of :func:`lorakit.evaluation.claims.claim_rank_allocation` and
+:func:`~lorakit.evaluation.claims.claim_dynamic_rank` (against a uniform fixed-rank LoRA at the same budget, run on
+the harder teacher with the same seeds, steps and learning rate).
 """
 
 from __future__ import annotations
@@ -73,15 +75,21 @@ def kl_per_token(student_logits: Tensor, teacher_logp: Tensor) -> Tensor:
 
 def run_one(load: Callable[[], nn.Module], data: Tensor, *, rank: int, seed: int, steps: int = 150,
             batch_size: int = 16, lr: float = 1e-2, r_init: int = 8, target_rank: int = 2,
-            relevant: Sequence[str] = RELEVANT, eps: float = EPS) -> dict[str, Any]:
+            relevant: Sequence[str] = RELEVANT, eps: float = EPS, fixed: bool = False) -> dict[str, Any]:
     """One (version, seed): the teacher's change of rank ``rank``, the student trained ``steps`` steps; the final
-    rank of every adapted linear, KL before and after, and the relevant linears' share of the budget."""
+    rank of every adapted linear, KL before and after, and the relevant linears' share of the budget.
+
+    ``fixed``: the baseline instead, LoRA with the uniform rank ``target_rank`` on every linear (the rank1-sum
+    budget's parameters, less its gates) and the same scale ``2``, steps, learning rate and batches."""
     g = torch.Generator().manual_seed(seed)
     teacher = load().eval()
     perturb_(teacher, relevant, rank, eps, g)
     student = load()
     torch.manual_seed(seed)
-    attach(student, "rank1-sum", r_init=r_init, target_rank=target_rank)
+    if fixed:
+        attach(student, "lora", r=target_rank, alpha=2.0 * target_rank)
+    else:
+        attach(student, "rank1-sum", r_init=r_init, target_rank=target_rank)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     callbacks = training_callbacks(student, opt, total_steps=steps)
@@ -107,12 +115,16 @@ def run_one(load: Callable[[], nn.Module], data: Tensor, *, rank: int, seed: int
     student.eval()
     with torch.no_grad():
         kl_after = kl(probe).item()
+    params = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    if fixed:
+        return {"rank": rank, "seed": seed, "method": "lora", "r": target_rank, "kl_before": kl_before,
+                "kl_after": kl_after, "trainable_params": params, "train_s": round(time.perf_counter() - t0, 1)}
     ranks = live_ranks(student)
     total = sum(ranks.values())
     kept = sum(ranks[p] for p in relevant)
     return {"rank": rank, "seed": seed, "ranks": ranks, "kl_before": kl_before, "kl_after": kl_after,
             "relevant_rank": kept, "budget": total, "relevant_share": kept / total if total else None,
-            "relevant_mean_rank": kept / len(relevant),
+            "relevant_mean_rank": kept / len(relevant), "trainable_params": params,
             "other_mean_rank": (total - kept) / (len(ranks) - len(relevant)), "train_s": round(time.perf_counter()
                                                                                             - t0, 1)}
 
@@ -139,11 +151,21 @@ def run(model_path: str = "bundled://tiny-base", *, text: str = "bundled://data/
                 f"linears keep {r['relevant_rank']} of {r['budget']} ({r['relevant_share']:.0%}), mean rank "
                 f"{r['relevant_mean_rank']:.1f} vs {r['other_mean_rank']:.2f} elsewhere ({r['train_s']:.0f} s)")
             runs.append(r)
+    fixed_runs = []
+    for seed in seeds:  # the fixed-rank baseline at the same budget, on the harder teacher
+        r = run_one(load, data, rank=max(ranks), seed=seed, steps=steps, fixed=True, **kwargs)
+        log(f"teacher rank {max(ranks)}, seed {seed}: fixed-rank LoRA r={r['r']}: KL {r['kl_before']:.4f} -> "
+            f"{r['kl_after']:.4f} ({r['train_s']:.0f} s)")
+        fixed_runs.append(r)
+    hard = [r for r in runs if r["rank"] == max(ranks)]
+    fixed_rank = {"r": fixed_runs[0]["r"] if fixed_runs else None,
+                  "lora_params": fixed_runs[0]["trainable_params"] if fixed_runs else None,
+                  "rank1_sum_params": hard[0]["trainable_params"] if hard else None}
     settings = {"model": model_path, "text": text, "relevant": list(kwargs.get("relevant", RELEVANT)),
                 "eps": kwargs.get("eps", EPS), "steps": steps, "length": length, "seeds": list(seeds),
                 "ranks": list(ranks), "easy_rank": min(ranks), "hard_rank": max(ranks),
                 **{k: kwargs[k] for k in ("batch_size", "lr", "r_init", "target_rank") if k in kwargs}}
-    return {"settings": settings, "runs": runs}
+    return {"settings": settings, "runs": runs, "fixed_rank_runs": fixed_runs, "fixed_rank": fixed_rank}
 
 
 __all__ = ["EASY_RANK", "EPS", "HARD_RANK", "RELEVANT", "kl_per_token", "perturb_", "run", "run_one",

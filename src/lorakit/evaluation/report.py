@@ -16,11 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lorakit.evaluation.claims import TAIL, evaluate_claims, mean_curve, smooth, summarize
+from lorakit.evaluation.claims import evaluate_claims
+from lorakit.evaluation.evidence import RULES, TAIL, mean_curve, smooth, stat, summarize
 from lorakit.util.files import atomic_write, write_json, write_text
 
 LOSS_PLOT = "loss_curves.png"
 ACC_PLOT = "accuracy_vs_params.png"
+CURVE_PLOT = "learning_curves.png"
 
 #: Table columns: ``(summary key, header, format of one value)``.
 COLUMNS: list[tuple[str, str, str]] = [
@@ -28,6 +30,8 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("adapter_bytes", "adapter file", "bytes"),
     ("final_train_loss", f"final train loss (last {TAIL})", "{:.4f}"),
     ("eval_loss", "eval loss", "{:.4f}"),
+    ("choice_loss", "choice-set loss", "{:.4f}"),
+    ("choice_accuracy", "choice accuracy", "{:.3f}"),
     ("accuracy", "accuracy", "{:.3f}"),
     ("token_f1", "token F1", "{:.3f}"),
     ("forgetting", "forgetting (nats)", "{:+.4f}"),
@@ -74,8 +78,54 @@ def metrics_table(results: dict[str, Any], summary: dict[str, Any]) -> tuple[lis
 
 def _one(base: dict[str, Any], key: str) -> dict[str, Any] | None:
     v = base.get(key)
+    b0 = (base.get("budgets") or [{}])[0]
+    if key in ("choice_loss", "choice_accuracy"):
+        v = b0.get(key)
     return {"mean": v, "std": 0.0, "n": 1} if isinstance(v, int | float) and key in (
-        "eval_loss", "accuracy", "token_f1") else None
+        "eval_loss", "accuracy", "token_f1", "choice_loss", "choice_accuracy") else None
+
+
+def curve_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """The learning curves: each label's choice-set loss (and accuracy where measured) at each budget, mean over
+    seeds; ``None`` without budgets."""
+    steps = (results.get("compare") or {}).get("budgets")
+    if not steps:
+        return None
+    rows = []
+    for lab in results["labels"]:
+        runs = [r for r in results["runs"] if r["label"] == lab and r.get("ok") and r.get("budgets")]
+        cells = []
+        for step in steps:
+            at = [b for r in runs for b in r["budgets"] if b["step"] == step]
+            loss = stat([b["choice_loss"] for b in at])
+            acc = stat([b["choice_accuracy"] for b in at if b.get("choice_accuracy") is not None])
+            cells.append("–" if not loss else f"{loss['mean']:.4f}" + (f" / {acc['mean']:.3f}" if acc else ""))
+        rows.append([lab, *cells])
+    return ["method", *[f"step {s}" for s in steps]], rows
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> Path | None:
+    """Choice-set loss against the budget (steps), mean over seeds: the learning curves the verdicts are read on."""
+    steps = (results.get("compare") or {}).get("budgets")
+    if not steps:
+        return None
+    fig, ax = _figure()
+    for lab in results["labels"]:
+        runs = [r for r in results["runs"] if r["label"] == lab and r.get("ok") and r.get("budgets")]
+        pts = [(step, stat([b["choice_loss"] for r in runs for b in r["budgets"] if b["step"] == step]))
+               for step in steps]
+        pts = [(st, v["mean"]) for st, v in pts if v]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab, linewidth=1.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("optimizer steps (log)")
+    ax.set_ylabel("choice-set loss (nats/token, held-out words)")
+    ax.set_title("Learning curves: held-out loss at each budget (mean over seeds)")
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_lines():
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def settings_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -296,15 +346,14 @@ def render_markdown(results: dict[str, Any], summary: dict[str, Any], claims: li
               _md_table(*metrics_table(results, summary)), "",
               "Values are mean ± spread (standard deviation) over seeds when there are several.", "",
               f"![loss curves]({LOSS_PLOT})", "", f"![accuracy vs parameters]({ACC_PLOT})", ""]
+    curves = curve_table(results)
+    if curves:
+        parts += ["## Learning curves", "", "Choice-set loss / choice accuracy at each budget (mean over seeds); "
+                  "the verdicts below are read at the last budget and checked across them.", "",
+                  _md_table(*curves), "", f"![learning curves]({CURVE_PLOT})", ""]
     if claims:
-        parts += ["## Claims of the method papers on this task", "",
-                  "Decision rules (fixed before the run, in `lorakit/evaluation/claims.py`): a quality difference "
-                  "counts only beyond its noise margin, Welch's 95% interval from the seed-to-seed spread (t "
-                  "quantile for the seeds' degrees of freedom), at least 1% of a loss, 0.01 of token F1 and, for "
-                  "accuracy, 2 binomial standard errors; with one seed no quality verdict is given. \"beats\" "
-                  "needs a metric better beyond noise and none worse; \"matches\" also accepts both within "
-                  "noise; any metric worse beyond noise refutes, except on a model over 10x smaller than the "
-                  "smallest one the paper used: \"not reproduced in this setting\".", ""]
+        parts += ["## Claims of the method papers on this task", "", f"Decision rules (fixed before the run): {RULES} "
+                  f"The family: {claims[0].get('tests', 0)} tests.", ""]
     for c in claims:
         parts += [f"### {c['claim']}", "", f"**Verdict: {c['verdict']}**", "", f"Source: {c['source']}.", "",
                   f"Rule: {c['rule']}.", "", *(f"- {n}" for n in c["numbers"]), ""]
@@ -340,8 +389,13 @@ def render_html(results: dict[str, Any], summary: dict[str, Any], claims: list[d
     parts += ["<h2>Results</h2>", _html_table(*metrics_table(results, summary)),
               "<p>Values are mean ± spread (standard deviation) over seeds when there are several.</p>",
               f"<img src='{LOSS_PLOT}' alt='loss curves'><img src='{ACC_PLOT}' alt='accuracy vs parameters'>"]
+    curves = curve_table(results)
+    if curves:
+        parts += ["<h2>Learning curves</h2>", _html_table(*curves), f"<img src='{CURVE_PLOT}' alt='learning curves'>"]
     if claims:
         parts.append("<h2>Claims of the method papers on this task</h2>")
+        parts.append(f"<p>Decision rules (fixed before the run): {e(RULES)} The family: "
+                     f"{claims[0].get('tests', 0)} tests.</p>")
     for c in claims:
         cls = c["verdict"].split(" ")[0]
         parts += [f"<h3>{e(c['claim'])}</h3>", f"<p class='{cls}'><b>Verdict: {e(c['verdict'])}</b></p>",
@@ -369,11 +423,15 @@ def write_report(results: dict[str, Any], out: str | os.PathLike[str]) -> list[P
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
     claims = evaluate_claims(results, summary)
-    if all("not compared" in c["verdict"] for c in claims if c["id"] != "lr-sensitivity"):
+    absent = ("not compared", "was not run", "no learning-rate grid")
+    if all(any(a in c["verdict"] for a in absent) for c in claims if c["id"] != "lr-sensitivity"):
         # e.g. a learning-rate sweep: no claim has its methods here, except the one judged on a grid
         claims = [c for c in claims if c["id"] == "lr-sensitivity" and not c["verdict"].startswith(
             "inconclusive (no learning-rate grid")]
     files = [plot_loss_curves(results, out / LOSS_PLOT), plot_accuracy_vs_params(results, summary, out / ACC_PLOT)]
+    curve = plot_curves(results, out / CURVE_PLOT)
+    if curve is not None:
+        files.append(curve)
     for name, text in (("report.md", render_markdown(results, summary, claims)),
                        ("report.html", render_html(results, summary, claims))):
         files.append(write_text(out / name, text))

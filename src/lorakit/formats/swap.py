@@ -48,7 +48,7 @@ FREE_OPTIONS = frozenset({
     "targets", "r", "r_init", "alpha", "use_rslora",  # rank and scale
     "dropout", "projected_grad", "projected_grad_eps", "delta_start",  # training only
     "init_std", "d_init", "init_examples", "eta", "svd_niter", "svd_oversample", "init_seed",  # init only
-    "target_rank", "t_init", "t_final", "interval", "orth_reg", "score", "beta1", "beta2",  # rank1-sum's pruner
+    "target_rank", "t_init", "t_final", "interval", "min_remasks", "mode", "orth_reg", "score", "beta1", "beta2",
 })
 
 #: Tensors of the rank-padded methods: name -> the dimensions that hold the rank (zero-padded when the saved rank

@@ -22,10 +22,14 @@ and ``A`` are persistent buffers and are saved with ``R``.
 ``eta``: the reference code uses ``lr / (warmup_ratio * steps_per_epoch * epochs)``, i.e. the learning rate of
 the first step of a linear warmup (its ``steps_per_epoch`` counts batches of the gradient-estimation loader,
 e.g. ``1e-4 / (0.02 * 16667) ~= 3e-7`` for 50k MetaMathQA examples in batches of 3). Left unset, ``lorakit
-train`` sets it the same way from its own schedule (:meth:`LoraSb.run_defaults`: ``lr / warmup_steps``, or
-``lr`` without warm-up) and saves it in the config; a bare :func:`lorakit.attach` without ``eta`` uses
-:data:`FALLBACK_ETA` (lr ``1e-4`` warmed up over 100 steps). Only the size of ``R`` at step 0 depends on
-``eta``: ``B`` and ``A`` do not.
+train`` applies the same formula to its own schedule (:meth:`LoraSb.run_defaults`: ``lr / warmup_steps``, or
+``lr`` without warm-up) and saves it in the config. The formula, not the value: on a short run with a few
+warm-up steps and a larger learning rate it gives a far larger ``eta`` than the reference's (60 steps at 3e-3 with
+6 warm-up steps: 5e-4, about 1,700x the reference's 3e-7 and 55x more relative to the learning rate), so a
+comparison meant to follow the reference sets ``eta`` explicitly (``configs/compare-smollm2-text.yaml`` uses 3e-7,
+decoupled from the swept learning rate). A bare :func:`lorakit.attach` without ``eta`` uses :data:`FALLBACK_ETA`
+(lr ``1e-4`` warmed up over 100 steps). Only the size of ``R`` at step 0 depends on ``eta``: ``B`` and ``A`` do
+not.
 
 Side effects, avoided: gradients are accumulated into fp32 buffers by per-parameter
 ``post_accumulate_grad`` hooks that free each ``.grad`` as it arrives (peak memory ~ one LoRA step plus the

@@ -50,7 +50,14 @@ class Rank1SumConfig(AdapterConfig):
             ``[0, 1)`` a fraction of the run's total steps.
         t_final: steps at the final budget at the end of the run (same convention); the pruner reaches the
             budget, then physically shrinks the adapter, at step ``total_steps - t_final``.
-        interval: re-mask every ``interval`` steps during the cubic schedule.
+        interval: re-mask every ``interval`` steps during the cubic schedule (at most: see ``min_remasks``).
+        min_remasks: the fewest re-masks of the cubic schedule: a short run re-masks more often than every
+            ``interval`` steps so that the budget falls in at least this many steps (AdaLoRA re-masks hundreds of
+            times; three re-masks would be a step function, not a schedule).
+        mode: ``"prune"``: a masked component is out for good (its mask is 0, it gets no gradient) and the adapter
+            shrinks when the schedule ends; ``"adalora"``: as AdaLoRA, a component outside the budget has its gate
+            zeroed but keeps training, is scored like the others, and comes back at the next re-mask if its
+            score rises; the final budget is enforced, and the adapter shrunk, when the schedule ends.
         orth_reg: weight ``gamma`` of the orthogonality regulariser ``||A A^T - I||_F + ||B^T B - I||_F``.
             It is added to the loss as is, so 0.1 (AdaLoRA's value) suits O(1) losses such as an LM's
             cross-entropy; scale it with a loss of a very different size (on an MSE of ~1e-3 it swamps the
@@ -68,6 +75,8 @@ class Rank1SumConfig(AdapterConfig):
     t_init: int | float = Field(0.1, ge=0)
     t_final: int | float = Field(0.3, ge=0)
     interval: int = Field(10, gt=0)
+    min_remasks: int = Field(20, ge=1)
+    mode: Literal["prune", "adalora"] = "prune"
     orth_reg: float = Field(0.1, ge=0)
     score: Literal["sensitivity", "taylor"] = "sensitivity"
     beta1: float = Field(0.85, ge=0, lt=1)

@@ -251,6 +251,8 @@ class RankPruner(TrainingCallback):
         self.total_steps = total_steps
         self.t_init = config.steps(config.t_init, total_steps)
         self.t_end = total_steps - config.steps(config.t_final, total_steps)
+        # at least min_remasks re-masks over the cubic phase, never more than one per step
+        self.interval = max(1, min(config.interval, (self.t_end - self.t_init) // config.min_remasks))
         if self.t_end < self.t_init:
             raise ConfigError(f"t_init ({self.t_init} steps) + t_final ({total_steps - self.t_end} steps) "
                               f"exceed total_steps={total_steps}")
@@ -260,6 +262,7 @@ class RankPruner(TrainingCallback):
             raise ConfigError(f"budget target_rank x layers = {self.b_final} exceeds the live rank {self.b0}")
         self.t = 0
         self.finished = False
+        self._in_budget: dict[str, int] | None = None  # mode "adalora": components inside the budget
         self._keys = ("gate",) if config.score == "taylor" else ("lora_A", "lora_B", "gate")
         # Per layer and tensor: smoothed importance Ibar and uncertainty U (sensitivity only), fp32.
         self._ema: dict[str, dict[str, Tensor]] = {}
@@ -271,7 +274,10 @@ class RankPruner(TrainingCallback):
 
     # --- queries -----------------------------------------------------------------------------------------
     def ranks(self) -> dict[str, int]:
-        """The current live rank of every adapted layer, by module name."""
+        """The current live rank of every adapted layer, by module name (``mode="adalora"``, before the end: the
+        components inside the budget at the last re-mask)."""
+        if self._in_budget is not None and not self.finished:
+            return dict(self._in_budget)
         return {t: a.rank for t, a in self.adapters.items()}
 
     def budget(self, t: int) -> int:
@@ -312,8 +318,8 @@ class RankPruner(TrainingCallback):
             if self.auto_shrink:
                 self.shrink()
             self._ema, self._unc = {}, {}  # scores are no longer needed: free them
-        elif self.t > self.t_init and (self.t - self.t_init) % self.config.interval == 0:
-            self._mask_to(self.budget(self.t))
+        elif self.t > self.t_init and (self.t - self.t_init) % self.interval == 0:
+            self._mask_to(self.budget(self.t), final=False)
 
     def shrink(self) -> dict[str, int]:
         """Physically remove masked components now (also done automatically when the schedule ends)."""
@@ -368,21 +374,28 @@ class RankPruner(TrainingCallback):
         return out
 
     @torch.no_grad()
-    def _mask_to(self, budget: int) -> None:
-        """Keep the ``budget`` best live components over all layers; mask the rest."""
+    def _mask_to(self, budget: int, final: bool = True) -> None:
+        """Keep the ``budget`` best live components over all layers; mask the rest (``mode="adalora"`` before the
+        end: zero their gates instead, and let them train and compete again)."""
         adapters = list(self.adapters.values())
         per_layer = self._component_scores()
         dev = per_layer[0].device
         scores = torch.cat([s.float().to(dev) for s in per_layer])  # (sum of r,)
         scores = torch.nan_to_num(all_reduce_mean_(scores), nan=0.0)
         live = torch.cat([a.mask.to(dev) for a in adapters]) > 0
-        scores = scores.masked_fill(~live, float("-inf"))  # pruned components never come back
+        scores = scores.masked_fill(~live, float("-inf"))  # a pruned (mask 0) component never comes back
         # stable sort: equal scores keep model order, so ties go to the earlier layer and component
         order = torch.sort(scores, descending=True, stable=True).indices
         keep = torch.zeros_like(live)
         keep[order[:min(budget, int(live.sum()))]] = True
-        for a, k in zip(adapters, keep.split([a.mask.numel() for a in adapters])):
-            a.mask.copy_(k.to(a.mask))
+        soft = self.config.mode == "adalora" and not final
+        split = keep.split([a.mask.numel() for a in adapters])
+        for a, k in zip(adapters, split):
+            if soft:  # AdaLoRA: out of the budget for now, still training (and scored) from zero
+                a.gate.masked_fill_(~k.to(a.gate.device), 0.0)
+            else:
+                a.mask.copy_(k.to(a.mask))
+        self._in_budget = {t: int(k.sum()) for t, k in zip(self.adapters, split)} if soft else None
         ranks = self.ranks()
         logger.info("rank1-sum[%s] step %d/%d: budget %d, ranks %s", self.name, self.t, self.total_steps,
                     sum(ranks.values()), ranks)
@@ -391,7 +404,7 @@ class RankPruner(TrainingCallback):
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly (the masks themselves are saved with the adapter)."""
         return {"t": self.t, "total_steps": self.total_steps, "b0": self.b0, "b_final": self.b_final,
-                "finished": self.finished,
+                "finished": self.finished, "in_budget": self._in_budget,
                 "ema": {t: {k: v.clone() for k, v in d.items()} for t, d in self._ema.items()},
                 "unc": {t: {k: v.clone() for k, v in d.items()} for t, d in self._unc.items()}}
 
@@ -407,6 +420,7 @@ class RankPruner(TrainingCallback):
                                             f"{self.name!r} (different layers or ranks)")
         self.t, self.b0, self.b_final = int(state["t"]), int(state["b0"]), int(state["b_final"])
         self.finished = bool(state["finished"])
+        self._in_budget = state.get("in_budget")
         dev = {t: a.gate.device for t, a in adapters.items()}
         self._ema = {t: {k: v.to(dev[t]).clone() for k, v in d.items()} for t, d in state["ema"].items()}
         self._unc = {t: {k: v.to(dev[t]).clone() for k, v in d.items()} for t, d in state["unc"].items()}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The committed SmolLM2 report, every piece, in order (about 4 hours on 2 cores; each step can also run alone):
+#   1. the learning-rate sweep (held-out 5% of the training words)            reports/smollm2-text/lr-sweep
+#   2. a check that the comparison config uses the sweep's best rates         scripts/pick_lrs.py
+#   3. the experiments some claims rest on: latency, swapping, rank allocation
+#   4. the comparison (3 seeds, learning curves, paired statistics)           reports/smollm2-text
+#   5. the README's comparison section, regenerated from its results.json     scripts/readme_report.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+export OMP_NUM_THREADS=1
+$PY -m lorakit compare configs/lr-sweep-smollm2-text.yaml --out reports/smollm2-text/lr-sweep
+$PY scripts/pick_lrs.py reports/smollm2-text/lr-sweep/results.json --check configs/compare-smollm2-text.yaml
+$PY scripts/latency.py --out reports/smollm2-text/experiments/latency.json
+$PY scripts/swapping.py --out reports/smollm2-text/experiments/swapping.json
+$PY scripts/rank_allocation.py --out reports/rank-allocation
+$PY -m lorakit compare configs/compare-smollm2-text.yaml --out reports/smollm2-text
+$PY scripts/readme_report.py reports/smollm2-text/results.json
