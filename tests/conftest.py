@@ -90,6 +90,20 @@ def batch_for(model, seed: int = 1, batch: int = 2, seq: int = 8) -> dict[str, t
     return {k: v.to(dev) for k, v in out.items()}
 
 
+def perturb(model: torch.nn.Module, seed: int = 3, size: float = 0.1, *, buffers: bool = False) -> None:
+    """Move every trainable tensor (and, with ``buffers``, every adapter's tensors, active or not: parameters and
+    floating buffers but rank1-sum's 0/1 mask, e.g. Delta-LoRA's drift factors, LoRA-FA's frozen A) by
+    ``size`` x N(0, 1), so the update is clearly non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = [p for n, p in model.named_parameters() if p.requires_grad or (buffers and ".adapters." in n)]
+    if buffers:
+        tensors += [t for n, t in model.named_buffers() if ".adapters." in n and t.is_floating_point()
+                    and not n.endswith(".mask")]
+    with torch.no_grad():
+        for t in tensors:
+            t.add_(size * torch.randn(t.shape, generator=g).to(t.device))
+
+
 def output_of(model, batch) -> torch.Tensor:
     with torch.no_grad():
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()

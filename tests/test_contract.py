@@ -16,7 +16,7 @@ import lorakit
 from lorakit.adapt.model import adapter_modules
 from lorakit.core.layers import LayerInfo
 
-from .conftest import MODELS, batch_for, output_of
+from .conftest import MODELS, batch_for, output_of, perturb
 
 pytestmark = pytest.mark.cuda  # the matrix runs on LORAKIT_TEST_DEVICE (see conftest)
 
@@ -31,9 +31,12 @@ class Case:
     trainable: Callable[[list[LayerInfo], torch.nn.Module], int]
     starts_unchanged: bool = True
     #: runtime keyword arguments built from the model (e.g. LoRA-SB's init_batches)
-    runtime: Callable[[torch.nn.Module], dict[str, Any]] = field(default=lambda m: {})
+    runtime: Callable[..., dict[str, Any]] = field(default=lambda m, seed=7: {})
     models: tuple[str, ...] = tuple(sorted(MODELS))
     lr: float = 1e-2
+    #: puts adapter ``name`` of a model into the state training gives it, where that differs from the attached
+    #: state in a way the checks must see (Delta-LoRA: its base update started; rank1-sum: a pruned component)
+    trained: Callable[[torch.nn.Module, str], None] = field(default=lambda m, name: None)
 
 
 def _lora_count(r: int) -> Callable[[list[LayerInfo], torch.nn.Module], int]:
@@ -48,18 +51,31 @@ CASES: dict[str, Case] = {
     # VeRA trains only scaling vectors and needs a ~10x larger lr than LoRA (as in the paper)
     "vera": Case("vera", {"r": 16}, lambda layers, m: sum(16 + li.d_out for li in layers), lr=1e-1),
     "rank1-sum": Case("rank1-sum", {"r_init": 4, "target_rank": 2},
-                      lambda layers, m: sum(4 * (li.d_in + li.d_out + 1) for li in layers)),
-    "delta-lora": Case("delta-lora", {"r": 4, "delta_start": 2}, _lora_count(4)),  # base moves from step 3
+                      lambda layers, m: sum(4 * (li.d_in + li.d_out + 1) for li in layers),
+                      trained=lambda m, name: [ad.mask.__setitem__(0, 0.0) for ad in adapter_modules(m, name).values()]),
+    "delta-lora": Case("delta-lora", {"r": 4, "delta_start": 2}, _lora_count(4),  # base moves from step 3
+                       trained=lambda m, name: [ad.start() for ad in adapter_modules(m, name).values()]),
     # LoRA-XS/SB train only r x r matrices: larger lr. init_std=0: R's default N(0, 1e-5^2) init moves the
     # outputs by ~1e-6, by design
     "lora-xs": Case("lora-xs", {"r": 4, "init_std": 0.0}, lambda layers, m: 16 * len(layers), lr=3e-1),
     "lora-sb": Case("lora-sb", {"r": 4}, lambda layers, m: 16 * len(layers), starts_unchanged=False,
-                    runtime=lambda m: {"init_batches": [batch_for(m, seed=7)]}, lr=3e-2),
+                    runtime=lambda m, seed=7: {"init_batches": [batch_for(m, seed=seed)]}, lr=3e-2),
 }
 
 
 def test_every_method_has_a_row() -> None:
     assert sorted(CASES) == sorted(lorakit.METHODS)
+
+
+#: The layer methods of the matrix: what per-row batches and hot-swaps apply to (full fine-tuning has no adapter).
+LAYER_CASES = sorted(m for m in CASES if lorakit.METHODS[m].layer_method)
+
+
+def attach_case(model: torch.nn.Module, method: str, name: str = "default", seed: int = 7,
+                **options: Any) -> torch.nn.Module:
+    """Attach ``method`` as the matrix does (its options, overridden by ``options``; its runtime inputs)."""
+    case = CASES[method]
+    return lorakit.attach(model, method, name=name, **{**case.options, **options}, **case.runtime(model, seed))
 
 
 def _layers(model: torch.nn.Module, name: str = "default") -> list[LayerInfo]:
@@ -76,13 +92,7 @@ def _attach(case: Case, model_name: str, device: torch.device | None = None
     return model, batch
 
 
-def _perturb(model: torch.nn.Module, seed: int = 3) -> None:
-    """Move every trainable tensor so the adapter's update is clearly non-zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.device))
+_perturb = perturb  # the one perturbation of the test suite (conftest)
 
 
 @pytest.fixture(params=sorted(CASES))

@@ -12,15 +12,11 @@ from torch import nn
 import lorakit
 from lorakit.core.layers import AdaptedLayer
 
-from .conftest import batch_for, output_of, tiny_bert, tiny_gpt2, tiny_llama
+from .conftest import batch_for, output_of, tiny_bert, tiny_gpt2, tiny_llama, perturb
 
 
 def _randomize(model: nn.Module, seed: int = 5) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    perturb(model, seed, 0.2)
 
 
 # --- LoRA forward == W0 x + s B A x ----------------------------------------------------------------------------

@@ -12,17 +12,16 @@ import lorakit
 from lorakit.core.lowrank import fused
 
 from .conftest import batch_for, output_of, tiny_llama
+from .test_contract import CASES, LAYER_CASES, attach_case
 from .test_mixed import _perturb
 
 
 def _saved(tmp_path: Path, tag: str, method: str, seed: int, model_seed: int = 0, **options: Any) -> Path:
-    """An adapter of ``method`` with perturbed weights, saved under ``tmp_path / tag``."""
+    """An adapter of ``method`` (the contract matrix's options, ``options`` on top) in its trained state with
+    perturbed weights, saved under ``tmp_path / tag``."""
     model = tiny_llama(seed=model_seed)
-    extra = {"init_batches": [batch_for(model, seed=seed)]} if method == "lora-sb" else {}
-    lorakit.attach(model, method, **options, **extra)
-    if method == "delta-lora":
-        for ad in lorakit.adapter_modules(model).values():
-            ad.start()
+    attach_case(model, method, seed=seed, **options)
+    CASES[method].trained(model, "default")
     _perturb(model, seed)
     return lorakit.save(model, tmp_path / tag)
 
@@ -77,22 +76,10 @@ def test_compiled_model_does_not_recompile_and_matches_a_fresh_load(fused_path: 
     assert lorakit.adapters(model)["srv"].config.r == 4  # the live adapter keeps its shapes
 
 
-SWAPS = {
-    "lora": {"r": 4},
-    "dora": {"r": 4},
-    "lora-fa": {"r": 4},
-    "vera": {"r": 16},
-    "lora-xs": {"r": 4},
-    "lora-sb": {"r": 4},
-    "delta-lora": {"r": 4, "delta_start": 0},
-    "rank1-sum": {"r_init": 4, "target_rank": 2},
-}
-
-
-@pytest.mark.parametrize("method", sorted(SWAPS))
+@pytest.mark.parametrize("method", LAYER_CASES)
 def test_every_method_swaps_to_the_saved_adapter(method: str, tmp_path) -> None:
-    a = _saved(tmp_path, "a", method, seed=1, **SWAPS[method])
-    b = _saved(tmp_path, "b", method, seed=2, **SWAPS[method])
+    a = _saved(tmp_path, "a", method, seed=1)
+    b = _saved(tmp_path, "b", method, seed=2)
     model = _fresh(a)
     batch = batch_for(model)
     before = output_of(model, batch)

@@ -276,8 +276,8 @@ def test_grouped_projections_equal_reference(monkeypatch: pytest.MonkeyPatch, de
                         lambda self, layer, x: shared.append(real(self, layer, x)) or shared[-1])
     _assert_same(_grads(model, batch), ref, tol=_tol(device))
     assert len(shared) == 10 and all(h is not None for h in shared)
-    assert all(g._x is None for g in {m.__dict__["_lorakit_group"] for m in model.modules()
-                                        if "_lorakit_group" in m.__dict__})  # nothing kept after forward
+    assert all(g._x is None for g in {layer.projection_group for _, layer in lorakit.core.layers.adapted_layers(model)
+                                        if layer.projection_group is not None})  # nothing kept after forward
     # dropout: one shared mask would change the function, so the members fall back to their own GEMM
     for _, layer in lorakit.core.layers.adapted_layers(model):
         layer.adapters["default"].dropout = nn.Dropout(0.1)
@@ -287,7 +287,7 @@ def test_grouped_projections_equal_reference(monkeypatch: pytest.MonkeyPatch, de
     _assert_same(_grads(model, batch), ref, tol=_tol(device))
     assert shared and all(h is None for h in shared)
     speed.ungroup_projections(model)
-    assert not any("_lorakit_group" in m.__dict__ for m in model.modules())
+    assert not any(layer.projection_group is not None for _, layer in lorakit.core.layers.adapted_layers(model))
 
 
 # --- torch.compile and checkpointing ---------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def saved_activations(model: nn.Module, layer: AdaptedLayer, x: Tensor) -> list[
 @pytest.mark.parametrize(("method", "fast"), [("lora-fa", True), ("lora", True), ("vera", False), ("vera", True)])
 def test_saved_activations(method: str, fast: bool) -> None:
     """LoRA-FA keeps only A x (N x r); LoRA also keeps x, the contrast that shows the check can fail; VeRA's
-    reference path keeps A x and B d A x (N x d_out), as in METHODS.md's table, and its fused path A x alone
+    reference path keeps A x and B d A x (N x d_out), as LoRA-FA's docstring says, and its fused path A x alone
     (b is folded into B, its gradient is rowsum(B * g^T (d * A x)))."""
     d_in, d_out, r, n = 64, 48, 4, 2 * 9
     model = nn.Sequential(nn.Linear(d_in, d_out))

@@ -1,4 +1,4 @@
-"""LoRA-XS, LoRA-SB and Delta-LoRA against their formulas (METHODS.md), beyond the contract matrix."""
+"""LoRA-XS, LoRA-SB and Delta-LoRA against their formulas (the method modules' docstrings), beyond the contract matrix."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lorakit.adapt.model import adapter_modules
 from lorakit.core.layers import AdaptedLayer
 from lorakit.core.lowrank import fused, fused_calls
 
-from .conftest import batch_for, output_of, tiny_llama
+from .conftest import batch_for, output_of, tiny_llama, perturb
 
 Q = "model.layers.0.self_attn.q_proj"  # (32, 32)
 K_PROJ = "model.layers.0.self_attn.k_proj"  # (16, 32)
@@ -55,12 +55,7 @@ def _check_forward_and_grads(layer: AdaptedLayer, w_eff: Callable[..., Tensor], 
         p.grad = None
 
 
-def _perturb(model: nn.Module, seed: int = 3, size: float = 0.1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(size * torch.randn(p.shape, generator=g))
+_perturb = perturb
 
 
 # --- LoRA-XS ------------------------------------------------------------------------------------------------

@@ -8,34 +8,25 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.adapt.mixed import ROWS
 from lorakit.core.layers import adapted_layers
 
-from .conftest import batch_for, tiny_gpt2, tiny_llama
+from .conftest import batch_for, perturb, tiny_gpt2, tiny_llama
+from .test_contract import CASES, LAYER_CASES, attach_case
 
 NAMES = ["a", None, "b", "a", "b"]  # rows: two adapters, a base row, non-contiguous groups
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:
-    """Move every adapter tensor (buffers too: Delta-LoRA's drift factors, rank1-sum's mask stays 0/1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if ".adapters." in n and t.is_floating_point() and not n.endswith(".mask"):
-                t.add_(0.2 * torch.randn(t.shape, generator=g))
+    perturb(model, seed, 0.2, buffers=True)
 
 
-def _attach_pair(model: torch.nn.Module, method: str, options: dict[str, Any]) -> None:
+def _attach_pair(model: torch.nn.Module, method: str, options: dict[str, Any] | None = None) -> None:
+    """Adapters ``a`` and ``b`` of ``method`` (the contract matrix's options, with ``options`` on top), each in its
+    trained state, with different weights."""
     for i, name in enumerate(("a", "b")):
-        extra = {"init_batches": [batch_for(model, seed=7 + i)]} if method == "lora-sb" else {}
-        lorakit.attach(model, method, name=name, **options, **extra)
-        if method == "delta-lora":  # base update started, drift not in W: the forward adds D x (plain path)
-            for ad in lorakit.adapter_modules(model, name).values():
-                ad.start()
+        attach_case(model, method, name, seed=7 + i, **(options or {}))
+        CASES[method].trained(model, name)
     _perturb(model, seed=3)
-    if method == "rank1-sum":  # a pruned component
-        for ad in lorakit.adapter_modules(model, "b").values():
-            ad.mask[0] = 0.0
 
 
 def _alone(model: torch.nn.Module, ids: torch.Tensor, names: list[str | None]) -> torch.Tensor:
@@ -53,23 +44,15 @@ def _mixed(model: torch.nn.Module, ids: torch.Tensor, names: list[str | None]) -
         return model(ids).logits
 
 
-METHODS = {
-    "lora": {"r": 4},
-    "rslora": {"r": 4, "use_rslora": True, "alpha": 8.0},
-    "dora": {"r": 4},
-    "lora-fa": {"r": 4},
-    "vera": {"r": 16},
-    "lora-xs": {"r": 4},
-    "lora-sb": {"r": 4},
-    "delta-lora": {"r": 4, "delta_start": 0},
-    "rank1-sum": {"r_init": 4, "target_rank": 2},
-}
+#: every layer method of the contract matrix, and rsLoRA (LoRA with its other scale)
+VARIANTS = {"lora+rslora": ("lora", {"use_rslora": True, "alpha": 8.0})}
+METHODS = {**{m: (m, {}) for m in LAYER_CASES}, **VARIANTS}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_row_equals_its_adapter_alone(method: str) -> None:
     model = tiny_llama()
-    _attach_pair(model, "lora" if method == "rslora" else method, METHODS[method])
+    _attach_pair(model, *METHODS[method])
     ids = torch.randint(0, 128, (len(NAMES), 7), generator=torch.Generator().manual_seed(0))
     mixed = _mixed(model, ids, NAMES)
     alone = _alone(model, ids, NAMES)
@@ -110,18 +93,18 @@ def test_state_is_restored_and_active_set_untouched() -> None:
     with torch.no_grad():
         before = model(ids).logits
     with pytest.raises(ZeroDivisionError), lorakit.per_row(model, ["a", None]):
-        assert all(ROWS in layer.__dict__ for _, layer in adapted_layers(model))
+        assert all(layer.row_router is not None for _, layer in adapted_layers(model))
         raise ZeroDivisionError
-    assert not any(ROWS in layer.__dict__ for _, layer in adapted_layers(model))
+    assert not any(layer.row_router is not None for _, layer in adapted_layers(model))
     assert lorakit.active_adapters(model) == ["b"]
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
     # nesting: the inner context restores the outer one
     with lorakit.per_row(model, ["a", "a"]):
-        outer = {id(layer): layer.__dict__[ROWS] for _, layer in adapted_layers(model)}
+        outer = {id(layer): layer.row_router for _, layer in adapted_layers(model)}
         with lorakit.per_row(model, ["b", None]):
             pass
-        assert {id(layer): layer.__dict__[ROWS] for _, layer in adapted_layers(model)} == outer
+        assert {id(layer): layer.row_router for _, layer in adapted_layers(model)} == outer
 
 
 def test_gradients_reach_each_adapter_from_its_rows_only() -> None:
@@ -209,4 +192,4 @@ def test_refusals() -> None:
     with pytest.raises(lorakit.AdapterStateError, match="unmerge"), lorakit.per_row(model, ["a", "b"]):
         pass
     lorakit.unmerge(model)
-    assert not any(ROWS in layer.__dict__ for _, layer in adapted_layers(model))
+    assert not any(layer.row_router is not None for _, layer in adapted_layers(model))

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.adapt.model import attach_config
-from lorakit.adapt.records import AdapterRecord, _record, _records
+from lorakit.adapt.records import AdapterRecord, get_record, records_of
 from lorakit.core.contract import Adapter, Factors
 from lorakit.core.layers import AdaptedLayer, adapted_layers
 from lorakit.errors import AdapterStateError, ConfigError
@@ -168,13 +168,13 @@ def _check(model: nn.Module, weights: Mapping[str, float], how: str, name: str, 
         raise ConfigError("combine needs weights: a non-empty mapping {adapter name: weight}")
     if not isinstance(name, str) or not name or "." in name:
         raise ConfigError(f"combine: the new adapter's name must be a non-empty string without '.', got {name!r}")
-    if name in _records(model):
+    if name in records_of(model):
         raise AdapterStateError(f"combine: model already has an adapter named {name!r}; pick another name= or remove it")
     sources = []
     for src, w in weights.items():
         if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(float(w)):
             raise ConfigError(f"combine: the weight of {src!r} must be a finite number, got {w!r}")
-        rec = _record(model, src)  # AdapterStateError for an unknown name
+        rec = get_record(model, src)  # AdapterStateError for an unknown name
         if not rec.is_layer_method:
             raise AdapterStateError(
                 f"combine: {src!r} is full fine-tuning ({rec.method!r}): its update is the trained base weights "

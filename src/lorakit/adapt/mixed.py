@@ -15,7 +15,7 @@ LoRA-XS/SB, Delta-LoRA, rank1-sum); methods that expose low-rank factors (:meth:
 evaluated from them directly (``h = x_rows A^T``, ``y[rows] += (s mid(h)) (diag(out) B)^T``), the same function.
 
 The hook is one line at the top of :meth:`AdaptedLayer.forward`: while the context is open each adapted layer holds
-a callable under ``layer.__dict__["_lorakit_rows"]`` (core imports nothing from this module); leaving the context
+a callable as ``layer.row_router`` (core imports nothing from this module); leaving the context
 (also on an exception) restores what was there before, so contexts nest.
 
 A layer that sees a batch dimension other than ``len(names)`` raises :class:`~lorakit.errors.AdapterStateError`:
@@ -34,14 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit.adapt.records import _record
+from lorakit.adapt.records import get_record
 from lorakit.core.contract import Adapter
 from lorakit.core.layers import AdaptedLayer, adapted_layers
 from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.util.arguments import checked
 
-ROWS = "_lorakit_rows"  # attribute of an AdaptedLayer inside per_row: the callable its forward defers to
-_ABSENT = object()
 
 
 def _update(adapter: Adapter, x: Tensor, base_out: Tensor | Callable[[], Tensor], layer: AdaptedLayer,
@@ -130,7 +128,7 @@ def _check_names(model: nn.Module, names: Sequence[str | None]) -> list[str | No
             continue
         if not isinstance(n, str):
             raise ConfigError(f"per_row: each row's adapter must be a name or None, got {n!r}")
-        rec = _record(model, n)  # AdapterStateError for an unknown name, listing the known ones
+        rec = get_record(model, n)  # AdapterStateError for an unknown name, listing the known ones
         if not rec.is_layer_method:
             raise AdapterStateError(
                 f"per_row: adapter {n!r} is full fine-tuning ({rec.method!r}): it changes the base weights themselves, "
@@ -166,17 +164,14 @@ def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module
     """
     rows = RowAdapters(_check_names(model, names))
     layers = [layer for _, layer in adapted_layers(model)]
-    before = [layer.__dict__.get(ROWS, _ABSENT) for layer in layers]
+    before = [layer.row_router for layer in layers]
     try:
         for layer in layers:
-            layer.__dict__[ROWS] = rows
+            layer.row_router = rows
         yield model
     finally:
         for layer, old in zip(layers, before):
-            if old is _ABSENT:
-                layer.__dict__.pop(ROWS, None)
-            else:
-                layer.__dict__[ROWS] = old
+            layer.row_router = old
 
 
 @checked
@@ -207,4 +202,4 @@ def generate_per_row(model: nn.Module, input_ids: Tensor, adapter_names: Sequenc
         return model.generate(input_ids, **generate_kwargs)
 
 
-__all__ = ["ROWS", "RowAdapters", "generate_per_row", "per_row"]
+__all__ = ["RowAdapters", "generate_per_row", "per_row"]

@@ -21,8 +21,8 @@ from lorakit.adapt.records import (
     _RECORDS,
     SHARED,
     AdapterRecord,
-    _record,
-    _records,
+    get_record,
+    records_of,
     active_adapters,
     adapter_modules,
     adapters,
@@ -98,7 +98,7 @@ def attach_config(model: nn.Module, config: AdapterConfig, method: str, *, name:
     runtime = dict(runtime or {})
     if not isinstance(name, str) or not name or "." in name:
         raise ConfigError(f"adapter name must be a non-empty string without '.', got {name!r}")
-    if name in _records(model):
+    if name in records_of(model):
         raise AdapterStateError(f"model already has an adapter named {name!r}; remove it or pick another name")
     if any(layer.merged for _, layer in adapted_layers(model)):
         raise AdapterStateError("cannot attach an adapter while others are merged; call lorakit.unmerge(model) first")
@@ -116,7 +116,7 @@ def attach_config(model: nn.Module, config: AdapterConfig, method: str, *, name:
                                base_exact=ident.exact)
         if tensors is not None:  # commit
             copy_parameters(params, tensors)
-        _records(model)[name] = record
+        records_of(model)[name] = record
         set_active(model, [name])
         return model
 
@@ -156,7 +156,7 @@ def attach_config(model: nn.Module, config: AdapterConfig, method: str, *, name:
             _replace(model, t, module)
         module.add_adapter(name, adapter)
         layers[t] = module
-    _records(model)[name] = AdapterRecord(name, method, config, chosen, ident.fingerprint, built,
+    records_of(model)[name] = AdapterRecord(name, method, config, chosen, ident.fingerprint, built,
                                           sketch=ident.sketch, base_exact=ident.exact)
     set_active(model, [name])
     if init:
@@ -204,7 +204,7 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     """
     names = [names] if isinstance(names, str) else list(names)
     for n in names:
-        _record(model, n)
+        get_record(model, n)
     layers = list(adapted_layers(model))
     if any(layer.merged for _, layer in layers) and set(names) != set(active_adapters(model)):
         raise AdapterStateError("cannot change the active adapters while some are merged; unmerge first")
@@ -219,7 +219,7 @@ def _refresh_trainable(model: nn.Module) -> None:
         p.requires_grad_(False)
     params = dict(model.named_parameters())
     for n in active_adapters(model):
-        rec = _record(model, n)
+        rec = get_record(model, n)
         if rec.is_layer_method:
             for adapter in rec.modules.values():
                 for p in adapter.parameters():
@@ -277,7 +277,7 @@ def remove(model: nn.Module, name: str) -> nn.Module:
 
     Removing ``full`` only stops tracking it: its trained weights stay in the model.
     """
-    rec = _record(model, name)
+    rec = get_record(model, name)
     if rec.is_layer_method:
         for t in rec.targets:
             layer = model.get_submodule(t)
@@ -293,7 +293,7 @@ def remove(model: nn.Module, name: str) -> nn.Module:
             del store[name]
             if len(store) == 0:
                 delattr(model, SHARED)
-    del _records(model)[name]
+    del records_of(model)[name]
     model.__dict__[_ACTIVE] = [n for n in active_adapters(model) if n != name]
     _refresh_trainable(model)
     return model
@@ -335,7 +335,7 @@ def training_callbacks(model: nn.Module, optimizer: torch.optim.Optimizer | None
     """
     out = Callbacks()
     for name in active_adapters(model):
-        rec = _record(model, name)
+        rec = get_record(model, name)
         cls = rec.method_cls
         if rec.modules and issubclass(cls, Adapter):
             layers = {t: model.get_submodule(t) for t in rec.modules}
@@ -344,7 +344,8 @@ def training_callbacks(model: nn.Module, optimizer: torch.optim.Optimizer | None
     return out
 
 
-__all__ = ["SHARED", "SHARED_PREFIX", "AdapterRecord", "active_adapters", "adapter_modules", "adapter_tensors",
+__all__ = ["SHARED", "SHARED_PREFIX", "AdapterRecord", "active_adapters", "adapter_modules", "adapter_tensors", "get_record",
+           "records_of",
            "adapters", "attach", "attach_config", "check_fits", "detach", "fill", "merge", "remove", "set_active",
            "shared_module", "target_fingerprint", "target_shapes", "trainable_parameters", "training_callbacks",
            "unmerge"]

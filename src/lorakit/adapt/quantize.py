@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lorakit.adapt.records import _records
+from lorakit.adapt.records import records_of
 from lorakit.core import quant
 from lorakit.core.layers import AdaptedLayer, original_samples
 from lorakit.errors import AdapterStateError, ConfigError
@@ -89,9 +89,9 @@ def quantize(model: nn.Module, scheme: str = "nf4", *, skip: tuple[str, ...] | l
             raise ConfigError(f"quantize(): argument 'device' {device!r} is not a device ({e})") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"quantize(): argument 'device' is {device} but CUDA is not available")
-    if _records(model):
+    if records_of(model):
         raise AdapterStateError("quantize the base before attaching adapters (the model already has "
-                                f"{sorted(_records(model))})")
+                                f"{sorted(records_of(model))})")
     already = [n for n, m in model.named_modules() if quant.is_quantized(m)]
     if already:
         raise AdapterStateError(f"model is already quantized ({len(already)} layers, e.g. {already[0]} is "

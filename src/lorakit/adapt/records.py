@@ -74,14 +74,16 @@ class AdapterRecord:
 
 
 # --- small accessors ---------------------------------------------------------------------------------------
-def _records(model: nn.Module) -> dict[str, AdapterRecord]:
+def records_of(model: nn.Module) -> dict[str, AdapterRecord]:
+    """The live record of every adapter on ``model`` by name (the model's own dict: the layers above read and
+    update records through this and :func:`get_record`, never through the attribute)."""
     return model.__dict__.setdefault(_RECORDS, {})
 
 
 @checked
 def adapters(model: nn.Module) -> dict[str, AdapterRecord]:
     """The adapters on ``model`` by name, in attach order (a copy; edit through the API)."""
-    return dict(_records(model))
+    return dict(records_of(model))
 
 
 @checked
@@ -90,8 +92,9 @@ def active_adapters(model: nn.Module) -> list[str]:
     return list(model.__dict__.get(_ACTIVE, []))
 
 
-def _record(model: nn.Module, name: str) -> AdapterRecord:
-    recs = _records(model)
+def get_record(model: nn.Module, name: str) -> AdapterRecord:
+    """The live record of adapter ``name``; :class:`AdapterStateError` naming the adapters there otherwise."""
+    recs = records_of(model)
     if name not in recs:
         raise AdapterStateError(f"model has no adapter named {name!r}; it has {sorted(recs) or 'none'}")
     return recs[name]
@@ -100,7 +103,7 @@ def _record(model: nn.Module, name: str) -> AdapterRecord:
 @checked
 def adapter_modules(model: nn.Module, name: str = "default") -> dict[str, Adapter]:
     """The per-layer adapter modules of adapter ``name``, by wrapped module name."""
-    return dict(_record(model, name).modules)
+    return dict(get_record(model, name).modules)
 
 
 def shared_module(model: nn.Module, name: str) -> nn.Module | None:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from lorakit.adapt.records import _record, shared_module
+from lorakit.adapt.records import get_record, shared_module
 from lorakit.core.contract import Adapter
 from lorakit.core.layers import layer_kind, weight_shape
 from lorakit.errors import IncompatibleAdapterError
@@ -25,7 +25,7 @@ SHARED_PREFIX = "__shared__."
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
     """Every tensor that defines adapter ``name``, keyed as saved (``<module>.<tensor>``, shared tensors under
     :data:`SHARED_PREFIX`, ``full``'s under their parameter names)."""
-    rec = _record(model, name)
+    rec = get_record(model, name)
     if not rec.is_layer_method:
         params = dict(model.named_parameters())
         return {n: params[n] for n in rec.targets}
@@ -43,7 +43,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
 def target_shapes(model: nn.Module, name: str) -> dict[str, list[int]]:
     """The shape each target must have for adapter ``name`` to fit: ``(d_out, d_in)`` of each wrapped layer, or
     each trained parameter's shape (``full``)."""
-    rec = _record(model, name)
+    rec = get_record(model, name)
     if rec.is_layer_method:
         return {t: list(weight_shape(model.get_submodule(t))) for t in rec.targets}
     params = dict(model.named_parameters())
@@ -77,7 +77,7 @@ def check_fits(model: nn.Module, method: str, shapes: dict[str, list[int]]) -> N
 @torch.no_grad()
 def fill(model: nn.Module, name: str, tensors: Mapping[str, Tensor], *, where: str = "") -> None:
     """Copy saved ``tensors`` (keyed as :func:`adapter_tensors` keys them) into adapter ``name`` of ``model``."""
-    rec = _record(model, name)
+    rec = get_record(model, name)
     if not rec.is_layer_method:
         params = dict(model.named_parameters())
         check_parameters(params, rec.targets, tensors, where=where)

@@ -34,6 +34,10 @@ class TrainingCallback:
     def step(self) -> None:
         """Called after each ``optimizer.step()``."""
 
+    def ranks(self) -> dict[str, int] | None:
+        """The per-layer ranks of a dynamic-rank method (the trainer logs them when they change), or ``None``."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -91,11 +91,18 @@ class Method:
         quantized_unsupported: why this method cannot train on a quantized base (QLoRA; ``None``: it can).
         rank_tensor: for methods whose rank differs per layer, the ``(r,)`` tensor whose length is a layer's
             stored rank (``lorakit inspect`` reads it from the saved shapes).
-        bench_options: the options ``lorakit bench`` measures this method with (PERFORMANCE.md: r 16, alpha 32).
+        bench_options: the options ``lorakit bench`` measures this method with (docs/performance.md: r 16, alpha 32).
         peft_counterpart: the PEFT method of the same math (``"lora"``, ``"dora"``, ``"vera"``) the benchmark
             compares with, or ``None``.
         legacy_defaults: options added after an adapter format was written, with the values that reproduce what
             files written before them computed (used for saved configs that lack them).
+        peft_import: the PEFT adapter type (``"lora"``, ``"dora"``) whose files load as this method, if any.
+        swap_free_options: options a hot-swap may change (:func:`lorakit.hot_swap`): the rank and the scale, which
+            the saved tensors carry, and init- or training-time settings; any other option fixes the function's
+            form and must be equal. ``targets`` is always free (the target list replaces it).
+        relative_lr: a sensible learning rate for this method relative to LoRA's on the same task (VeRA trains
+            scaling vectors and wants ~10x more; full fine-tuning ~0.05x): what the demo and the examples start
+            from before a sweep.
     """
 
     method: ClassVar[str]
@@ -109,6 +116,9 @@ class Method:
     bench_options: ClassVar[Mapping[str, Any]] = {}
     peft_counterpart: ClassVar[str | None] = None
     legacy_defaults: ClassVar[Mapping[str, Any]] = {}
+    peft_import: ClassVar[str | None] = None
+    swap_free_options: ClassVar[frozenset[str]] = frozenset({"targets"})
+    relative_lr: ClassVar[float] = 1.0
 
     @classmethod
     def run_defaults(cls, config: AdapterConfig, *, lr: float, warmup_steps: int,
@@ -122,10 +132,18 @@ class Method:
 class Adapter(Method, nn.Module):
     """Base class of layer adapters. Subclasses set the class attributes and implement the math.
 
-    Class attributes: those of :class:`Method`, plus ``kinds``, the base-layer kinds this method supports.
+    Class attributes: those of :class:`Method`, plus
+
+    - ``kinds``: the base-layer kinds this method supports;
+    - ``rank_dims``: for each tensor (buffers included) whose shape holds the rank, the dimensions that do: a
+      hot-swap zero-pads a smaller saved rank there, which adds nothing to the update;
+    - ``scaled_tensors``: the tensors that carry the scale ``s`` linearly (the ``B`` side), into which a hot-swap
+      folds the ratio of the saved to the live scale.
     """
 
     kinds: ClassVar[frozenset[LayerKind]] = frozenset({LayerKind.LINEAR, LayerKind.CONV1D})
+    rank_dims: ClassVar[Mapping[str, tuple[int, ...]]] = {}
+    scaled_tensors: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, layer: LayerInfo, config: AdapterConfig, shared: nn.Module | None = None,
                  *, init: bool = True) -> None:
@@ -273,6 +291,16 @@ class Adapter(Method, nn.Module):
     def unmerge_from(self, weight: Tensor) -> None:
         """Exact inverse of :meth:`merge_into` (up to the weight dtype's rounding)."""
         weight.copy_(weight.float().sub_(self.delta_weight(weight)))
+
+    # --- in-place replacement (hot-swap) ------------------------------------------------------------------
+    def swap_refusal(self) -> str | None:
+        """Why this adapter's tensors cannot be replaced in place now, or ``None`` (Delta-LoRA whose update went into
+        the base weights). Default: ``None``."""
+        return None
+
+    def after_tensors_replaced(self) -> None:
+        """Called after a hot-swap copied new values into this adapter's tensors: refresh anything derived from
+        them (Delta-LoRA's flags). Default: nothing."""
 
     # --- state ----------------------------------------------------------------------------------------
     def load_tensors(self, tensors: Mapping[str, Tensor], *, where: str = "") -> None:

@@ -17,6 +17,7 @@ Its forward is ``base(x) + sum(adapter(x, base_out) for each active, unmerged ad
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 from dataclasses import dataclass
 from enum import Enum
 
@@ -186,6 +187,10 @@ class AdaptedLayer(nn.Module):
         adapters: adapters by name.
         active: names of the adapters applied in forward, in order.
         merged: names of the adapters whose ``delta_weight`` is currently added into ``base``'s weight.
+        row_router: while set, ``row_router(layer, x)`` computes the forward instead (per-row adapters,
+            :func:`lorakit.per_row` sets and clears it); ``None`` otherwise.
+        projection_group: the group of sibling projections this layer shares its ``x A^T`` with
+            (:func:`lorakit.fast.speed.group_projections`), or ``None``.
     """
 
     def __init__(self, base: nn.Module) -> None:
@@ -199,6 +204,8 @@ class AdaptedLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
+        self.row_router: Any = None
+        self.projection_group: Any = None
 
     # --- geometry -------------------------------------------------------------------------------------
     @property
@@ -241,9 +248,8 @@ class AdaptedLayer(nn.Module):
         return [n for n in self.active if n not in self.merged]
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = self.__dict__.get("_lorakit_rows")  # per-row adapters (lorakit.per_row): a callable set by adapt
-        if rows is not None:
-            return rows(self, x)
+        if self.row_router is not None:  # per-row adapters (lorakit.per_row)
+            return self.row_router(self, x)
         pending = self.pending()
         if len(pending) == 1:
             fused = self.adapters[pending[0]].fused_forward(x, self)

@@ -260,7 +260,7 @@ def lowrank_linear(x: Tensor, layer: AdaptedLayer, f: LowRank, h: Tensor | None 
     """
     if not _ENABLED or not supports(layer, x):
         return None
-    group = layer.__dict__.get("_lorakit_group")
+    group = layer.projection_group
     if h is None and group is not None:
         h = group.lookup(layer, x)
     if not torch.compiler.is_compiling():  # a Python counter would make dynamo guard on it and recompile

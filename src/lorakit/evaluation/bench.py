@@ -1,5 +1,5 @@
 """``lorakit bench``: step time, tokens/s, memory and MFU of every method against the frozen-base floor, PEFT
-and full fine-tuning, in one process, on the workloads of ``PERFORMANCE.md``.
+and full fine-tuning, in one process, on the workloads of ``docs/performance.md``.
 
 One step = forward + backward + optimizer step (AdamW) on a Llama-shaped model with random weights and random
 tokens. Rows:
@@ -276,26 +276,30 @@ def matmul_peak(device: str, dtype: torch.dtype) -> float:
 
 
 # --- running ----------------------------------------------------------------------------------------------------
+#: The method docs/performance.md states its targets for: its reference-path row, PEFT-as-users-run-it row and the QLoRA
+#: rows (LoRA on a quantized base, compared with it) are measured for it alone.
+REFERENCE = "lora"
+
+
 def _rows(methods: list[str], compare_peft: bool, quantize: list[str]) -> list[Row]:
     rows = [Row("floor", "floor", None), Row("floor[hf-loss]", "floor", None)]
-    if quantize and "lora" not in methods:
-        methods = ["lora", *methods]  # QLoRA rows are compared with bf16 LoRA
+    if quantize and REFERENCE not in methods:
+        methods = [REFERENCE, *methods]  # QLoRA rows are compared with the bf16 reference
     for m in methods:
-        if m == "full":
+        if not METHODS[m].layer_method:  # full fine-tuning: measured last, beside the adapters
             continue
         rows.append(Row(m, "lorakit", m, _options(m)))
-        if m == "lora":
-            rows.append(Row("lora[plain]", "plain", m, _options(m)))
+        if m == REFERENCE:
+            rows.append(Row(f"{m}[plain]", "plain", m, _options(m)))
         if compare_peft and METHODS[m].peft_counterpart:
             rows.append(Row(f"peft:{m}", "peft", m, _options(m)))
-            if m == "lora":
-                rows.append(Row("peft:lora[hf-loss]", "peft", m, _options(m)))
+            if m == REFERENCE:
+                rows.append(Row(f"peft:{m}[hf-loss]", "peft", m, _options(m)))
     for scheme in quantize:
-        rows.append(Row(f"qlora:{scheme}", "lorakit", "lora", _options("lora"), quant=scheme))
+        rows.append(Row(f"qlora:{scheme}", "lorakit", REFERENCE, _options(REFERENCE), quant=scheme))
         if compare_peft and scheme.startswith("bnb-"):
-            rows.append(Row(f"peft:qlora:{scheme}", "peft", "lora", _options("lora"), quant=scheme))
-    if "full" in methods:
-        rows.append(Row("full", "full", "full", {}))
+            rows.append(Row(f"peft:qlora:{scheme}", "peft", REFERENCE, _options(REFERENCE), quant=scheme))
+    rows += [Row(m, "full", m, _options(m)) for m in methods if not METHODS[m].layer_method]
     return rows
 
 

@@ -20,7 +20,7 @@ from lorakit.core import lowrank
 
 @dataclass(frozen=True)
 class Workload:
-    """A Llama-shaped model and batch (``PERFORMANCE.md``)."""
+    """A Llama-shaped model and batch (``docs/performance.md``)."""
 
     hidden: int
     layers: int

@@ -35,6 +35,7 @@ per-row magnitude keeps the weight norms in check) reached 100%, 100%, 99%.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from typing import Any
 
 from lorakit.errors import ConfigError
 from lorakit.evaluation.generation import answer_rows, task_accuracy
+from lorakit.methods import get_method
 from lorakit.train.config import TrainConfig
 from lorakit.train.trainer import Trainer
 from lorakit.util.resources import BUNDLED_DIR
@@ -60,20 +62,28 @@ ARITHMETIC_TRAIN, ARITHMETIC_EVAL = DEMO_TASKS["arithmetic"]
 #: The demo's method and its options (chosen by scripts/demo_sweep.py, see the module docstring).
 DEMO_METHOD = "dora"
 DEMO_ADAPTER: dict[str, Any] = {"r": 16, "alpha": 512}
-#: Options a method gets unless the caller passes others: the demo's for DoRA, and LoRA-SB r 12 (the earlier
-#: demo's, that of configs/compare-arithmetic.yaml).
-METHOD_OPTIONS: dict[str, dict[str, Any]] = {DEMO_METHOD: DEMO_ADAPTER, "lora-sb": {"r": 12}}
+
 #: Optimizer steps (batch 8) of the demo.
 DEMO_STEPS = 600
-#: Per task, per method learning rates. ``one_more``: the best of scripts/demo_sweep.py for the methods it
-#: tried (dora with :data:`DEMO_ADAPTER`; lora r 16 at its default alpha and lora-sb r 12, both over 400
-#: steps); the others keep the arithmetic values, untuned on this task. ``arithmetic``: the best of
-#: configs/lr-sweep-arithmetic.yaml. Methods not listed use 1e-2.
-DEMO_LRS: dict[str, dict[str, float]] = {
-    "one_more": {"dora": 5e-4, "lora": 1e-3, "lora-sb": 3e-2, "lora-xs": 1e-1, "lora-fa": 1e-1, "vera": 5e-1,
-                 "full": 2e-3},
-    "arithmetic": {"lora-sb": 1e-1, "lora-xs": 1e-1, "lora-fa": 1e-1, "vera": 5e-1, "full": 2e-3, "lora": 1e-2},
-}
+#: Per task, per method learning rates tuned on each task's training data (the file says how), shipped with it.
+DEMO_LRS_FILE = DATA_DIR / "demo_lrs.json"
+
+
+def demo_options(method: str) -> dict[str, Any]:
+    """The adapter options ``method`` gets in the demo unless the caller passes others: the demo's own for
+    :data:`DEMO_METHOD`, those shipped in :data:`DEMO_LRS_FILE` for the others (else the method's defaults)."""
+    if method == DEMO_METHOD:
+        return dict(DEMO_ADAPTER)
+    return dict(json.loads(DEMO_LRS_FILE.read_text()).get("options", {}).get(method, {}))
+
+
+def demo_lr(task: str, method: str) -> float:
+    """The demo's learning rate for ``method`` on ``task``: the tuned one (:data:`DEMO_LRS_FILE`), else the task's
+    LoRA rate times the method's :attr:`~lorakit.Method.relative_lr`."""
+    tuned = json.loads(DEMO_LRS_FILE.read_text())[task]
+    return float(tuned[method]) if method in tuned else float(tuned["lora"]) * get_method(method).relative_lr
+
+
 #: Tokens generated per problem when scoring (the answers are one or two tokens, then ``</s>``).
 MAX_NEW_TOKENS = {"one_more": 8, "arithmetic": 40}
 
@@ -86,8 +96,8 @@ def demo_config(out: str | os.PathLike[str], *, steps: int = DEMO_STEPS, method:
 
     Args:
         out: the run directory.
-        method: any name in :data:`lorakit.METHODS`; its options start from :data:`METHOD_OPTIONS`.
-        lr: learning rate (default: :data:`DEMO_LRS` for ``task`` and ``method``).
+        method: any name in :data:`lorakit.METHODS`; its options start from :func:`demo_options`.
+        lr: learning rate (default: :func:`demo_lr` of ``task`` and ``method``).
         task: a key of :data:`DEMO_TASKS`.
         train_path, eval_path: other data files (the sweep's split of the training file); default ``task``'s.
         seed: training seed.
@@ -96,7 +106,7 @@ def demo_config(out: str | os.PathLike[str], *, steps: int = DEMO_STEPS, method:
     if task not in DEMO_TASKS:
         raise ConfigError(f"unknown demo task {task!r}; choose: {', '.join(DEMO_TASKS)}")
     train_file, eval_file = DEMO_TASKS[task]
-    options = {**METHOD_OPTIONS.get(method, {}), **adapter}
+    options = {**demo_options(method), **adapter}
     options["method"] = method
     return TrainConfig.parse({
         "model": {"path": "bundled://tiny-base", "dtype": "float32"},
@@ -104,7 +114,7 @@ def demo_config(out: str | os.PathLike[str], *, steps: int = DEMO_STEPS, method:
         "data": {"train": str(train_path or train_file), "eval": str(eval_path or eval_file),
                  "max_length": 48 if task == "one_more" else 96},
         "training": {"max_steps": steps, "batch_size": 8,
-                     "lr": lr if lr is not None else DEMO_LRS[task].get(method, 1e-2),
+                     "lr": lr if lr is not None else demo_lr(task, method),
                      "warmup_steps": max(1, steps // 10), "device": "cpu", "eval_batch_size": 50, "seed": seed},
         "output": {"dir": str(out), "progress": progress, "tensorboard": False},
     })
@@ -205,5 +215,5 @@ def _shell_quote(text: str) -> str:
     return "$'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
-__all__ = ["DEMO_ADAPTER", "DEMO_LRS", "DEMO_METHOD", "DEMO_STEPS", "DEMO_TASK", "DEMO_TASKS", "METHOD_OPTIONS",
+__all__ = ["DEMO_ADAPTER", "DEMO_LRS_FILE", "DEMO_METHOD", "DEMO_STEPS", "DEMO_TASK", "DEMO_TASKS", "demo_lr", "demo_options",
            "demo_config", "run_bundled_demo"]

@@ -34,7 +34,6 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
     ("query", "key", "value"),
     ("w1", "w3"),
 )
-_GROUP = "_lorakit_group"  # attribute of a grouped AdaptedLayer (a plain attribute: not a submodule)
 
 
 class ProjectionGroup:
@@ -108,7 +107,7 @@ def group_projections(model: nn.Module, siblings: tuple[tuple[str, ...], ...] = 
             group = ProjectionGroup(layers)
             group.handles.append(parent.register_forward_hook(lambda *_, g=group: g.clear()))
             for layer in layers:
-                layer.__dict__[_GROUP] = group
+                layer.projection_group = group
             count += 1
     return count
 
@@ -116,8 +115,9 @@ def group_projections(model: nn.Module, siblings: tuple[tuple[str, ...], ...] = 
 def ungroup_projections(model: nn.Module) -> None:
     """Undo :func:`group_projections`."""
     for m in model.modules():
-        group = m.__dict__.pop(_GROUP, None)
+        group = getattr(m, "projection_group", None) if isinstance(m, AdaptedLayer) else None
         if group is not None:
+            m.projection_group = None
             for h in group.handles:
                 h.remove()
             group.handles.clear()

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lorakit._version import __version__
 from lorakit.adapt.model import (
-    _record,
+    get_record,
     adapter_tensors,
     attach_config,
     base_identity,
@@ -42,7 +42,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], name: str = "default",
     Both files are written atomically (temp file + rename), tensors first, so an interrupted save never
     leaves a readable but inconsistent adapter.
     """
-    rec = _record(model, name)
+    rec = get_record(model, name)
     out = output_dir(path)
     # clone: safetensors refuses tensors that share storage (views, tied tensors)
     tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in adapter_tensors(model, name).items()}
@@ -145,7 +145,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
             f"{path}: adapter was trained on different base weights (fingerprint {meta['base_fingerprint']} "
             f"!= this model's {ident.fingerprint}){hint}; pass force=True to load anyway")
     attach_config(model, config, method, name=name, targets=targets, init=False, tensors=tensors)
-    rec = _record(model, name)
+    rec = get_record(model, name)
     rec.fingerprint, rec.sketch, rec.base_exact, rec.sampling = meta["base_fingerprint"], sketch or [], exact, sampling
     rec.extra = dict(meta.get("extra") or {})
     return model

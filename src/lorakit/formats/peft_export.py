@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lorakit.adapt.model import SHARED, _record
+from lorakit.adapt.model import SHARED, get_record
 from lorakit.core.contract import Adapter, Factors, LoraForm
 from lorakit.core.layers import AdaptedLayer, LayerKind
 from lorakit.errors import AdapterStateError, ConfigError
@@ -240,7 +240,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str], name: str = "def
         ConfigError: full fine-tuning (not an adapter), a bad ``rank``, or no exact LoRA form and no ``rank``.
         AdapterStateError: the adapter is merged, or a fold disagrees with ``delta_weight``.
     """
-    rec = _record(model, name)
+    rec = get_record(model, name)
     if not rec.is_layer_method:
         raise ConfigError(f"adapter {name!r} is full fine-tuning, not an adapter, so PEFT cannot hold it; use "
                           "lorakit.detach(model, merge=True) then model.save_pretrained(...)")

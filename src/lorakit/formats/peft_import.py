@@ -20,13 +20,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lorakit.adapt.model import _record, attach_config
+from lorakit.adapt.model import get_record, attach_config
 from lorakit.core.layers import AdaptedLayer, LayerKind, layer_kind, weight_shape
 from lorakit.errors import AdapterFileError, ConfigError, IncompatibleAdapterError
 from lorakit.formats.layout import PEFT_CONFIG_FILE as CONFIG_FILE
 from lorakit.formats.layout import PEFT_PREFIX as PREFIX
 from lorakit.formats.layout import PEFT_WEIGHTS_FILE as WEIGHTS_FILE
-from lorakit.methods import get_method
+from lorakit.methods import get_method, method_for_peft
 from lorakit.util.validation import parse
 from lorakit.util.arguments import checked
 
@@ -198,11 +198,11 @@ def load_peft(model: nn.Module, path: str | os.PathLike[str], name: str | None =
     (r, alpha), = settings
     order = [n for n in modules if n in plan]  # model order
     name = "default" if name is None else name
-    method = "dora" if dora else "lora"
+    method = method_for_peft("dora" if dora else "lora")
     options = get_method(method).config_cls.parse({"targets": order, "r": r, "alpha": alpha,
                                                    "use_rslora": bool(fields.use_rslora),
                                                    "dropout": float(fields.lora_dropout or 0.0)})
     tensors = {f"{target}.{key}": v for target, entry in plan.items() for key, v in entry.items()}
     attach_config(model, options, method, name=name, targets=order, init=False, tensors=tensors, where=f"{where}:")
-    _record(model, name).extra = {"imported_from": "peft"}
+    get_record(model, name).extra = {"imported_from": "peft"}
     return model

@@ -5,8 +5,8 @@ already on the model, so everything that holds those tensors keeps working uncha
 does not recompile, CUDA graphs and optimizers keep their pointers. What can be swapped:
 
 - the same method on the same target layers (same shapes ``(d_out, d_in)``);
-- the same options, except the ones that only set the rank or the scale (``r``, ``r_init``, ``alpha``,
-  ``use_rslora``), the init or training-time behaviour (:data:`FREE_OPTIONS`; and ``targets``, which the target
+- the same options, except the ones the method declares free (:attr:`~lorakit.Method.swap_free_options`: those
+  that only set the rank or the scale, the init or training-time behaviour; and ``targets``, which the target
   list replaces);
 - for the rank-padded methods (LoRA, rsLoRA, DoRA, LoRA-FA, Delta-LoRA, LoRA-XS/SB, rank1-sum), a saved rank
   ``r' <= r``: ``A``-side tensors get ``r - r'`` zero rows, ``B``-side tensors zero columns (``R``, gates, masks
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.adapt.model import target_fingerprint, target_shapes
-from lorakit.adapt.records import _record, shared_module
+from lorakit.adapt.records import get_record, shared_module
 from lorakit.adapt.tensors import fill_modules
 from lorakit.core.contract import Adapter
 from lorakit.core.layers import LayerInfo
@@ -41,37 +41,17 @@ from lorakit.errors import AdapterFileError, AdapterStateError, ConfigError, Inc
 from lorakit.formats.native import read_adapter, saved_config, saved_sampling
 from lorakit.util.arguments import checked
 
-#: Options that may differ between the live and the saved adapter: they set only the rank, the scale (folded into
-#: ``B``), the init (its result is in the saved tensors) or training-time behaviour, never the function's form.
-#: Anything else (Delta-LoRA's ``delta_lambda``, VeRA's ``projection_seed``...) must be equal.
-FREE_OPTIONS = frozenset({
-    "targets", "r", "r_init", "alpha", "use_rslora",  # rank and scale
-    "dropout", "projected_grad", "projected_grad_eps", "delta_start",  # training only
-    "init_std", "d_init", "init_examples", "eta", "svd_niter", "svd_oversample", "init_seed",  # init only
-    "target_rank", "t_init", "t_final", "interval", "min_remasks", "mode", "orth_reg", "score", "beta1", "beta2",
-})
-
-#: Tensors of the rank-padded methods: name -> the dimensions that hold the rank (zero-padded when the saved rank
-#: is smaller).
-RANK_DIMS: Mapping[str, tuple[int, ...]] = {
-    "lora_A": (0,), "lora_B": (1,), "lora_R": (0, 1), "gate": (0,), "mask": (0,),  # LoRA/XS/SB, rank1-sum
-    "anchor_A": (0,), "anchor_B": (1,), "applied_A": (0,), "applied_B": (1,),  # Delta-LoRA's bookkeeping
-}
-#: The ``B`` side: tensors that carry the scale ``s`` linearly (Delta-LoRA's drift is ``lambda s (B_app A_app -
-#: B_K A_K)``), so the ratio of the saved to the live scale is folded into them.
-SCALED = frozenset({"lora_B", "anchor_B", "applied_B"})
-
-
 def _scale(config: Any) -> float | None:
     s = getattr(config, "scale", None)
     return float(s) if isinstance(s, (int, float)) else None
 
 
-def _pad(key: str, saved: Tensor, live: Tensor, where: str) -> Tensor:
-    """``saved`` zero-padded along its rank dimensions to ``live``'s shape, or an :class:`IncompatibleAdapterError`."""
+def _pad(key: str, saved: Tensor, live: Tensor, where: str, rank_dims: Mapping[str, tuple[int, ...]]) -> Tensor:
+    """``saved`` zero-padded along its rank dimensions (the method's :attr:`~lorakit.Adapter.rank_dims`) to
+    ``live``'s shape, or an :class:`IncompatibleAdapterError`."""
     if saved.shape == live.shape:
         return saved
-    dims = RANK_DIMS.get(key.rsplit(".", 1)[-1], ())
+    dims = rank_dims.get(key.rsplit(".", 1)[-1], ())
     if saved.dim() != live.dim() or any(
             saved.shape[d] != live.shape[d] for d in range(live.dim()) if d not in dims):
         raise IncompatibleAdapterError(f"{where}{key}: saved shape {tuple(saved.shape)} cannot replace "
@@ -109,7 +89,7 @@ def hot_swap(model: nn.Module, name: str, path: str | os.PathLike[str], *, force
         The model is unchanged after any error.
     """
     model = getattr(model, "_orig_mod", model)  # a torch.compile-d module: its tensors are the original's
-    rec = _record(model, name)
+    rec = get_record(model, name)
     where = f"{path}: "
     if not rec.is_layer_method:
         raise AdapterStateError(f"hot_swap: {name!r} is full fine-tuning; its weights are the model's own: load the "
@@ -117,11 +97,9 @@ def hot_swap(model: nn.Module, name: str, path: str | os.PathLike[str], *, force
     merged = [t for t in rec.targets if name in getattr(model.get_submodule(t), "merged", [])]
     if merged:
         raise AdapterStateError(f"hot_swap: adapter {name!r} is merged; call lorakit.unmerge(model) first")
-    drifted = [t for t, ad in rec.modules.items() if bool(ad.state_dict().get("drift_in_base", False))]
-    if drifted:
-        raise AdapterStateError(
-            f"hot_swap: the base weights of {drifted[:3]} hold Delta-LoRA adapter {name!r}'s base update (a trained "
-            "model); swapping its factors would leave that update in place. Save it and load onto the original base")
+    refused = [(t, why) for t, ad in rec.modules.items() if (why := ad.swap_refusal())]
+    if refused:
+        raise AdapterStateError(f"hot_swap: adapter {name!r} on {[t for t, _ in refused][:3]}: {refused[0][1]}")
 
     meta, saved = read_adapter(path)
     if meta["method"] != rec.method:
@@ -142,8 +120,9 @@ def hot_swap(model: nn.Module, name: str, path: str | os.PathLike[str], *, force
     except ConfigError as e:
         raise AdapterFileError(f"{where}saved options are not valid for method {rec.method!r} ({e})") from None
     live_opts, new_opts = rec.config.model_dump(), config.model_dump()
+    free = cls.swap_free_options | {"targets"}
     changed = sorted(k for k in live_opts.keys() | new_opts.keys()
-                     if k not in FREE_OPTIONS and live_opts.get(k) != new_opts.get(k))
+                     if k not in free and live_opts.get(k) != new_opts.get(k))
     if changed:
         raise IncompatibleAdapterError(
             f"{where}options {changed} differ from adapter {name!r}'s ({[new_opts.get(k) for k in changed]} vs "
@@ -186,8 +165,8 @@ def hot_swap(model: nn.Module, name: str, path: str | os.PathLike[str], *, force
                                        f"{name!r}'s")
     ready: dict[str, Tensor] = {}
     for key, value in incoming.items():
-        value = _pad(key, value, live[key], where)
-        if ratio != 1.0 and key.rsplit(".", 1)[-1] in SCALED:
+        value = _pad(key, value, live[key], where, cls.rank_dims)
+        if ratio != 1.0 and key.rsplit(".", 1)[-1] in cls.scaled_tensors:
             value = value * ratio
         ready[key] = value
 
@@ -198,12 +177,10 @@ def hot_swap(model: nn.Module, name: str, path: str | os.PathLike[str], *, force
         for key, value in shared_in.items():
             shared_live[key].copy_(value)
     for module in rec.modules.values():
-        resync = getattr(module, "_sync_flags", None)  # Delta-LoRA mirrors its flag buffers in Python attributes
-        if callable(resync):
-            resync()
+        module.after_tensors_replaced()
     rec.fingerprint, rec.sampling = meta["base_fingerprint"], sampling
     rec.extra = dict(meta.get("extra") or {})
     return model
 
 
-__all__ = ["FREE_OPTIONS", "RANK_DIMS", "SCALED", "hot_swap"]
+__all__ = ["hot_swap"]

@@ -36,6 +36,15 @@ METHODS: dict[str, type[Method]] = {
 
 
 @checked
+def method_for_peft(peft_type: str) -> str:
+    """The registered method a PEFT adapter of ``peft_type`` (``"lora"``, ``"dora"``) loads as (its
+    :attr:`~lorakit.Method.peft_import`)."""
+    for name, cls in METHODS.items():
+        if cls.peft_import == peft_type:
+            return name
+    raise UnknownMethodError(f"no registered method reads PEFT {peft_type!r} adapters")
+
+
 def get_method(name: str) -> type[Method]:
     """The class registered as ``name``; :class:`UnknownMethodError` lists the valid names otherwise."""
     try:
@@ -45,4 +54,4 @@ def get_method(name: str) -> type[Method]:
             f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["METHODS", "Adapter", "AdapterConfig", "Method", "get_method"]
+__all__ = ["METHODS", "Adapter", "AdapterConfig", "Method", "get_method", "method_for_peft"]

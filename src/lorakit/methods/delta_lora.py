@@ -105,6 +105,11 @@ class DeltaLora(Lora):
                              "(model.quantize: none) or use lora")
     bench_options = {"r": 16, "alpha": 32.0, "delta_start": 0}  # the base update runs in every measured step
     peft_counterpart = None
+    peft_import = None
+    swap_free_options = Lora.swap_free_options | {"delta_start"}
+    # the bookkeeping factors carry the rank and (the B side) the scale too
+    rank_dims = {**Lora.rank_dims, "anchor_A": (0,), "anchor_B": (1,), "applied_A": (0,), "applied_B": (1,)}
+    scaled_tensors = Lora.scaled_tensors | {"anchor_B", "applied_B"}
     config: DeltaLoraConfig
 
     def __init__(self, layer: LayerInfo, config: DeltaLoraConfig, shared: nn.Module | None = None,
@@ -127,6 +132,15 @@ class DeltaLora(Lora):
         self._drift_in_base = False
         self._merge_added_drift = False
         self.register_load_state_dict_post_hook(_after_load_state_dict)
+
+    def swap_refusal(self) -> str | None:
+        if bool(self.drift_in_base):
+            return ("its base weights hold Delta-LoRA's base update (a trained model); swapping the factors would "
+                    "leave that update in place. Save it and load onto the original base")
+        return None
+
+    def after_tensors_replaced(self) -> None:
+        self._sync_flags()
 
     def _sync_flags(self) -> None:
         """Refresh the python mirrors from the flag buffers (after they were loaded)."""

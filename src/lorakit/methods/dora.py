@@ -35,6 +35,7 @@ class Dora(Lora):
     config_cls = DoraConfig
     kinds = frozenset({LayerKind.LINEAR, LayerKind.CONV1D})
     peft_counterpart = "dora"
+    peft_import = "dora"
 
     def __init__(self, layer: LayerInfo, config: DoraConfig, shared: nn.Module | None = None,
                  *, init: bool = True) -> None:

@@ -35,6 +35,7 @@ class Full(Method):
     method: ClassVar[str] = "full"
     config_cls: ClassVar[type[FullConfig]] = FullConfig
     layer_method: ClassVar[bool] = False
+    relative_lr: ClassVar[float] = 0.05  # every weight moves: a far smaller step
     quantized_unsupported: ClassVar[str | None] = (
         "full fine-tuning trains W itself, and a 4/8-bit weight has no gradient and cannot take small updates; "
         "train on a dense base (model.quantize: none), or train an adapter (lora) on the quantized one")

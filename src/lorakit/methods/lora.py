@@ -85,6 +85,10 @@ class Lora(Adapter):
     kinds = frozenset({LayerKind.LINEAR, LayerKind.CONV1D, LayerKind.EMBEDDING})
     bench_options = {"r": 16, "alpha": 32.0}
     peft_counterpart = "lora"
+    peft_import = "lora"
+    swap_free_options = frozenset({"targets", "r", "alpha", "use_rslora", "dropout"})
+    rank_dims = {"lora_A": (0,), "lora_B": (1,)}
+    scaled_tensors = frozenset({"lora_B"})
     config: LoraConfig
 
     def __init__(self, layer: LayerInfo, config: LoraConfig, shared: nn.Module | None = None,

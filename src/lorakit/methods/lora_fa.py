@@ -64,6 +64,11 @@ class LoraFa(Adapter):
     method = "lora-fa"
     config_cls = LoraFaConfig
     kinds = frozenset({LayerKind.LINEAR, LayerKind.CONV1D, LayerKind.EMBEDDING})
+    swap_free_options = frozenset({"targets", "r", "alpha", "use_rslora", "dropout", "projected_grad",
+                                   "projected_grad_eps"})
+    rank_dims = {"lora_A": (0,), "lora_B": (1,)}
+    scaled_tensors = frozenset({"lora_B"})
+    relative_lr = 3.0  # B alone trains: it takes a larger step than LoRA's pair
     config: LoraFaConfig
 
     def __init__(self, layer: LayerInfo, config: LoraFaConfig, shared: nn.Module | None = None,

@@ -99,6 +99,7 @@ class LoraSb(LoraXs):
     runtime_options = frozenset({"init_batches"})
     needs_init_data = True
     bench_options = {"r": 16}
+    swap_free_options = frozenset({"targets", "r", "eta", "init_examples", "svd_niter", "svd_oversample", "init_seed"})
     config: LoraSbConfig  # type: ignore[assignment]
 
     @classmethod

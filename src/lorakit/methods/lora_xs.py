@@ -68,6 +68,10 @@ class LoraXs(Adapter):
     method = "lora-xs"
     config_cls = LoraXsConfig
     bench_options = {"r": 16, "alpha": 32.0}
+    swap_free_options = frozenset({"targets", "r", "alpha", "init_std"})
+    rank_dims = {"lora_A": (0,), "lora_B": (1,), "lora_R": (0, 1)}
+    scaled_tensors = frozenset({"lora_B"})
+    relative_lr = 3.0  # only an r x r matrix trains
     config: LoraXsConfig
 
     def __init__(self, layer: LayerInfo, config: LoraXsConfig, shared: nn.Module | None = None,

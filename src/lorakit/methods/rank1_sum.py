@@ -118,6 +118,10 @@ class Rank1Sum(Adapter):
     kinds = frozenset({LayerKind.LINEAR, LayerKind.CONV1D, LayerKind.EMBEDDING})
     rank_tensor = "gate"
     bench_options = {"r_init": 16}
+    swap_free_options = frozenset({"targets", "r_init", "alpha", "init_std", "target_rank", "t_init", "t_final",
+                                   "interval", "min_remasks", "mode", "orth_reg", "score", "beta1", "beta2"})
+    rank_dims = {"lora_A": (0,), "lora_B": (1,), "gate": (0,), "mask": (0,)}
+    scaled_tensors = frozenset({"lora_B"})
     config: Rank1SumConfig
 
     def __init__(self, layer: LayerInfo, config: Rank1SumConfig, shared: nn.Module | None = None,

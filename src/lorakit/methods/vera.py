@@ -127,6 +127,8 @@ class Vera(Adapter):
     config_cls = VeraConfig
     bench_options = {"r": 256}
     peft_counterpart = "vera"
+    swap_free_options = frozenset({"targets", "d_init"})  # r sets the shared projections' shape: fixed
+    relative_lr = 10.0  # scaling vectors only (the paper: about 10x LoRA's)
     legacy_defaults = {"projection_init": "linear"}
     config: VeraConfig
     projections: VeraProjections

@@ -557,11 +557,11 @@ class Trainer:
 
     @staticmethod
     def _ranks(run: RunState) -> dict[str, int] | None:
-        """The per-layer ranks of a dynamic-rank method (its callback's ``ranks()``), or ``None``."""
+        """The per-layer ranks of a dynamic-rank method (:meth:`lorakit.TrainingCallback.ranks`), or ``None``."""
         for cb in run.callbacks:
-            ranks_fn = getattr(cb, "ranks", None)
-            if callable(ranks_fn):
-                return dict(ranks_fn())
+            ranks = cb.ranks()
+            if ranks is not None:
+                return dict(ranks)
         return None
 
     def _log_ranks(self, run: RunState, step: int) -> None:
