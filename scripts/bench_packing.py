@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 import lorakit  # noqa: E402
 from lorakit.fast import speed  # noqa: E402
-from lorakit.train.data import IGNORE, Dataset, Example, collate, pack  # noqa: E402
+from lorakit.train.batching import collate  # noqa: E402
+from lorakit.train.data import IGNORE, Dataset, Example, pack  # noqa: E402
 from lorakit.util.files import write_json  # noqa: E402
 
 

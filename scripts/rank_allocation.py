@@ -18,8 +18,8 @@ import torch
 
 from lorakit.evaluation import rank_allocation as ra
 from lorakit.evaluation.claims import claim_dynamic_rank, claim_rank_allocation
-from lorakit.evaluation.evidence import Evidence
 from lorakit.evaluation.compare import host_info
+from lorakit.evaluation.evidence import Evidence
 from lorakit.util.files import write_json, write_text
 
 

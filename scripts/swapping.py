@@ -31,7 +31,8 @@ import torch.nn.functional as F
 import lorakit
 from lorakit.evaluation.compare import host_info
 from lorakit.evaluation.compare_config import load_compare_config
-from lorakit.train.data import IGNORE, collate, encode_record
+from lorakit.train.batching import collate
+from lorakit.train.data import IGNORE, encode_record
 from lorakit.train.loading import load_model, load_tokenizer
 from lorakit.train.trainer import Trainer
 from lorakit.util import resources

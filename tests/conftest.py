@@ -115,3 +115,16 @@ def model_name(request) -> str:
 
 
 from .fixtures_train import one_thread, tiny_run  # noqa: E402,F401  (session fixture: a saved tiny Llama + JSONL files)
+
+
+def hf_greedy(model: torch.nn.Module, tokenizer, prompts, max_new_tokens: int) -> list[str]:
+    """The reference for lorakit's decode loop: ``model.generate`` greedy, each prompt alone (no padding), text
+    decoded without special tokens."""
+    out = []
+    for p in prompts:
+        ids = torch.tensor([tokenizer(p)["input_ids"]], device=next(model.parameters()).device)
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    return out

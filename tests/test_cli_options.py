@@ -54,7 +54,7 @@ def _required_args(cmd: Any, skip: str) -> list[str]:
 
 
 def _kind(p: Any) -> str:
-    """``int``, ``float``, ``choice`` (a parser of a fixed set, lorakit.cli._one_of), or ``other``."""
+    """``int``, ``float``, ``choice`` (a parser of a fixed set, lorakit.cli.common.one_of), or ``other``."""
     td = p.type_descriptor
     parser = getattr(td.parameter_info, "parser", None)
     if parser is not None:
@@ -112,10 +112,10 @@ def test_a_bad_option_value_is_a_usage_error_naming_the_option(item, capsys) -> 
 @given(value=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6)))
 def test_generate_sampling_options_take_only_finite_numbers_in_range(value: Any) -> None:
     """The sampling knobs get any float or text: accepted exactly when finite and in range."""
-    from lorakit.cli import _finite
+    from lorakit.cli.common import finite
 
-    for parser, low, high, low_open in ((_finite(low=0.0), 0.0, None, False),
-                                        (_finite(low=0.0, high=1.0, low_open=True), 0.0, 1.0, True)):
+    for parser, low, high, low_open in ((finite(low=0.0), 0.0, None, False),
+                                        (finite(low=0.0, high=1.0, low_open=True), 0.0, 1.0, True)):
         text = str(value)
         try:
             number = float(text)

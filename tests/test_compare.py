@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import json
-from pathlib import Path
+import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest

@@ -12,7 +12,7 @@ from torch import nn
 import lorakit
 from lorakit.core.layers import AdaptedLayer
 
-from .conftest import batch_for, output_of, tiny_bert, tiny_gpt2, tiny_llama, perturb
+from .conftest import batch_for, output_of, perturb, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _randomize(model: nn.Module, seed: int = 5) -> None:

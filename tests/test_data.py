@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from lorakit.testing import build_tokenizer
-from lorakit.train.data import IGNORE, BatchOrder, DataError, collate, pack, read_jsonl, split_records, tokenize
+from lorakit.train.batching import BatchOrder, collate
+from lorakit.train.data import IGNORE, DataError, pack, read_jsonl, split_records, tokenize
 
 from .fixtures_train import write_jsonl
 

@@ -167,7 +167,8 @@ def test_packed_loss_and_gradients_equal_the_examples_run_alone(tok) -> None:
     import lorakit
     from lorakit.fast import speed
     from lorakit.testing import build_tiny_llama
-    from lorakit.train.data import collate, pack, tokenize
+    from lorakit.train.batching import collate
+    from lorakit.train.data import pack, tokenize
 
     texts = ["the cat sat on the mat", "a dog", "hello world and more words here", "one two three"]
     ds = tokenize([(i, {"text": t}) for i, t in enumerate(texts)], tok, max_length=64)
@@ -210,7 +211,7 @@ def test_cli_trains_packed(tiny_run, tmp_path: Path) -> None:
 
 # --- batching by length and by token budget ---------------------------------------------------------------------
 def test_length_grouping_and_token_budget_cover_every_example_once() -> None:
-    from lorakit.train.data import BatchOrder
+    from lorakit.train.batching import BatchOrder
 
     rng = torch.Generator().manual_seed(0)
     lengths = (torch.rand(500, generator=rng) ** 3 * 500 + 5).long().tolist()  # mostly short, a few long

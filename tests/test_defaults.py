@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 import lorakit
 from lorakit.adapt.model import shared_module

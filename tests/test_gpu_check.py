@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 64 * 2**20
 #: what scripts/gpu_wheels.sh builds (.whl/site.tgz, measured: 10.1 MB): the tree must leave room for it

@@ -15,7 +15,7 @@ from lorakit.adapt.model import adapter_modules
 from lorakit.core.layers import AdaptedLayer
 from lorakit.core.lowrank import fused, fused_calls
 
-from .conftest import batch_for, output_of, tiny_llama, perturb
+from .conftest import batch_for, output_of, perturb, tiny_llama
 
 Q = "model.layers.0.self_attn.q_proj"  # (32, 32)
 K_PROJ = "model.layers.0.self_attn.k_proj"  # (16, 32)

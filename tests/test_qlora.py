@@ -17,7 +17,7 @@ from lorakit.core import quant
 from lorakit.core.layers import AdaptedLayer, adapted_layers
 from lorakit.core.lowrank import fused, fused_calls
 
-from .conftest import batch_for, output_of
+from .conftest import batch_for, hf_greedy, output_of
 from .conftest import tiny_llama as _tiny_llama
 from .test_contract import CASES, _perturb, train_losses
 
@@ -359,7 +359,6 @@ def test_serve_answers_a_qlora_adapter_on_the_quantized_base(tmp_path: Path) -> 
 
     openai = pytest.importorskip("openai")
     uvicorn = pytest.importorskip("uvicorn")
-    from lorakit.evaluation.generation import generate
     from lorakit.serve import Engine, bind, create_app
     from lorakit.testing import DEMO_DATA, build_tiny_llama, build_tokenizer, record_texts
 
@@ -370,7 +369,7 @@ def test_serve_answers_a_qlora_adapter_on_the_quantized_base(tmp_path: Path) -> 
     _perturb(model, seed=11)
     lorakit.save(model, tmp_path / "a")
     prompt = "Question: What number comes after 7?\nAnswer:"
-    want = generate(model.eval(), tok, [prompt], max_new_tokens=6)[0]
+    want = hf_greedy(model.eval(), tok, [prompt], 6)[0]
 
     engine = Engine.from_pretrained(str(tmp_path / "base"), {"a": str(tmp_path / "a")}, device="cpu",
                                     quantize="nf4", base_name="base")

@@ -55,7 +55,7 @@ def test_an_unexpected_error_is_one_line_unless_debug(tmp_path: Path, capsys, mo
     def boom(path):
         raise RuntimeError("something broke")
 
-    monkeypatch.setattr("lorakit.cli.describe", boom)
+    monkeypatch.setattr("lorakit.cli.adapters.describe", boom)
     (tmp_path / "adapter.json").write_text("{}")
     assert main(["inspect", str(tmp_path)]) == 1
     err = _err(capsys)
@@ -71,7 +71,7 @@ def test_an_os_error_names_its_cause(tmp_path: Path, capsys, monkeypatch) -> Non
     def full(path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr("lorakit.cli.describe", full)
+    monkeypatch.setattr("lorakit.cli.adapters.describe", full)
     (tmp_path / "adapter.json").write_text("{}")
     assert main(["inspect", str(tmp_path)]) == 1
     err = _err(capsys)

@@ -2,7 +2,7 @@
 
 A tiny Llama (random weights) with three adapters of different methods (randomised, so each one changes the
 output), served by uvicorn in a background thread. Checked: greedy outputs equal `lorakit generate` and
-:func:`lorakit.evaluation.generation.generate` for every adapter and the base; streaming gives the same text;
+:func:`tests.conftest.hf_greedy` (``model.generate``) for every adapter and the base; streaming gives the same text;
 concurrent clients over several adapters get the single-request answers while the engine really mixed adapters
 in a batch; bad input is refused with OpenAI-shaped JSON errors and the server keeps serving; adapters load and
 unload at run time.
@@ -30,8 +30,9 @@ import torch
 
 import lorakit
 from lorakit.cli import main
-from lorakit.evaluation.generation import generate
 from lorakit.testing import DEMO_DATA, build_tiny_llama, build_tokenizer, record_texts
+
+from .conftest import hf_greedy
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -135,7 +136,7 @@ def _serving(app: Any) -> Iterator[str]:
 
 def _reference(s: Served, model: str, prompts: list[str], tokens: int = TOKENS) -> list[str]:
     lorakit.set_active(s.reference, [] if model == BASE else [model])
-    return generate(s.reference, s.tokenizer, prompts, max_new_tokens=tokens, batch_size=1)
+    return hf_greedy(s.reference, s.tokenizer, prompts, tokens)
 
 
 def _complete(client: Any, model: str, prompt: str, tokens: int = TOKENS, **kw: Any) -> str:
@@ -454,7 +455,7 @@ def test_serve_command_serves_until_interrupted(served: Served) -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
             lines.append(line)
-            if " on http://" in line:
+            if "API key:" in line:  # the last start-up line, printed after the address
                 found.set()
 
     threading.Thread(target=read, daemon=True).start()
@@ -502,7 +503,7 @@ def test_decoder_batch_equals_single_runs_with_absolute_positions() -> None:
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lorakit.serve.decode import Decoder, SamplingParams
+    from lorakit.inference.decode import Decoder, SamplingParams
 
     tok = build_tokenizer(record_texts(DEMO_DATA))
     torch.manual_seed(0)
@@ -512,7 +513,7 @@ def test_decoder_batch_equals_single_runs_with_absolute_positions() -> None:
     rows = [_Row(list(tok(p)["input_ids"]), SamplingParams(max_tokens=n)) for p, n in zip(PROMPTS, budgets)]
     Decoder(model, tok, lambda names: contextlib.nullcontext()).run(rows)
     for p, n, row in zip(PROMPTS, budgets, rows):
-        assert row.text == generate(model, tok, [p], max_new_tokens=n)[0]
+        assert row.text == hf_greedy(model, tok, [p], n)[0]
         assert row.finish in ("stop", "length")
 
 
@@ -520,7 +521,7 @@ def test_engine_without_mixed_batches_runs_one_batch_per_adapter(served: Served)
     """``--no-mixed``: the same answers, from batches that each hold one adapter."""
     import asyncio
 
-    from lorakit.serve.decode import SamplingParams
+    from lorakit.inference.decode import SamplingParams
     from lorakit.serve.engine import Request, Sink
 
     engine = Engine.from_pretrained(str(served.base_dir), {n: str(d) for n, d in served.adapter_dirs.items()},

@@ -225,3 +225,21 @@ def test_completion_f1_on_the_tiny_model() -> None:
     assert [s["completion"] for s in res["samples"]] == [r["completion"] for r in rows]
     assert all("\n" not in s["predicted"] for s in res["samples"])
     assert completion_f1(model, tok, [{"text": "x"}])["token_f1"] is None
+
+
+def test_batched_generation_equals_model_generate_alone() -> None:
+    """The evaluation's generations run lorakit's one decode loop (left-padded batches, finished rows dropped);
+    each equals ``model.generate`` greedy on its prompt alone, on a real tokenizer with special tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.evaluation.generation import generate
+
+    from .conftest import hf_greedy
+
+    path = str(BUNDLED_DIR / "tiny-base")
+    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    prompts = [r["prompt"] for r in _rows(DATA / f"{TASK}_eval.jsonl")[:5]] + ["A"]
+    model.train()
+    got = generate(model, tok, prompts, max_new_tokens=10, batch_size=4)
+    assert model.training  # put back as it was
+    assert got == hf_greedy(model.eval(), tok, prompts, 10)

@@ -266,8 +266,8 @@ def test_adapters_train_inside_transformers_trainer(tiny_run, tmp_path: Path) ->
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in ds.examples]
 
     def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+        from lorakit.train.batching import collate as pad
         from lorakit.train.data import Example
-        from lorakit.train.data import collate as pad
 
         return pad([Example(b["input_ids"], b["labels"]) for b in batch], tok.pad_token_id)
 

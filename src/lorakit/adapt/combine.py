@@ -124,7 +124,7 @@ def _linear_factors(src: _Source, adapter: Adapter, layer: AdaptedLayer, dw: Ten
     method *is* LoRA, else its exact factors at scale 1."""
     form = adapter.lora_form()
     if form is not None and form.magnitude is None:
-        s = form.alpha / (math.sqrt(form.r) if form.use_rslora else form.r)
+        s = form.scale
         if _rel(dw, s * form.b @ form.a) <= _EXACT_TOL:
             return form.a, form.b, s
     fac = adapter.lora_factors(layer)

@@ -41,7 +41,6 @@ from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.util.arguments import checked
 
 
-
 def _update(adapter: Adapter, x: Tensor, base_out: Tensor | Callable[[], Tensor], layer: AdaptedLayer,
             dtype: torch.dtype) -> Tensor:
     """``dW x`` of ``adapter`` for the input rows ``x``; ``base_out`` is ``base(x)`` of those rows, or a function

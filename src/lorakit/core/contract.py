@@ -15,6 +15,7 @@ data-driven init) keep that rule outside the layer: an optimizer option, a post-
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -74,6 +75,27 @@ class LoraForm:
     use_rslora: bool
     dropout: float
     magnitude: Tensor | None = None
+
+    @property
+    def scale(self) -> float:
+        """``s = alpha / r`` (rsLoRA, https://arxiv.org/abs/2312.03732: ``alpha / sqrt(r)``)."""
+        return lora_scale(self.alpha, self.r, self.use_rslora)
+
+    def delta_weight(self, base_weight: Tensor) -> Tensor:
+        """``dW`` in float32: ``s B A``, or DoRA's ``m * V / ||V||_row - W0`` with ``V = W0 + s B A``
+        (https://arxiv.org/abs/2402.09353, Eq. 5; the norm over each output row, as PEFT stores ``m``)."""
+        lora = self.scale * (self.b.float() @ self.a.float())  # (d_out, d_in)
+        if self.magnitude is None:
+            return lora
+        w0 = base_weight.float()
+        v = w0 + lora
+        return v * (self.magnitude.float() / v.norm(dim=1)).unsqueeze(1) - w0
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """LoRA's scale ``alpha / r`` (https://arxiv.org/abs/2106.09685), or rsLoRA's rank-stabilised ``alpha / sqrt(r)``
+    (https://arxiv.org/abs/2312.03732)."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
 
 
 class Method:

@@ -17,9 +17,9 @@ Its forward is ``base(x) + sum(adapter(x, base_out) for each active, unmerged ad
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import torch
 import torch.nn.functional as F

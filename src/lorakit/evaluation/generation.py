@@ -29,10 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.evaluation.tasks import extract_answer
-from lorakit.train.data import Dataset, collate, read_jsonl, tokenize
-
+from lorakit.inference.decode import SamplingParams, complete
 
 # --- task accuracy -------------------------------------------------------------------------------------------
+from lorakit.train.batching import collate
+from lorakit.train.data import Dataset, read_jsonl, tokenize
+
+
 def answer_rows(path: str | os.PathLike[str], limit: int | None = None) -> list[dict[str, Any]]:
     """The ``{"prompt", "answer"}`` rows of a JSONL file (first ``limit``); empty if it has no answers."""
     return _prompt_rows(path, limit, lambda r: r.get("answer") is not None)
@@ -56,31 +59,16 @@ def completion_rows(path: str | os.PathLike[str], limit: int | None = None) -> l
     return _prompt_rows(path, limit, lambda r: isinstance(r.get("completion"), str))
 
 
-@torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 48,
-             batch_size: int = 32, device: torch.device | str | None = None) -> list[str]:
-    """Greedy completions of ``prompts`` (prompt excluded), batched with left padding.
+             batch_size: int = 32) -> list[str]:
+    """Greedy completions of ``prompts`` (prompt excluded), batched by :func:`lorakit.inference.complete`.
 
     Prompts are tokenized with special tokens, exactly as the training data's prompts are
     (:func:`lorakit.train.data.encode_record`), so the model sees the same prefix it was trained on.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    pad = int(tokenizer.pad_token_id)
-    eos = tokenizer.eos_token_id
-    out: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        encoded = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts[i:i + batch_size]]
-        width = max(len(e) for e in encoded)
-        # left padding: every prompt ends at the same position, so generated tokens line up
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)  # (B, T)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, eos_token_id=eos)
-        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-    model.train(was_training)
-    return out
+    ids = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    return [c.text for c in complete(model, tokenizer, ids, SamplingParams(max_tokens=max_new_tokens),
+                                     batch_size=batch_size)]
 
 
 def task_accuracy(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, Any]], *, max_new_tokens: int = 48,

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.adapt.model import attach, training_callbacks
-from lorakit.methods.rank1_sum_pruning import live_ranks
 from lorakit.evaluation.compare_config import resolve_data_path
+from lorakit.methods.rank1_sum_pruning import live_ranks
 from lorakit.train.data import read_jsonl
 from lorakit.util import resources
 

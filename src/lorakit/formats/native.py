@@ -18,11 +18,11 @@ from torch import Tensor, nn
 
 from lorakit._version import __version__
 from lorakit.adapt.model import (
-    get_record,
     adapter_tensors,
     attach_config,
     base_identity,
     check_fits,
+    get_record,
     target_shapes,
 )
 from lorakit.core.layers import SAMPLINGS
@@ -30,8 +30,8 @@ from lorakit.errors import AdapterFileError, ConfigError, IncompatibleAdapterErr
 from lorakit.formats.layout import FORMAT, FORMAT_VERSION, META_FILE, TENSORS_FILE, is_peft_dir, output_dir
 from lorakit.formats.peft_import import load_peft
 from lorakit.methods import get_method
-from lorakit.util.files import atomic_write, sha256_file, write_json
 from lorakit.util.arguments import checked
+from lorakit.util.files import atomic_write, sha256_file, write_json
 
 
 @checked

@@ -49,15 +49,15 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lorakit.adapt.model import SHARED, get_record
-from lorakit.core.contract import Adapter, Factors, LoraForm
+from lorakit.core.contract import Adapter, Factors
 from lorakit.core.layers import AdaptedLayer, LayerKind
 from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.formats.layout import PEFT_CONFIG_FILE as CONFIG_FILE
 from lorakit.formats.layout import PEFT_PREFIX as PREFIX
 from lorakit.formats.layout import PEFT_WEIGHTS_FILE as WEIGHTS_FILE
 from lorakit.formats.layout import output_dir
-from lorakit.util.files import atomic_write, write_json
 from lorakit.util.arguments import Range, checked
+from lorakit.util.files import atomic_write, write_json
 
 log = logging.getLogger("lorakit")
 
@@ -107,12 +107,6 @@ def _rel_error(dw: Tensor, approx: Tensor) -> float:
     return diff / norm if norm > 0 else diff
 
 
-def _dora_delta(w0: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float) -> Tensor:
-    """PEFT's DoRA update ``m * V / ||V||_row - W0`` with ``V = W0 + s B A`` (fp32, ``(d_out, d_in)``)."""
-    v = w0.float() + scale * b @ a
-    return v * (m / v.norm(dim=1))[:, None] - w0.float()
-
-
 # --- export ---------------------------------------------------------------------------------------------
 @dataclass
 class _Layer:
@@ -136,20 +130,11 @@ def _native(adapters: dict[str, Adapter], model: nn.Module) -> dict[str, _Layer]
         if form is None:
             return None
         dw = ad.delta_weight(layer.weight).float()  # (d_out, d_in)
-        s, a, b = _scale(form), form.a, form.b
-        if form.magnitude is not None:
-            ex = _Layer(layer.kind, a, b, _rel_error(dw, _dora_delta(layer.weight, a, b, form.magnitude, s)),
-                        form.magnitude)
-        else:
-            ex = _Layer(layer.kind, a, b, _rel_error(dw, s * b @ a))
+        ex = _Layer(layer.kind, form.a, form.b, _rel_error(dw, form.delta_weight(layer.weight)), form.magnitude)
         if ex.error > EXACT_TOL:
             return None
         out[target] = ex
     return out
-
-
-def _scale(form: LoraForm) -> float:
-    return form.alpha / (math.sqrt(form.r) if form.use_rslora else form.r)
 
 
 def _folded(adapters: dict[str, Adapter], model: nn.Module, method: str, rank: int | None) -> dict[str, _Layer]:

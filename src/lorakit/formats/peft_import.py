@@ -20,15 +20,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lorakit.adapt.model import get_record, attach_config
+from lorakit.adapt.model import attach_config, get_record
 from lorakit.core.layers import AdaptedLayer, LayerKind, layer_kind, weight_shape
 from lorakit.errors import AdapterFileError, ConfigError, IncompatibleAdapterError
 from lorakit.formats.layout import PEFT_CONFIG_FILE as CONFIG_FILE
 from lorakit.formats.layout import PEFT_PREFIX as PREFIX
 from lorakit.formats.layout import PEFT_WEIGHTS_FILE as WEIGHTS_FILE
 from lorakit.methods import get_method, method_for_peft
-from lorakit.util.validation import parse
 from lorakit.util.arguments import checked
+from lorakit.util.validation import parse
 
 #: Config fields that change PEFT's math in ways lorakit's LoRA/DoRA do not reproduce: must be falsy.
 _UNSUPPORTED_FIELDS = ("lora_bias", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config",

@@ -41,6 +41,7 @@ from lorakit.errors import AdapterFileError, AdapterStateError, ConfigError, Inc
 from lorakit.formats.native import read_adapter, saved_config, saved_sampling
 from lorakit.util.arguments import checked
 
+
 def _scale(config: Any) -> float | None:
     s = getattr(config, "scale", None)
     return float(s) if isinstance(s, (int, float)) else None

@@ -45,6 +45,7 @@ def method_for_peft(peft_type: str) -> str:
     raise UnknownMethodError(f"no registered method reads PEFT {peft_type!r} adapters")
 
 
+@checked
 def get_method(name: str) -> type[Method]:
     """The class registered as ``name``; :class:`UnknownMethodError` lists the valid names otherwise."""
     try:

@@ -62,7 +62,6 @@ from lorakit.core.lowrank import LowRank
 from lorakit.errors import AdapterStateError
 from lorakit.methods.lora import Lora, LoraConfig, lora_form
 
-
 #: Share of the run's optimizer steps before the base update starts, when ``delta_start`` is left unset.
 START_FRACTION = 0.1
 

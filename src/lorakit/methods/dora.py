@@ -53,8 +53,9 @@ class Dora(Lora):
         return base_weight.float() + (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (d_out, d_in)
 
     def delta_weight(self, base_weight: Tensor) -> Tensor:
-        v = self._direction(base_weight)
-        return v * (self.magnitude.float() / v.norm(dim=1)).unsqueeze(1) - base_weight.float()
+        form = self.lora_form()
+        assert form is not None
+        return form.delta_weight(base_weight)
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
         with torch.no_grad():  # the norm is a constant in backward (paper, Sec. 4.3)

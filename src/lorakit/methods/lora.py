@@ -18,7 +18,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from lorakit.core.contract import Adapter, AdapterConfig, LoraForm, cast
+from lorakit.core.contract import Adapter, AdapterConfig, LoraForm, cast, lora_scale
 from lorakit.core.layers import AdaptedLayer, LayerInfo, LayerKind
 from lorakit.core.lowrank import LowRank
 from lorakit.errors import ConfigError
@@ -48,7 +48,7 @@ class LoraConfig(AdapterConfig):
     @property
     def scale(self) -> float:
         assert self.alpha is not None
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora_scale(self.alpha, self.r, self.use_rslora)
 
 
 def check_rank(layer: LayerInfo, r: int, method: str) -> None:

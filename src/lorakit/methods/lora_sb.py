@@ -59,7 +59,6 @@ from lorakit.core.layers import AdaptedLayer, LayerKind
 from lorakit.errors import ConfigError
 from lorakit.methods.lora_xs import LoraXs
 
-
 #: ``eta`` of a bare :func:`lorakit.attach` that does not give one: lr ``1e-4`` warmed up over 100 steps.
 FALLBACK_ETA = 1e-6
 

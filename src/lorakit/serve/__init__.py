@@ -2,7 +2,8 @@
 different adapters together (see ``docs/serving.md``).
 
 - :mod:`~lorakit.serve.protocol`: the OpenAI request models and response bodies.
-- :mod:`~lorakit.serve.decode`: the batched incremental decode loop (KV cache, greedy or sampled, text deltas).
+- :mod:`lorakit.inference.decode` (shared with ``lorakit generate`` and the evaluation): the batched incremental
+  decode loop (KV cache, greedy or sampled, text deltas).
 - :mod:`~lorakit.serve.engine`: the worker thread that owns the model, batches queued requests and loads
   adapters between batches.
 - :mod:`~lorakit.serve.app`: the FastAPI app (endpoints, errors, server-sent events).

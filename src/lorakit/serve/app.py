@@ -31,7 +31,7 @@ from starlette.requests import Request as HttpRequest
 
 from lorakit._version import __version__
 from lorakit.errors import LorakitError
-from lorakit.serve.decode import SamplingParams
+from lorakit.inference.decode import SamplingParams
 from lorakit.serve.engine import Engine, Event, Request, ServeError, Sink
 from lorakit.serve.protocol import (
     ADAPTER_NAME,

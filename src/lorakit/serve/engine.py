@@ -32,8 +32,8 @@ from lorakit.adapt.model import remove, set_active
 from lorakit.errors import AdapterStateError, ConfigError, LorakitError
 from lorakit.formats.layout import is_peft_dir
 from lorakit.formats.native import load, read_adapter
+from lorakit.inference.decode import Decoder, SamplingParams
 from lorakit.methods import get_method
-from lorakit.serve.decode import Decoder, SamplingParams
 from lorakit.train.config import ModelConfig
 from lorakit.train.data import render_chat
 from lorakit.train.loading import load_model, load_tokenizer, resolve_device
@@ -79,7 +79,7 @@ class Sink:
 
 
 class Request:
-    """One prompt to complete: the unit the worker batches (implements :class:`lorakit.serve.decode.Row`)."""
+    """One prompt to complete: the unit the worker batches (implements :class:`lorakit.inference.decode.Row`)."""
 
     def __init__(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams, sink: Sink,
                  index: int = 0) -> None:

@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 from lorakit.errors import ConfigError
 from lorakit.methods import AdapterConfig, get_method
 from lorakit.util import resources
+from lorakit.util.arguments import checked
 from lorakit.util.files import write_text
 from lorakit.util.validation import parse
-from lorakit.util.arguments import checked
 
 
 class _Section(BaseModel):

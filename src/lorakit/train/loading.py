@@ -117,10 +117,13 @@ def _first_line(e: BaseException) -> str:
 
 
 def adapter_model_config(adapter_dir: str | os.PathLike[str], *, base: str | None = None,
-                         dtype: str | None = None, quantize: str | None = None) -> ModelConfig:
+                         dtype: str | None = None, quantize: str | None = None,
+                         meta: dict[str, Any] | None = None) -> ModelConfig:
     """The :class:`ModelConfig` of the base model an adapter saved by ``lorakit train`` was trained on
-    (``base``/``dtype``/``quantize`` override what the adapter recorded)."""
-    meta, _ = read_adapter(adapter_dir, tensors=False)
+    (``base``/``dtype``/``quantize`` override what the adapter recorded; ``meta``: its ``adapter.json``, if
+    already read)."""
+    if meta is None:
+        meta, _ = read_adapter(adapter_dir, tensors=False)
     extra = meta.get("extra") or {}
     path = base or extra.get("base_model")
     if not path:
@@ -133,9 +136,12 @@ def adapter_model_config(adapter_dir: str | os.PathLike[str], *, base: str | Non
                  f"{adapter_dir}: invalid model settings")
 
 
-def load_adapter_dir(model: nn.Module, adapter_dir: str | os.PathLike[str], *, force: bool = False) -> str:
-    """Load an adapter saved by ``lorakit train`` (and its trained task head, if any); returns its name."""
-    meta, _ = read_adapter(adapter_dir, tensors=False)
+def load_adapter_dir(model: nn.Module, adapter_dir: str | os.PathLike[str], *, force: bool = False,
+                     meta: dict[str, Any] | None = None) -> str:
+    """Load an adapter saved by ``lorakit train`` (and its trained task head, if any); returns its name
+    (``meta``: its ``adapter.json``, if already read)."""
+    if meta is None:
+        meta, _ = read_adapter(adapter_dir, tensors=False)
     name = meta.get("name") or "default"
     load(model, adapter_dir, name=name, force=force)
     head = Path(adapter_dir) / HEAD_ADAPTER
@@ -151,8 +157,9 @@ def load_trained(adapter_dir: str | os.PathLike[str], *, base: str | None = None
                  device: torch.device | str | None = None) -> tuple[nn.Module, Any]:
     """``(model with the adapter loaded, tokenizer)`` for an adapter directory written by ``lorakit train``, on
     the base it was trained on (quantized as it was, unless ``quantize`` says otherwise)."""
-    cfg = adapter_model_config(adapter_dir, base=base, dtype=dtype, quantize=quantize)
+    meta, _ = read_adapter(adapter_dir, tensors=False)
+    cfg = adapter_model_config(adapter_dir, base=base, dtype=dtype, quantize=quantize, meta=meta)
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg, pad_token_id=tokenizer.pad_token_id, device=device)
-    load_adapter_dir(model, adapter_dir, force=force)
+    load_adapter_dir(model, adapter_dir, force=force, meta=meta)
     return model, tokenizer

@@ -10,7 +10,7 @@ import torch
 
 from lorakit.core.callbacks import Callbacks, TrainingCallback
 from lorakit.errors import LorakitError
-from lorakit.train.data import BatchOrder
+from lorakit.train.batching import BatchOrder
 from lorakit.train.metrics import METRICS_FILE, MetricsLogger, read_metrics
 
 

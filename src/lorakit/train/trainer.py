@@ -6,12 +6,8 @@ init_batches=...)`` when the method :attr:`~lorakit.Method.needs_init_data`, e.g
 training callbacks (:func:`lorakit.training_callbacks`: Delta-LoRA's base update, rank1-sum's pruner) and its
 LoRA+ parameter split (:func:`lorakit.optimizer`).
 
-Each optimizer step::
-
-    for each of grad_accum micro-batches:  loss = model(**batch).loss + sum(callback regularizers)
-                                           (loss / grad_accum).backward()       # under autocast
-    clip the global gradient norm; callbacks.before_step(); optimizer.step(); callbacks.step()
-    scheduler.step(); optimizer.zero_grad()
+Setup (model, data, adapter, run directory, schedule, resume) is here; each optimizer step is
+:class:`lorakit.train.loop.TrainingLoop`'s.
 
 Resuming restores the adapter, optimizer, scheduler, grad scaler, callback states, every RNG and the data
 position (micro-batch ``k`` is a pure function of ``k``, see :class:`lorakit.train.data.BatchOrder`), so on CPU an
@@ -24,9 +20,7 @@ import contextlib
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +30,16 @@ from tqdm.auto import tqdm
 
 from lorakit._version import __version__
 from lorakit.adapt.model import adapters as adapter_records
-from lorakit.adapt.model import attach, attach_config, remove, set_active, trainable_parameters, training_callbacks
+from lorakit.adapt.model import attach, attach_config, remove, set_active, training_callbacks
 from lorakit.adapt.targets import HEAD_NAMES
 from lorakit.core import lowrank
 from lorakit.core.callbacks import Callbacks, TrainingCallback
 from lorakit.errors import ConfigError
 from lorakit.fast import speed
 from lorakit.formats.native import load as load_adapter
-from lorakit.formats.native import save as save_adapter
 from lorakit.methods import get_method
 from lorakit.train import distributed
+from lorakit.train.batching import BatchOrder, collate, iter_batches
 from lorakit.train.checkpoint import (
     RUN_FILE,
     RunLock,
@@ -53,17 +47,16 @@ from lorakit.train.checkpoint import (
     load_training_checkpoint,
     prepare_run_dir,
     read_json,
-    rng_state,
-    save_training_checkpoint,
     write_json,
 )
 from lorakit.train.config import TrainConfig, load_config, save_config
-from lorakit.train.data import IGNORE, BatchOrder, Dataset, collate, dataset_from, iter_batches
+from lorakit.train.data import IGNORE, Dataset, dataset_from
 from lorakit.train.loading import HEAD_ADAPTER, load_model, load_tokenizer, resolve_device
-from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLogger, plot_losses
+from lorakit.train.loop import TrainingLoop
+from lorakit.train.metrics import MetricsLogger
 from lorakit.train.optim import optimizer as make_optimizer
 from lorakit.train.run import FitResult, Position, RunState, TrainingError, logged_eval
-from lorakit.train.runtime import lr_schedule, rebase_schedule, resolve_precision, seed_everything, stop_on_signals
+from lorakit.train.runtime import lr_schedule, rebase_schedule, resolve_precision, seed_everything
 from lorakit.train.streaming import load_data
 from lorakit.util.arguments import checked
 
@@ -88,7 +81,7 @@ def _records_like(data: Any) -> bool:
         return False
 
 
-class Trainer:
+class Trainer(TrainingLoop):
     """Fine-tune a model with any lorakit method from a :class:`~lorakit.train.config.TrainConfig`.
 
     Example::
@@ -367,6 +360,17 @@ class Trainer:
         return prepare_run_dir(out, cfg.fingerprint(), cfg.to_dict(), resume=resume, overwrite=overwrite,
                                log=self._log)
 
+    def _write_run_file(self, out: Path, *, fresh: bool) -> None:
+        """``run.json``: the run's identity (fingerprint, config, lorakit version; a fresh run writes it and
+        ``config.yaml``) and how it computes (``runtime``: rewritten on resume, which may run elsewhere)."""
+        cfg = self.config
+        if fresh:
+            save_config(cfg, out / "config.yaml")
+            run = {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict(), "lorakit_version": __version__}
+        else:
+            run = read_json(out / RUN_FILE)
+        write_json(out / RUN_FILE, {**run, "runtime": self.runtime_info()})
+
     def _fit(self, *, resume: bool, overwrite: bool) -> FitResult:
         cfg, t = self.config, self.config.training
         out = Path(cfg.output.dir)
@@ -384,13 +388,9 @@ class Trainer:
             self._restore_adapter(ckpt)
         else:
             self._attach(total=total, warmup=warmup)
-            if self.dist.is_main:
-                write_json(out / RUN_FILE, {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
-                                            "lorakit_version": __version__})
-                save_config(cfg, out / "config.yaml")
         self._speed_up(model)
-        if self.dist.is_main:  # how this run computes (a resume says it again: it may run elsewhere)
-            write_json(out / RUN_FILE, {**read_json(out / RUN_FILE), "runtime": self.runtime_info()})
+        if self.dist.is_main:
+            self._write_run_file(out, fresh=ckpt is None)
         # under torchrun: DDP, or FSDP2 (after checkpointing/compile, and before the optimizer: FSDP moves the
         # adapter to the device); then each process draws its own dropout masks
         self._forward = self.dist.wrap(model, self._loss, log=self._log)
@@ -431,169 +431,6 @@ class Trainer:
         # that exits while process 0 still writes can make the other abort in the process group's teardown)
         run.result.adapter_dir = self.dist.main_only(self._save_final, out, run.result)
         return run.result
-
-    def _log_start(self, run: RunState) -> None:
-        d, model = self.train_data, self.model
-        assert d is not None and model is not None
-        n_train = trainable_parameters(model)
-        n_all = sum(p.numel() for p in model.parameters())
-        info = {"method": self.config.adapter.method, "trainable_params": n_train, "total_params": n_all,
-                "cross_entropy": self.runtime_info()["cross_entropy"],
-                "train_examples": len(d), "eval_examples": len(self.eval_data or []), "total_steps": run.total,
-                "truncated": d.n_truncated, "dropped": d.n_dropped, "device": str(self.device),
-                "precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32"}
-        run.metrics.log("info", 0, **info)
-        self._log(f"{info['method']}: {n_train:,} trainable of {n_all:,} parameters "
-                  f"({100 * n_train / n_all:.3f}%); {len(d)} training examples, {run.total} steps on "
-                  f"{self.device} ({info['precision']})")
-        if d.n_truncated or d.n_dropped:
-            self._log(f"data: {d.n_truncated} example(s) truncated to max_length={self.config.data.max_length}, "
-                      f"{d.n_dropped} dropped (no trainable token left)")
-
-    def _eval_and_log(self, run: RunState, step: int) -> dict[str, float]:
-        res = self.evaluate()
-        if res:
-            run.metrics.log("eval", step, **res)
-            self._log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
-        return res
-
-    def _step(self, run: RunState) -> tuple[float, Tensor | None, int, float]:
-        """One optimizer step over ``grad_accum`` micro-batches: ``(mean loss, grad norm, non-pad tokens,
-        learning rate)``: the rate this step's update used for ``training.lr`` (LoRA+'s B side took ratio x it).
-
-        Raises:
-            TrainingError: the loss is NaN or infinite (checked before the update, so nothing is changed).
-        """
-        t, data, model = self.config.training, self.train_data, self.model
-        assert data is not None and model is not None
-        loss_sum = torch.zeros((), device=self.device)
-        tokens = 0
-        for i in range(t.grad_accum):
-            # this process's shard of the global micro-batch, its loss weight, the global batch's tokens
-            batch, weight, n_tokens = self.dist.micro_batch(data.examples, run.order.indices(run.pos.micro),
-                                                            self._pad_id)
-            run.pos.micro += 1
-            tokens += n_tokens
-            batch = self._to_device(batch)
-            with self._autocast():
-                loss = run.callbacks.regularize(self._forward(batch, sync=i == t.grad_accum - 1) * weight)
-            loss_sum += loss.detach().float()
-            run.scaler.scale(loss / t.grad_accum).backward()
-        self._forward.finish()
-        # one sync per step: a NaN must stop the run at once (on every process: the loss is all-reduced)
-        loss_value = self.dist.mean(loss_sum) / t.grad_accum
-        if not math.isfinite(loss_value):
-            last = f"; the last good checkpoint is {run.result.checkpoint}" if run.result.checkpoint else ""
-            raise TrainingError(f"loss is {loss_value} at step {run.pos.step + 1}; stopping{last}. "
-                                "Lower training.lr (or set training.max_grad_norm) and run again with --resume, "
-                                "or check the data.")
-        run.scaler.unscale_(run.opt)
-        params = [p for g in run.opt.param_groups for p in g["params"]]  # re-read: pruning may swap tensors
-        # the norm also guards the update: a non-finite gradient must never reach the weights (or a checkpoint)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)
-        if not run.scaler.is_enabled() and not math.isfinite(norm := float(grad_norm)):
-            last = f"; the last good checkpoint is {run.result.checkpoint}" if run.result.checkpoint else ""
-            raise TrainingError(f"gradient norm is {norm} at step {run.pos.step + 1} (loss {loss_value:.4g}); the step "
-                                f"was not applied{last}. Lower training.lr (or set training.max_grad_norm) and "
-                                "run again with --resume, or check the data.")
-        if not t.max_grad_norm:
-            grad_norm = None  # measured, not clipped: not logged as a clipping norm
-        run.callbacks.before_step()
-        # this update's rate, before the scheduler moves on (as LambdaLR computes it for a group at training.lr)
-        lr = t.lr * run.sched.lr_lambdas[0](run.sched.last_epoch)
-        run.scaler.step(run.opt)
-        run.scaler.update()
-        run.callbacks.step()  # after the update, before zero_grad: the rank pruner reads the gradients
-        run.sched.step()
-        run.opt.zero_grad(set_to_none=True)
-        run.pos.step += 1
-        run.result.step = run.pos.step
-        self._stopping = self.dist.any(self._stop)  # every process stops after the same step
-        return loss_value, grad_norm, tokens, lr
-
-    def _loop(self, run: RunState) -> None:
-        t, out = self.config.training, self.config.output
-        bar = tqdm(total=run.total, initial=run.pos.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not out.progress or not self.dist.is_main, file=sys.stderr)
-        window_tokens, window_start = 0, time.perf_counter()
-        saved_at = run.pos.step if run.result.checkpoint is not None else -1
-        with stop_on_signals(self._request_stop):
-            while run.pos.step < run.total and not self._stopping:
-                loss, grad_norm, tokens, lr = self._step(run)
-                window_tokens += tokens
-                run.pos.tokens += tokens
-                step = run.pos.step
-                bar.update(1)
-                if step % t.log_every == 0 or step == run.total:
-                    tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                    values: dict[str, Any] = {"loss": loss, "lr": lr, "tokens_per_s": round(tps, 1),
-                                              "tokens": run.pos.tokens,
-                                              "epoch": round(run.order.epoch_of(run.pos.micro), 4)}
-                    if grad_norm is not None:
-                        values["grad_norm"] = float(grad_norm)
-                    run.metrics.log("train", step, **values)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-                    window_tokens, window_start = 0, time.perf_counter()
-                    self._log_ranks(run, step)
-                if (t.eval_every and step % t.eval_every == 0) or step == run.total:
-                    run.result.eval_end = self._eval_and_log(run, step)
-                if (out.save_every and step % out.save_every == 0) or step == run.total:
-                    self._save_checkpoint(run)
-                    saved_at = step
-        bar.close()
-        if self._stopping:
-            run.result.interrupted = True
-            if saved_at != run.pos.step:
-                self._save_checkpoint(run)
-            self._log(f"interrupted at step {run.pos.step}/{run.total}; checkpoint saved to "
-                      f"{run.result.checkpoint}. Continue with `lorakit train CONFIG --resume`.")
-
-    def _request_stop(self) -> bool:
-        """Signal handler: ask the loop to stop after this step; returns whether a stop was already asked."""
-        before, self._stop = self._stop, True
-        if not before:
-            self._log("stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
-        return before
-
-    @staticmethod
-    def _ranks(run: RunState) -> dict[str, int] | None:
-        """The per-layer ranks of a dynamic-rank method (:meth:`lorakit.TrainingCallback.ranks`), or ``None``."""
-        for cb in run.callbacks:
-            ranks = cb.ranks()
-            if ranks is not None:
-                return dict(ranks)
-        return None
-
-    def _log_ranks(self, run: RunState, step: int) -> None:
-        """Log the per-layer ranks of dynamic-rank methods when they change."""
-        ranks = self._ranks(run)
-        if ranks is not None and ranks != run.ranks:
-            run.metrics.log("ranks", step, total_rank=sum(ranks.values()), ranks=ranks)
-            run.ranks = ranks
-
-    def _save_checkpoint(self, run: RunState) -> None:
-        names = [self.name] + ([HEAD_ADAPTER] if HEAD_ADAPTER in adapter_records(self.model) else [])
-        rngs = self.dist.gather(rng_state())  # every process's RNG (None on one process); process 0 writes
-        run.result.checkpoint = self.dist.main_only(
-            save_training_checkpoint, self.config.output.dir, run.pos.step, model=self.model, adapters=names,
-            optimizer=run.opt, scheduler=run.sched, scaler=run.scaler, callbacks=run.own_callbacks,
-            position=asdict(run.pos), keep=self.config.output.keep_checkpoints, rng=rngs)
-
-    def _save_final(self, out: Path, result: FitResult) -> Path:
-        cfg = self.config
-        extra = {"base_model": cfg.model.path, "tokenizer": cfg.model.tokenizer or cfg.model.path,
-                 "task": cfg.model.task, "num_labels": cfg.model.num_labels, "dtype": cfg.model.dtype,
-                 "quantize": cfg.model.quantize, "trained_steps": result.step, "run": cfg.fingerprint()}
-        path = save_adapter(self.model, out / "adapter", self.name, extra=extra)
-        if HEAD_ADAPTER in adapter_records(self.model):
-            save_adapter(self.model, path / HEAD_ADAPTER, HEAD_ADAPTER, extra=extra)
-        self._log(f"adapter saved to {path}")
-        if cfg.output.plot:
-            plot_losses(out / METRICS_FILE, out / PLOT_FILE, title=f"{cfg.adapter.method} on {cfg.model.path}")
-        return path
-
-
-
 
 
 __all__ = ["FitResult", "Trainer", "TrainingError"]

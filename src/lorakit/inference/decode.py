@@ -1,5 +1,6 @@
-"""The decode loop of ``lorakit serve``: one batch of sequences, prefilled together, then decoded one token per
-step with the KV cache, each row streaming its text as it grows.
+"""The one decode loop of lorakit (``lorakit serve``, ``lorakit generate`` and the evaluation's generations): one
+batch of sequences, prefilled together, then decoded one token per step with the KV cache, each row streaming
+its text as it grows.
 
 A batch is left-padded (every prompt ends at the same column, so each step appends one column for all rows) and
 carries an attention mask; positions count real tokens only (``cumsum(mask) - 1``), so a padded row sees
@@ -15,6 +16,7 @@ deltas, so a streamed and a whole response are the same text.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +47,7 @@ class SamplingParams:
 
 
 class Row(Protocol):
-    """What the loop needs from one queued sequence (:class:`lorakit.serve.engine.Request`)."""
+    """What the loop needs from one sequence (:class:`Completion`, :class:`lorakit.serve.engine.Request`)."""
 
     prompt_ids: list[int]
     adapter: str | None
@@ -194,6 +196,62 @@ class Decoder:
         s.row.emit_done(reason, len(s.ids))
 
 
+@dataclass
+class Completion:
+    """A :class:`Row` that collects its text (and passes each delta to ``on_text``, to stream it)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None
+    on_text: Callable[[str], None] | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+    @property
+    def cancelled(self) -> bool:
+        return False
+
+    def emit_text(self, text: str) -> None:
+        self.text += text
+        if self.on_text is not None:
+            self.on_text(text)
+
+    def emit_done(self, finish_reason: str, completion_tokens: int) -> None:
+        self.finish_reason, self.completion_tokens = finish_reason, completion_tokens
+
+
+def _no_adapters(names: list[str | None]) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
+def complete(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *,
+             batch_size: int = 32) -> list[Completion]:
+    """Each prompt (token ids) completed with ``params``, in batches of ``batch_size``, on the adapters active
+    in ``model``.
+
+    With ``temperature=0`` (greedy) the tokens equal ``model.generate(..., do_sample=False)`` of each prompt
+    alone; the text is the decode of those tokens without special tokens, cut before the first stop string.
+    """
+    rows = [Completion(list(ids), params) for ids in prompt_ids]
+    run_rows(model, tokenizer, rows, batch_size=batch_size)
+    return rows
+
+
+def run_rows(model: nn.Module, tokenizer: Any, rows: Sequence[Completion], *, batch_size: int = 32) -> None:
+    """Decode ``rows`` in batches of ``batch_size`` (the model in eval mode for the call, then back as it was)."""
+    if not rows:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        decoder = Decoder(model, tokenizer, _no_adapters)
+        for i in range(0, len(rows), batch_size):
+            decoder.run(rows[i:i + batch_size])
+    finally:
+        model.train(was_training)
+
+
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     """The tokenizer's end-of-sequence token and the model's generation-config ones (chat models add their
     end-of-turn token there), as ``model.generate`` stops on them."""
@@ -241,4 +299,4 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
-__all__ = ["Decoder", "Row", "SamplingParams"]
+__all__ = ["Completion", "Decoder", "Row", "SamplingParams", "complete", "run_rows"]
