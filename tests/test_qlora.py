@@ -410,3 +410,23 @@ def test_saved_activation_bytes_on_a_quantized_base(kind: str, saved_base: Path)
     assert tensor_storages(weight) and all(n > 0 for _, n in tensor_storages(weight))
     dense, quantized = count(tiny_llama()), count(q)
     assert dense > 0 and abs(quantized - dense) <= 0.1 * dense
+
+
+# --- the dense weights of a quantized base (for inits from the quantization error) -----------------------------
+def test_dense_weights_read_from_a_state_dict_or_the_checkpoint(tmp_path: Path) -> None:
+    from lorakit.util.dense_weights import DenseWeights
+
+    model = _tiny_llama(hidden_size=64)
+    model.save_pretrained(tmp_path / "base")
+    name = "model.layers.0.self_attn.q_proj"
+    want = model.get_submodule(name).weight.detach().float()
+    for source in (model.state_dict(), tmp_path / "base", str(tmp_path / "base" / "model.safetensors"),
+                   {k.removeprefix("model."): v for k, v in model.state_dict().items()}):  # the inner model's keys
+        got = DenseWeights(source).weight(name)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    with pytest.raises(lorakit.ConfigError, match="no weight for 'model.nope'"):
+        DenseWeights(tmp_path / "base").weight("model.nope")
+    with pytest.raises(lorakit.ConfigError, match="no \\*.safetensors"):
+        DenseWeights(tmp_path)
+    with pytest.raises(lorakit.ConfigError, match="not a file, a directory"):
+        DenseWeights(str(tmp_path / "missing"))

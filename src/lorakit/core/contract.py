@@ -109,6 +109,9 @@ class Method:
         runtime_options: keyword arguments of :func:`lorakit.attach` that are not part of the saved config
             (e.g. LoRA-SB's ``init_batches``); they are passed to :meth:`Adapter.initialize`.
         needs_init_data: attaching needs ``init_batches`` (a data-driven init: LoRA-SB).
+        needs_dense_weights: attaching needs ``dense_weights``, the base's unquantized weights (a state dict or
+            its safetensors checkpoint, :class:`lorakit.util.dense_weights.DenseWeights`), for an init from the
+            quantization error of a quantized base (LoftQ); ``lorakit train`` passes ``model.path``.
         fsdp_unsupported: why FSDP cannot train this method (``None``: it can).
         quantized_unsupported: why this method cannot train on a quantized base (QLoRA; ``None``: it can).
         rank_tensor: for methods whose rank differs per layer, the ``(r,)`` tensor whose length is a layer's
@@ -132,6 +135,7 @@ class Method:
     layer_method: ClassVar[bool] = True
     runtime_options: ClassVar[frozenset[str]] = frozenset()
     needs_init_data: ClassVar[bool] = False
+    needs_dense_weights: ClassVar[bool] = False
     fsdp_unsupported: ClassVar[str | None] = None
     quantized_unsupported: ClassVar[str | None] = None
     rank_tensor: ClassVar[str | None] = None
@@ -201,8 +205,8 @@ class Adapter(Method, nn.Module):
 
     @classmethod
     def check_runtime(cls, runtime: Mapping[str, Any]) -> None:
-        """Refuse runtime options this method does not take, and a missing ``init_batches`` when the method
-        :attr:`needs_init_data` (checked before anything is built)."""
+        """Refuse runtime options this method does not take, and a missing ``init_batches`` (``dense_weights``)
+        when the method :attr:`needs_init_data` (:attr:`needs_dense_weights`), before anything is built."""
         unknown = sorted(set(runtime) - cls.runtime_options)
         if unknown:
             raise ConfigError(f"method {cls.method!r} takes no option(s) {unknown}")
@@ -210,6 +214,10 @@ class Adapter(Method, nn.Module):
             raise ConfigError(
                 f"method {cls.method!r} needs init_batches=<iterable of model input dicts with labels> to compute "
                 "its init (the gradient of the training loss); pass it to lorakit.attach")
+        if cls.needs_dense_weights and runtime.get("dense_weights") is None:
+            raise ConfigError(
+                f"method {cls.method!r} needs dense_weights=<the unquantized base: a state dict or its checkpoint "
+                "directory> to compute its init (the quantization error W - Q); pass it to lorakit.attach")
 
     @classmethod
     def initialize(cls, model: nn.Module, adapters: Mapping[str, Adapter], layers: Mapping[str, AdaptedLayer],

@@ -339,7 +339,8 @@ def run_bench(device: str = "cpu", methods: list[str] | None = None, compare_pef
     if wname not in WORKLOADS:
         raise ConfigError(f"unknown workload {wname!r}; available: {', '.join(WORKLOADS)}")
     w = WORKLOADS[wname]
-    methods = list(METHODS) if methods is None else list(methods)
+    # an init from the dense weights of a quantized base (LoftQ) trains as LoRA does on that base: the QLoRA rows
+    methods = [m for m in METHODS if not METHODS[m].needs_dense_weights] if methods is None else list(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; available: {', '.join(sorted(METHODS))}")

@@ -49,7 +49,7 @@ from lorakit.train.checkpoint import (
     read_json,
     write_json,
 )
-from lorakit.train.config import TrainConfig, load_config, save_config
+from lorakit.train.config import TrainConfig, load_config, resolve_model_path, save_config
 from lorakit.train.data import IGNORE, Dataset, dataset_from
 from lorakit.train.loading import HEAD_ADAPTER, load_model, load_tokenizer, resolve_device
 from lorakit.train.loop import TrainingLoop
@@ -59,6 +59,7 @@ from lorakit.train.run import FitResult, Position, RunState, TrainingError, logg
 from lorakit.train.runtime import lr_schedule, rebase_schedule, resolve_precision, seed_everything
 from lorakit.train.streaming import load_data
 from lorakit.util.arguments import checked
+from lorakit.util.dense_weights import DenseWeights
 
 
 def _device_name(device: torch.device) -> str:
@@ -242,7 +243,9 @@ class Trainer(TrainingLoop):
             self._log(f"using the {a.method} adapter {a.name!r} already attached to the model")
         else:
             data_init = get_method(a.method).needs_init_data
-            runtime = {"init_batches": self._init_batches()} if data_init else {}
+            runtime: dict[str, Any] = {"init_batches": self._init_batches()} if data_init else {}
+            if get_method(a.method).needs_dense_weights:  # read lazily from the checkpoint, one layer at a time
+                runtime["dense_weights"] = DenseWeights(resolve_model_path(self.config.model.path))
             # a data-driven init runs forward/backward passes: use the training precision for them
             config = a.method_config()
             t = self.config.training
