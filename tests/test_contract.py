@@ -68,6 +68,7 @@ CASES: dict[str, Case] = {
     "lora-xs": Case("lora-xs", {"r": 4, "init_std": 0.0}, lambda layers, m: 16 * len(layers), lr=3e-1),
     "lora-sb": Case("lora-sb", {"r": 4}, lambda layers, m: 16 * len(layers), starts_unchanged=False,
                     runtime=lambda m, seed=7: {"init_batches": [batch_for(m, seed=seed)]}, lr=3e-2),
+    "pissa": Case("pissa", {"r": 4}, _lora_count(4)),
 }
 
 
