@@ -69,6 +69,7 @@ CASES: dict[str, Case] = {
     "lora-sb": Case("lora-sb", {"r": 4}, lambda layers, m: 16 * len(layers), starts_unchanged=False,
                     runtime=lambda m, seed=7: {"init_batches": [batch_for(m, seed=seed)]}, lr=3e-2),
     "pissa": Case("pissa", {"r": 4}, _lora_count(4)),
+    "olora": Case("olora", {"r": 4}, _lora_count(4)),
 }
 
 

@@ -1,5 +1,5 @@
 """Initialisations from the base weight, against their papers' formulas and PEFT's implementations side by side:
-PiSSA (top-r singular triplets)."""
+PiSSA (top-r singular triplets) and OLoRA (QR)."""
 
 from __future__ import annotations
 
@@ -141,3 +141,48 @@ def test_pissa_exports_to_peft_as_an_exact_rank_2r_lora(tmp_path) -> None:
     back = tiny_llama()
     lorakit.load(back, tmp_path / "peft")  # PEFT's format, read back as plain LoRA
     assert _rel(output_of(back, batch), ref) < 1e-5
+
+
+# --- OLoRA -------------------------------------------------------------------------------------------------------
+def test_olora_init_is_the_qr_basis_and_the_model_starts_exactly_unchanged() -> None:
+    model = tiny_llama()
+    batch = batch_for(model)
+    before = output_of(model, batch)
+    w = model.get_submodule(Q).weight.detach().clone()
+    lorakit.attach(model, "olora", r=4)
+    ad = lorakit.adapter_modules(model)[Q]
+    q, r = torch.linalg.qr(w)
+    torch.testing.assert_close(ad.lora_B, q[:, :4], rtol=0, atol=0)
+    torch.testing.assert_close(ad.lora_A, r[:4], rtol=0, atol=0)
+    torch.testing.assert_close(ad.lora_B.T @ ad.lora_B, torch.eye(4), rtol=0, atol=1e-5)  # orthonormal columns
+    assert ad.scale == 2.0  # LoRA's default alpha = 2 r; B0 A0 is not rescaled
+    with lowrank.fused(False):
+        assert torch.equal(output_of(model, batch), before)
+    perturb(model, seed=1)
+    want = ad.scale * (ad.lora_B @ ad.lora_A - q[:, :4] @ r[:4])
+    torch.testing.assert_close(ad.delta_weight(w), want, rtol=1e-5, atol=1e-6)
+
+
+def test_olora_matches_peft_side_by_side(tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    model = tiny_llama()
+    batch = batch_for(model)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights="olora"))
+    lorakit.attach(model, "olora", r=4, alpha=8.0, targets=targets)
+    g = torch.Generator().manual_seed(3)
+    for name, ad in lorakit.adapter_modules(model).items():
+        peft_layer = theirs.get_submodule(f"base_model.model.{name}")
+        torch.testing.assert_close(ad.lora_A, peft_layer.lora_A["default"].weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ad.lora_B, peft_layer.lora_B["default"].weight, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            da, db = 0.05 * torch.randn(ad.lora_A.shape, generator=g), 0.05 * torch.randn(ad.lora_B.shape, generator=g)
+            ad.lora_A.add_(da)
+            ad.lora_B.add_(db)
+            peft_layer.lora_A["default"].weight.add_(da)
+            peft_layer.lora_B["default"].weight.add_(db)
+    ref = output_of(theirs, batch)
+    assert _rel(output_of(model, batch), ref) < 1e-5 and _rel(ref, output_of(tiny_llama(), batch)) > 1e-3
+    report = lorakit.export_peft(model, tmp_path / "peft")  # exact plain LoRA of rank 2r
+    assert report["exact"] and report["r"] == 8

@@ -17,6 +17,7 @@ from lorakit.methods.lora import Lora
 from lorakit.methods.lora_fa import LoraFa
 from lorakit.methods.lora_sb import LoraSb
 from lorakit.methods.lora_xs import LoraXs
+from lorakit.methods.olora import Olora
 from lorakit.methods.pissa import Pissa
 from lorakit.methods.rank1_sum import Rank1Sum
 from lorakit.methods.vera import Vera
@@ -34,6 +35,7 @@ METHODS: dict[str, type[Method]] = {
     "lora-xs": LoraXs,
     "lora-sb": LoraSb,
     "pissa": Pissa,
+    "olora": Olora,
 }
 
 
