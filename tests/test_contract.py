@@ -51,6 +51,14 @@ def _lora_count(r: int) -> Callable[[list[LayerInfo], torch.nn.Module], int]:
     return lambda layers, m: sum(r * (li.d_in + li.d_out) for li in layers)
 
 
+def _int8_base(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` quantized to int8 (per-row: any shape), its dense weights kept beside it for LoftQ's init."""
+    if not quantized_layers(model):
+        model.dense_for_tests = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        lorakit.quantize(model, "int8")
+    return model
+
+
 CASES: dict[str, Case] = {
     "lora": Case("lora", {"r": 4}, _lora_count(4)),
     "dora": Case("dora", {"r": 4}, lambda layers, m: sum(4 * (li.d_in + li.d_out) + li.d_out for li in layers)),
@@ -70,6 +78,9 @@ CASES: dict[str, Case] = {
                     runtime=lambda m, seed=7: {"init_batches": [batch_for(m, seed=seed)]}, lr=3e-2),
     "pissa": Case("pissa", {"r": 4}, _lora_count(4)),
     "olora": Case("olora", {"r": 4}, _lora_count(4)),
+    # LoftQ starts from a quantized base's error (so not unchanged); GPT-2's Conv1D layers are not quantized
+    "loftq": Case("loftq", {"r": 4}, _lora_count(4), starts_unchanged=False, base=_int8_base,
+                  runtime=lambda m, seed=7: {"dense_weights": m.dense_for_tests}, models=("bert", "llama")),
 }
 
 

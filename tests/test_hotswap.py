@@ -26,8 +26,9 @@ def _saved(tmp_path: Path, tag: str, method: str, seed: int, model_seed: int = 0
     return lorakit.save(model, tmp_path / tag)
 
 
-def _fresh(path: Path) -> torch.nn.Module:
-    model = tiny_llama()
+def _fresh(path: Path, method: str = "lora") -> torch.nn.Module:
+    """A fresh base (the one ``method`` trains on) with the adapter in ``path`` loaded."""
+    model = CASES[method].base(tiny_llama())
     lorakit.load(model, path)
     return model
 
@@ -80,11 +81,11 @@ def test_compiled_model_does_not_recompile_and_matches_a_fresh_load(fused_path: 
 def test_every_method_swaps_to_the_saved_adapter(method: str, tmp_path) -> None:
     a = _saved(tmp_path, "a", method, seed=1)
     b = _saved(tmp_path, "b", method, seed=2)
-    model = _fresh(a)
+    model = _fresh(a, method)
     batch = batch_for(model)
     before = output_of(model, batch)
     lorakit.hot_swap(model, "default", b)
-    want = output_of(_fresh(b), batch)
+    want = output_of(_fresh(b, method), batch)
     assert (want - before).abs().max() > 1e-3
     torch.testing.assert_close(output_of(model, batch), want, rtol=1e-5, atol=1e-5)
 

@@ -1,5 +1,5 @@
 """Initialisations from the base weight, against their papers' formulas and PEFT's implementations side by side:
-PiSSA (top-r singular triplets) and OLoRA (QR)."""
+PiSSA (top-r singular triplets), OLoRA (QR) and LoftQ (SVD of a quantized base's error)."""
 
 from __future__ import annotations
 
@@ -186,3 +186,84 @@ def test_olora_matches_peft_side_by_side(tmp_path) -> None:
     assert _rel(output_of(model, batch), ref) < 1e-5 and _rel(ref, output_of(tiny_llama(), batch)) > 1e-3
     report = lorakit.export_peft(model, tmp_path / "peft")  # exact plain LoRA of rank 2r
     assert report["exact"] and report["r"] == 8
+
+
+# --- LoftQ -------------------------------------------------------------------------------------------------------
+def _nf4_with_dense(seed: int = 0) -> tuple[torch.nn.Module, dict[str, torch.Tensor], torch.nn.Module]:
+    dense = tiny_llama(seed=seed)
+    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    return lorakit.quantize(tiny_llama(seed=seed), "nf4"), state, dense
+
+
+@pytest.mark.parametrize("alpha", [4.0, 16.0])
+def test_loftq_init_is_the_best_rank_r_fit_of_the_quantization_error(alpha: float) -> None:
+    from lorakit.core.layers import base_weight
+
+    model, state, dense = _nf4_with_dense()
+    batch = batch_for(model)
+    nf4_out, dense_out = output_of(model, batch), output_of(dense, batch)
+    lorakit.attach(model, "loftq", r=4, alpha=alpha, dense_weights=state)
+    for name, ad in lorakit.adapter_modules(model).items():
+        w, q = state[f"{name}.weight"], base_weight(model.get_submodule(name)).float()
+        u, sv, vh = torch.linalg.svd(w - q, full_matrices=False)
+        fit = u[:, :4] @ torch.diag(sv[:4]) @ vh[:4]  # Eckart-Young: the best rank-4 approximation
+        torch.testing.assert_close(ad.delta_weight(q), fit, rtol=1e-4, atol=1e-5)
+        assert (w - q - fit).norm() < (w - q).norm()  # Q + s B A is closer to W than Q
+    # the whole model starts closer to the dense one
+    assert _rel(output_of(model, batch), dense_out) < _rel(nf4_out, dense_out)
+
+
+def test_loftq_equals_peft_low_rank_decomposition() -> None:
+    """PEFT's LoftQ needs bitsandbytes on a GPU; its decomposition of the residual is plain torch: with s = 1 (the
+    only scale PEFT's LoftQ is right for: it does not divide by s) lorakit's B, A are its L, R."""
+    loftq_utils = pytest.importorskip("peft.utils.loftq_utils")
+    from lorakit.core.layers import base_weight
+
+    model, state, _ = _nf4_with_dense()
+    lorakit.attach(model, "loftq", r=4, alpha=4.0, dense_weights=state)
+    ad = lorakit.adapter_modules(model)[Q]
+    residual = state[f"{Q}.weight"] - base_weight(model.get_submodule(Q)).float()
+    theirs = loftq_utils._low_rank_decomposition(residual, reduced_rank=4)
+    torch.testing.assert_close(ad.lora_B, theirs["L"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ad.lora_A, theirs["R"], rtol=1e-5, atol=1e-6)
+
+
+def test_loftq_reads_the_checkpoint_and_loads_like_any_qlora_adapter(tmp_path) -> None:
+    model, state, dense = _nf4_with_dense()
+    dense.save_pretrained(tmp_path / "base")
+    batch = batch_for(model)
+    lorakit.attach(model, "loftq", r=4, dense_weights=tmp_path / "base")  # read one layer at a time
+    other, _, _ = _nf4_with_dense()
+    lorakit.attach(other, "loftq", r=4, dense_weights=state)
+    torch.testing.assert_close(output_of(model, batch), output_of(other, batch), rtol=0, atol=0)
+    perturb(model, seed=4)
+    lorakit.save(model, tmp_path / "adapter")
+    fresh = lorakit.quantize(tiny_llama(), "nf4")  # the base quantized the usual way: no dense weights needed
+    lorakit.load(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(output_of(fresh, batch), output_of(model, batch), rtol=0, atol=0)
+
+
+def test_loftq_refusals(tmp_path) -> None:
+    with pytest.raises(lorakit.ConfigError, match="not quantized"):
+        lorakit.attach(tiny_llama(), "loftq", r=4, dense_weights=tiny_llama().state_dict())
+    model, state, _ = _nf4_with_dense()
+    with pytest.raises(lorakit.ConfigError, match="needs dense_weights"):
+        lorakit.attach(model, "loftq", r=4)
+    wide = tiny_llama(hidden_size=64, intermediate_size=96).state_dict()
+    with pytest.raises(lorakit.ConfigError, match="not this model's dense base"):
+        lorakit.attach(model, "loftq", r=4, dense_weights=wide)
+    with pytest.raises(lorakit.ConfigError, match="no weight for"):
+        lorakit.attach(model, "loftq", r=4, dense_weights={"x": torch.zeros(1)})
+    assert not lorakit.adapters(model)  # a failed init leaves nothing behind
+
+
+def test_lorakit_train_runs_loftq_on_an_nf4_base(tiny_run, tmp_path, capsys) -> None:
+    """``model.quantize: nf4`` + ``adapter.method: loftq``: the trainer hands the checkpoint to the init."""
+    from lorakit.cli import main
+
+    from .fixtures_train import make_config
+
+    cfg = make_config(tiny_run, tmp_path / "run", method="loftq", model={"quantize": "nf4"})
+    assert main(["train", str(cfg)]) == 0, capsys.readouterr().err
+    meta, _ = lorakit.read_adapter(tmp_path / "run" / "adapter")
+    assert meta["method"] == "loftq" and meta["extra"]["quantize"] == "nf4"

@@ -13,6 +13,7 @@ from lorakit.errors import UnknownMethodError
 from lorakit.methods.delta_lora import DeltaLora
 from lorakit.methods.dora import Dora
 from lorakit.methods.full import Full
+from lorakit.methods.loftq import Loftq
 from lorakit.methods.lora import Lora
 from lorakit.methods.lora_fa import LoraFa
 from lorakit.methods.lora_sb import LoraSb
@@ -36,6 +37,7 @@ METHODS: dict[str, type[Method]] = {
     "lora-sb": LoraSb,
     "pissa": Pissa,
     "olora": Olora,
+    "loftq": Loftq,
 }
 
 
