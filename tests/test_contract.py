@@ -38,9 +38,17 @@ class Case:
     #: puts adapter ``name`` of a model into the state training gives it, where that differs from the attached
     #: state in a way the checks must see (Delta-LoRA: its base update started; rank1-sum: a pruned component)
     trained: Callable[[torch.nn.Module, str], None] = field(default=lambda m, name: None)
-    #: the base the method trains on, made from a matrix model (in place, idempotent): a quantized base for
-    #: methods that start from its quantization error (LoftQ)
-    base: Callable[[torch.nn.Module], torch.nn.Module] = field(default=lambda m: m)
+    #: the base the method trains on: quantized this way (``model.quantize``) for methods that start from a
+    #: quantized base's error (LoftQ), else dense
+    quantize: str | None = None
+
+    def base(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` made this method's base, in place (idempotent): quantized when :attr:`quantize` says, its
+        dense weights kept beside it as ``dense_for_tests`` for the init."""
+        if self.quantize is not None and not quantized_layers(model):
+            model.dense_for_tests = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            lorakit.quantize(model, self.quantize)
+        return model
 
     def model(self, model_name: str, device: torch.device | str = "cpu") -> torch.nn.Module:
         """A fresh matrix model as this method's base."""
@@ -49,14 +57,6 @@ class Case:
 
 def _lora_count(r: int) -> Callable[[list[LayerInfo], torch.nn.Module], int]:
     return lambda layers, m: sum(r * (li.d_in + li.d_out) for li in layers)
-
-
-def _int8_base(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` quantized to int8 (per-row: any shape), its dense weights kept beside it for LoftQ's init."""
-    if not quantized_layers(model):
-        model.dense_for_tests = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        lorakit.quantize(model, "int8")
-    return model
 
 
 CASES: dict[str, Case] = {
@@ -78,8 +78,9 @@ CASES: dict[str, Case] = {
                     runtime=lambda m, seed=7: {"init_batches": [batch_for(m, seed=seed)]}, lr=3e-2),
     "pissa": Case("pissa", {"r": 4}, _lora_count(4)),
     "olora": Case("olora", {"r": 4}, _lora_count(4)),
-    # LoftQ starts from a quantized base's error (so not unchanged); GPT-2's Conv1D layers are not quantized
-    "loftq": Case("loftq", {"r": 4}, _lora_count(4), starts_unchanged=False, base=_int8_base,
+    # LoftQ starts from a quantized base's error (so not unchanged): int8 (per-row scales, any shape); GPT-2's
+    # Conv1D layers are not quantized
+    "loftq": Case("loftq", {"r": 4}, _lora_count(4), starts_unchanged=False, quantize="int8",
                   runtime=lambda m, seed=7: {"dense_weights": m.dense_for_tests}, models=("bert", "llama")),
 }
 

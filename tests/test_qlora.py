@@ -47,11 +47,15 @@ def quantized_base(kind: str, saved: Path, seed: int = 0, device: torch.device |
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if kind in ("nf4", "int8"):
-        return lorakit.quantize(tiny_llama(seed).to(device), kind)
+        model = lorakit.quantize(tiny_llama(seed).to(device), kind)
+        model.dense_for_tests = tiny_llama(seed).state_dict()  # for inits from the dense weights (LoftQ)
+        return model
     qc = (BitsAndBytesConfig(load_in_8bit=True) if kind == "bnb-int8" else
           BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                              bnb_4bit_use_double_quant=True))
-    return AutoModelForCausalLM.from_pretrained(saved, quantization_config=qc, device_map={"": str(device)}).eval()
+    model = AutoModelForCausalLM.from_pretrained(saved, quantization_config=qc, device_map={"": str(device)}).eval()
+    model.dense_for_tests = str(saved)  # the checkpoint it was quantized from
+    return model
 
 
 def _attach(method: str, model: torch.nn.Module) -> torch.nn.Module:

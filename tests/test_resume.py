@@ -69,7 +69,7 @@ def _options(s: Setting) -> dict[str, Any]:
 
 def _config(tiny_run: dict[str, Path], out: Path, s: Setting, **training: Any) -> dict[str, Any]:
     return {
-        "model": {"path": str(tiny_run["base"]), "dtype": "float32"},
+        "model": {"path": str(tiny_run["base"]), "dtype": "float32", "quantize": CASES[s.method].quantize or "none"},
         "adapter": {"method": s.method, **_options(s)},
         "data": {"train": str(tiny_run["train"]), "eval": str(tiny_run["eval"]), "max_length": 48,
                  "packing": s.packing, "group_by_length": s.group_by_length, "max_tokens": s.max_tokens},

@@ -45,7 +45,8 @@ def test_train_then_merge_every_method(method: str, tiny_run, tmp_path: Path, ca
 
     case = CASES[method]
     out = tmp_path / "run"
-    cfg = make_config(tiny_run, out, method=method, options=dict(case.options), training={"lr": case.lr})
+    cfg = make_config(tiny_run, out, method=method, options=dict(case.options), training={"lr": case.lr},
+                      model={"quantize": case.quantize or "none"})
     assert main(["train", str(cfg)]) == 0, capsys.readouterr().err
     evals = _evals(out)
     assert [e["step"] for e in evals] == [0, 6]
@@ -61,7 +62,7 @@ def test_train_then_merge_every_method(method: str, tiny_run, tmp_path: Path, ca
     merged = tmp_path / "merged"
     assert main(["merge", "--adapter", str(out / "adapter"), "--out", str(merged)]) == 0
     ids = torch.randint(4, 60, (2, 12), generator=torch.Generator().manual_seed(0))
-    reference = AutoModelForCausalLM.from_pretrained(tiny_run["base"])
+    reference = case.base(AutoModelForCausalLM.from_pretrained(tiny_run["base"]))  # the base it trained on
     lorakit.load(reference, out / "adapter")
     plain = AutoModelForCausalLM.from_pretrained(merged)
     assert not any("adapters" in n for n, _ in plain.named_parameters())

@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from lorakit.core.contract import AdapterConfig
-from lorakit.core.layers import AdaptedLayer, LayerInfo, LayerKind, base_weight
+from lorakit.core.layers import AdaptedLayer, LayerKind, base_weight
 from lorakit.errors import ConfigError
-from lorakit.methods.lora import Lora, LoraConfig
+from lorakit.methods.lora import Lora
 from lorakit.util.dense_weights import dense_source
 
 
@@ -51,16 +51,13 @@ class Loftq(Lora):
     peft_import = None
 
     @classmethod
-    def check_layer(cls, layer: LayerInfo, config: LoraConfig) -> None:  # type: ignore[override]
-        super().check_layer(layer, config)
-        if layer.quant is None:
-            raise ConfigError(f"method 'loftq' starts from the quantization error of a quantized base, and "
-                              f"{layer.name!r} is not quantized: quantize the model first (lorakit.quantize, "
-                              "model.quantize: nf4), or use lora on a dense base")
-
-    @classmethod
     def initialize(cls, model: nn.Module, adapters: Mapping[str, Any], layers: Mapping[str, AdaptedLayer],
                    config: AdapterConfig, **runtime: Any) -> None:
+        unquantized = [name for name, layer in layers.items() if layer.quant is None]
+        if unquantized:  # (a saved LoftQ adapter loads onto any base, a dequantized one included: no init)
+            raise ConfigError(f"method 'loftq' starts from the quantization error of a quantized base, and "
+                              f"{unquantized[0]!r} is not quantized: quantize the model first (lorakit.quantize, "
+                              "model.quantize: nf4), or use lora on a dense base")
         dense = dense_source(runtime["dense_weights"])
         for name, ad in adapters.items():
             q = base_weight(layers[name]).float()  # (d_out, d_in), dequantized
