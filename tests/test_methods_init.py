@@ -20,6 +20,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def _same_init_then_same_step(model: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    """Every adapted layer's A and B equal PEFT's; then the same update is added to both."""
+    g = torch.Generator().manual_seed(3)
+    for name, ad in lorakit.adapter_modules(model).items():
+        peft_layer = theirs.get_submodule(f"base_model.model.{name}")
+        peft_a, peft_b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
+        torch.testing.assert_close(ad.lora_A, peft_a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ad.lora_B, peft_b, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            da, db = 0.05 * torch.randn(ad.lora_A.shape, generator=g), 0.05 * torch.randn(ad.lora_B.shape, generator=g)
+            ad.lora_A.add_(da)
+            ad.lora_B.add_(db)
+            peft_a.add_(da)
+            peft_b.add_(db)
+
+
 # --- PiSSA -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("alpha", "rslora"), [(None, False), (16.0, False), (16.0, True)])
 def test_pissa_init_is_the_top_singular_part_and_the_model_starts_exactly_unchanged(alpha: float | None,
@@ -114,17 +130,7 @@ def test_pissa_matches_peft_side_by_side() -> None:
                                                              "up_proj", "down_proj"])
     ours = lorakit.adapter_modules(model)
     assert len(ours) == len([n for n, _ in theirs.named_modules() if n.endswith(".lora_A.default")])
-    g = torch.Generator().manual_seed(3)
-    for name, ad in ours.items():
-        peft_layer = theirs.get_submodule(f"base_model.model.{name}")
-        torch.testing.assert_close(ad.lora_A, peft_layer.lora_A["default"].weight, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ad.lora_B, peft_layer.lora_B["default"].weight, rtol=1e-5, atol=1e-6)
-        with torch.no_grad():  # the same training step on both
-            da, db = 0.05 * torch.randn(ad.lora_A.shape, generator=g), 0.05 * torch.randn(ad.lora_B.shape, generator=g)
-            ad.lora_A.add_(da)
-            ad.lora_B.add_(db)
-            peft_layer.lora_A["default"].weight.add_(da)
-            peft_layer.lora_B["default"].weight.add_(db)
+    _same_init_then_same_step(model, theirs)
     ref = output_of(theirs, batch)
     assert _rel(output_of(model, batch), ref) < 1e-5
     assert _rel(ref, output_of(tiny_llama(), batch)) > 1e-3  # the update is visible
@@ -171,17 +177,7 @@ def test_olora_matches_peft_side_by_side(tmp_path) -> None:
     theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=targets, init_lora_weights="olora"))
     lorakit.attach(model, "olora", r=4, alpha=8.0, targets=targets)
-    g = torch.Generator().manual_seed(3)
-    for name, ad in lorakit.adapter_modules(model).items():
-        peft_layer = theirs.get_submodule(f"base_model.model.{name}")
-        torch.testing.assert_close(ad.lora_A, peft_layer.lora_A["default"].weight, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ad.lora_B, peft_layer.lora_B["default"].weight, rtol=1e-5, atol=1e-6)
-        with torch.no_grad():
-            da, db = 0.05 * torch.randn(ad.lora_A.shape, generator=g), 0.05 * torch.randn(ad.lora_B.shape, generator=g)
-            ad.lora_A.add_(da)
-            ad.lora_B.add_(db)
-            peft_layer.lora_A["default"].weight.add_(da)
-            peft_layer.lora_B["default"].weight.add_(db)
+    _same_init_then_same_step(model, theirs)
     ref = output_of(theirs, batch)
     assert _rel(output_of(model, batch), ref) < 1e-5 and _rel(ref, output_of(tiny_llama(), batch)) > 1e-3
     report = lorakit.export_peft(model, tmp_path / "peft")  # exact plain LoRA of rank 2r
