@@ -118,6 +118,26 @@ def test_parallel_runs_give_the_sequential_results(tiny_run, tmp_path: Path, cap
     assert "parallel=2 needs threads" in capsys.readouterr().err
 
 
+def test_resume_keeps_finished_runs_of_the_same_job(tiny_run, tmp_path: Path, capsys) -> None:
+    """--resume: a finished run of exactly the same job is kept (not run again), anything else runs: a new label,
+    a changed setting; without --resume everything runs."""
+    cfg = _compare_yaml(tiny_run, tmp_path, accuracy=None, forgetting=None)
+    out = tmp_path / "out"
+    assert main(["compare", str(cfg), "--methods", "lora", "--out", str(out)]) == 0
+    first = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["compare", str(cfg), "--methods", "lora,vera", "--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("kept (--resume)") == 1
+    res = json.loads((out / "results.json").read_text())
+    lora = next(r for r in res["runs"] if r["label"] == "lora")
+    assert lora["kept"] and lora["eval_loss"] == first["runs"][0]["eval_loss"] and res["base"] == first["base"]
+    assert next(r for r in res["runs"] if r["label"] == "vera")["ok"]
+    assert main(["compare", str(cfg), "--methods", "lora", "--out", str(out), "--resume",
+                 "methods.lora.training.lr=0.02"]) == 0  # another job: runs
+    assert "kept (--resume)" not in capsys.readouterr().err
+
+
 def test_failed_run_is_recorded_not_fatal(tiny_run, tmp_path: Path, capsys) -> None:
     cfg = _compare_yaml(tiny_run, tmp_path, timeout_s=0.01)
     out = tmp_path / "out"

@@ -61,6 +61,8 @@ def compare(
     report_only: Annotated[bool, typer.Option("--report-only", help="Only rebuild the report from "
                                               "OUT/results.json (with the config's compare.experiments as they "
                                               "are now).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Keep every run OUT already finished with exactly "
+                                         "the same job (config and measurements); run only the others.")] = False,
 ) -> int:
     """Fine-tune several methods with the same data, steps, seed and budget, and write a comparison report.
 
@@ -88,7 +90,7 @@ def compare(
     labels = [m.strip() for m in methods.split(",") if m.strip()] if methods else cc.labels()
     command = " ".join(["lorakit compare", str(config), "--methods", ",".join(labels), "--out", str(out),
                         *(["--seeds", seeds] if seeds else []), *(overrides or [])])
-    results = run_compare(cc, labels, out, log=say, command=command)
+    results = run_compare(cc, labels, out, log=say, command=command, resume=resume)
     failed = [f"{r['label']} (seed {r['seed']})" for r in results["runs"] if not r["ok"]]
     say(f"report: {out / 'report.md'}, {out / 'report.html'}")
     if failed:

@@ -65,11 +65,14 @@ def _version(pkg: str) -> str | None:
 
 
 def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike[str], *,
-                log: Callable[[str], None] = print, command: str | None = None) -> dict[str, Any]:
+                log: Callable[[str], None] = print, command: str | None = None, resume: bool = False
+                ) -> dict[str, Any]:
     """Run every ``(label, seed)`` in its own process, then write ``results.json`` and the report.
 
     Every run config is validated before the first run starts. A run that fails (exit status, timeout) is
-    recorded with its error and the rest go on. ``results.json`` is rewritten after each run.
+    recorded with its error and the rest go on. ``results.json`` is rewritten after each run. ``resume`` keeps
+    the result of every run already finished in ``out`` with exactly this job (the same run config and the same
+    measurements asked), so an interrupted comparison, or a grid given more points, runs only what is missing.
     """
     out = Path(out)
     runs_dir = out / "runs"
@@ -112,7 +115,8 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
     def run_one(i: int, base: bool) -> None:
         lab, seed = jobs[i]
         log(f"[{i + 1}/{len(jobs)}] {lab} (seed {seed})" + (", after evaluating the base model" if base else ""))
-        run = _run_with_retries(cc, lab, configs[(lab, seed)], runs_dir / _run_name(lab, seed), base=base, log=log)
+        run = _run_with_retries(cc, lab, configs[(lab, seed)], runs_dir / _run_name(lab, seed), base=base, log=log,
+                                resume=resume)
         with lock:
             if run.get("base") is not None:
                 base_result = run.pop("base")
@@ -167,8 +171,14 @@ def sweep_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _run_with_retries(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, base: bool,
-                      log: Callable[[str], None]) -> dict[str, Any]:
-    """One job, run again (``compare.contention_retries`` times at most) while the CPU was shared."""
+                      log: Callable[[str], None], resume: bool = False) -> dict[str, Any]:
+    """One job, run again (``compare.contention_retries`` times at most) while the CPU was shared; with
+    ``resume``, the finished result of the same job if ``run_dir``'s siblings hold one."""
+    if resume:
+        kept = _finished(cc, label, cfg, run_dir, base=base)
+        if kept is not None:
+            log("  kept (--resume): " + _one_line(kept))
+            return kept
     run: dict[str, Any] = {}
     for attempt in range(cc.compare.contention_retries + 1):
         run = _run_job(cc, label, cfg, run_dir, base=base, log=log)
@@ -194,14 +204,8 @@ def _training_diff(cfg: TrainConfig, shared: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.training.model_dump(mode="json").items() if k != "seed" and shared.get(k) != v}
 
 
-def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, base: bool,
-             log: Callable[[str], None]) -> dict[str, Any]:
-    """Run one job in a child process; its result dict, or ``{"ok": False, "error": ...}``."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    cfg_path = run_dir.with_name(run_dir.name + ".yaml")
-    cfg_path.write_text(json.dumps(cfg.to_dict()))  # JSON is YAML
+def _job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, base: bool) -> dict[str, Any]:
+    """What the worker of one run is asked to do (``runs/NAME.job.json``)."""
     c = cc.compare
     acc = c.accuracy.model_dump() if c.accuracy is not None else None
     if acc is not None:
@@ -209,11 +213,47 @@ def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, 
     f1 = c.f1.model_dump() if c.f1 is not None else None
     if f1 is not None:
         f1["data"] = f1["data"] or cfg.data.eval
+    cfg_path = run_dir.with_name(run_dir.name + ".yaml")
     job = {"label": label, "config": str(cfg_path), "result": str(run_dir.with_name(run_dir.name + ".result.json")),
            "base": base, "accuracy": acc, "f1": f1, "forgetting": c.forgetting,
            "forgetting_max_length": c.forgetting_max_length, "threads": c.threads,
            "budgets": c.budgets, "choice": c.choice.model_dump() if c.choice is not None else None,
            "choice_at": c.choice_steps()}
+    return job
+
+
+def _finished(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, base: bool) -> dict[str, Any] | None:
+    """The result a finished earlier run of exactly this job left (same config, same measurements; the base
+    model's evaluation too when this job must give it), or ``None``."""
+    job_path, cfg_path = run_dir.with_name(run_dir.name + ".job.json"), run_dir.with_name(run_dir.name + ".yaml")
+    result_path = run_dir.with_name(run_dir.name + ".result.json")
+    try:
+        old = json.loads(job_path.read_text())
+        same = cfg_path.read_text() == json.dumps(cfg.to_dict()) and \
+            {k: v for k, v in old.items() if k != "base"} == \
+            {k: v for k, v in _job(cc, label, cfg, run_dir, base=base).items() if k != "base"}
+        res = json.loads(result_path.read_text()) if same else None
+    except (OSError, ValueError):
+        return None
+    if res is None or (base and not res.get("base")) or not (run_dir / "adapter").is_dir():
+        return None
+    if not base:
+        res.pop("base", None)
+    return {"ok": True, **res, "kept": True}
+
+
+def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, base: bool,
+             log: Callable[[str], None]) -> dict[str, Any]:
+    """Run one job in a child process; its result dict, or ``{"ok": False, "error": ...}``."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    for stale in (".result.json", ".job.json"):  # a run that dies leaves nothing a resume could mistake for done
+        run_dir.with_name(run_dir.name + stale).unlink(missing_ok=True)
+    cfg_path = run_dir.with_name(run_dir.name + ".yaml")
+    cfg_path.write_text(json.dumps(cfg.to_dict()))  # JSON is YAML
+    c = cc.compare
+    job = _job(cc, label, cfg, run_dir, base=base)
     job_path = run_dir.with_name(run_dir.name + ".job.json")
     write_json(job_path, job, indent=1, allow_nan=False)
     log_path = run_dir.with_name(run_dir.name + ".log")
@@ -229,7 +269,9 @@ def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, 
     wall = time.perf_counter() - t0
     result_path = Path(job["result"])
     if rc == 0 and result_path.is_file():
-        res = {"ok": True, **json.loads(result_path.read_text()), "wall_s": round(wall, 1)}
+        res = {**json.loads(result_path.read_text()), "wall_s": round(wall, 1)}
+        write_json(result_path, res, indent=1, allow_nan=False)  # what a --resume keeps
+        res = {"ok": True, **res}
         if res.get("base"):
             log("  base model: " + _one_line(res["base"]))
         log("  " + _one_line(res))
