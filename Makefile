@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned to the CPU build that lies on this machine's disk; a newer range pulls a CUDA build
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test,quant]"
+	$(PY) -m pip install -q -e ".[test,quant,tracking]"
 	touch $(STAMP)
 
 install: $(STAMP)

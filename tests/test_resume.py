@@ -109,7 +109,7 @@ def _log(out: Path) -> dict[str, list[tuple[int, dict[str, Any]]]]:
     """What the run logged, by kind (``train``, ``eval``, ``ranks``), without the wall-clock figures."""
     kinds: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for r in read_metrics(out / "metrics.jsonl"):
-        values = {k: v for k, v in r.items() if k not in ("kind", "step", "tokens_per_s")}
+        values = {k: v for k, v in r.items() if k not in ("kind", "step", "tokens_per_s", "peak_memory_mb")}
         kinds.setdefault(r["kind"], []).append((r["step"], values))
     return kinds
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 
 from lorakit.errors import ConfigError
 from lorakit.methods import AdapterConfig, get_method
+from lorakit.train import tracking
 from lorakit.util import resources
 from lorakit.util.arguments import checked
 from lorakit.util.files import write_text
@@ -232,7 +233,13 @@ class OutputConfig(_Section):
             ``config.yaml``, ``run.json``.
         save_every: write a checkpoint every N steps (one is always written at the end).
         keep_checkpoints: how many recent checkpoints to keep.
-        tensorboard: also log to TensorBoard when it is installed.
+        tensorboard: also log to TensorBoard when it is installed (when ``report_to`` is not set).
+        report_to: the experiment trackers to send the config, metrics and final adapter to, each through its
+            own client: ``tensorboard``, ``wandb`` (offline unless ``WANDB_MODE`` says otherwise), ``mlflow``
+            (the store ``MLFLOW_TRACKING_URI`` names, else ``mlflow.db`` in the working directory); see
+            :mod:`lorakit.train.tracking`. ``[]``: none. Unset: TensorBoard as ``tensorboard`` says.
+        project: the W&B project / MLflow experiment of the run.
+        run_name: the run's name in the trackers (default: the output directory's name).
         plot: write ``loss.png`` at the end.
         progress: show a progress bar.
     """
@@ -241,8 +248,24 @@ class OutputConfig(_Section):
     save_every: int | None = Field(None, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     tensorboard: bool = True
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] | None = None
+    project: str = Field("lorakit", min_length=1)
+    run_name: str | None = Field(None, min_length=1)
     plot: bool = True
     progress: bool = True
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("each tracker at most once")
+        return v
+
+    def trackers(self) -> list[str]:
+        """The trackers this run reports to (``report_to``, else TensorBoard when ``tensorboard`` and installed)."""
+        if self.report_to is not None:
+            return list(self.report_to)
+        return ["tensorboard"] if self.tensorboard and tracking.installed("tensorboard") else []
 
 
 class TrainConfig(_Section):

@@ -32,7 +32,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.data import Dataset
 from lorakit.train.distributed import Distributed
 from lorakit.train.loading import HEAD_ADAPTER
-from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, plot_losses
+from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, peak_memory_mb, plot_losses
 from lorakit.train.run import FitResult, RunState, TrainingError
 from lorakit.train.runtime import stop_on_signals
 
@@ -165,6 +165,7 @@ class TrainingLoop:
                                               "epoch": round(run.order.epoch_of(run.pos.micro), 4)}
                     if grad_norm is not None:
                         values["grad_norm"] = float(grad_norm)
+                    values["peak_memory_mb"] = peak_memory_mb(self.device)
                     run.metrics.log("train", step, **values)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
                     window_tokens, window_start = 0, time.perf_counter()

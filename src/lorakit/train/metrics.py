@@ -1,14 +1,20 @@
-"""Run metrics: ``metrics.jsonl`` (one JSON object per line, flushed as written), TensorBoard when it is
-installed, and the loss-curve plot written at the end of a run."""
+"""Run metrics: ``metrics.jsonl`` (one JSON object per line, flushed as written), passed on to the run's
+trackers (:mod:`lorakit.train.tracking`: TensorBoard, W&B, MLflow), and the loss-curve plot written at the end of a
+run."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import resource
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from lorakit.train.tracking import Tracking
 from lorakit.util.files import atomic_write, iter_jsonl, write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -20,9 +26,10 @@ class MetricsLogger:
 
     Each record has a ``step`` and a ``kind`` (``train``, ``eval``, ``info``, ``ranks``...) plus values.
     On resume, records past the resumed step are dropped first, so the log matches an uninterrupted run.
+    Every record also goes to ``tracking`` (its numbers as ``<kind>/<name>``), when given.
     """
 
-    def __init__(self, output_dir: str | os.PathLike[str], *, tensorboard: bool = True,
+    def __init__(self, output_dir: str | os.PathLike[str], *, tracking: Tracking | None = None,
                  resume_step: int | None = None) -> None:
         self.path = Path(output_dir) / METRICS_FILE
         if resume_step is not None and self.path.is_file():
@@ -31,29 +38,28 @@ class MetricsLogger:
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
-        self._tb: Any = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-            except Exception:  # tensorboard not installed (torch imports it lazily): it is optional
-                self._tb = None
+        self.tracking = tracking
 
     def log(self, kind: str, step: int, **values: Any) -> None:
         """Write one record and flush it (so ``tail -f`` and crashed runs see every line)."""
         record = {"kind": kind, "step": step, **{k: _clean(v) for k, v in values.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+        if self.tracking is not None:
+            self.tracking.log(kind, step, values)
 
     def close(self) -> None:
+        """Close the file (the trackers stay open: the final adapter is logged to them after the run)."""
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far, in MiB: ``torch.cuda.max_memory_allocated`` on a GPU, else the peak
+    resident set size (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def _clean(v: Any) -> Any:

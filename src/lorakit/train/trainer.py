@@ -58,6 +58,7 @@ from lorakit.train.optim import optimizer as make_optimizer
 from lorakit.train.run import FitResult, Position, RunState, TrainingError, logged_eval
 from lorakit.train.runtime import lr_schedule, rebase_schedule, resolve_precision, seed_everything
 from lorakit.train.streaming import load_data
+from lorakit.train.tracking import check_report_to, start_tracking
 from lorakit.util.arguments import checked
 from lorakit.util.dense_weights import DenseWeights
 
@@ -377,6 +378,7 @@ class Trainer(TrainingLoop):
     def _fit(self, *, resume: bool, overwrite: bool) -> FitResult:
         cfg, t = self.config, self.config.training
         out = Path(cfg.output.dir)
+        trackers = check_report_to(cfg.output.trackers())  # before any work: a missing client fails at once
         resuming = self.dist.main_only(self._claim_run_dir, out, resume=resume, overwrite=overwrite)
         seed_everything(t.seed)  # before loading: a fresh task head is initialised randomly
         self.prepare()
@@ -413,11 +415,13 @@ class Trainer(TrainingLoop):
                                                        callbacks=own, rank=self.dist.rank, world=self.dist.world))
             rebase_schedule(sched, configured)
             self._log(f"resumed from {ckpt} at step {pos.step}/{total}")
-        metrics = MetricsLogger(out, tensorboard=cfg.output.tensorboard,
-                                resume_step=pos.step if ckpt is not None else None) \
+        tracking = start_tracking(trackers, out, cfg.to_dict(), resume=ckpt is not None, log=self._log) \
+            if self.dist.is_main else None
+        metrics = MetricsLogger(out, tracking=tracking, resume_step=pos.step if ckpt is not None else None) \
             if self.dist.is_main else distributed.NullMetrics()
         run = RunState(order, total, opt, sched, scaler, own, Callbacks(own + self.extra_callbacks), metrics, pos,
                    FitResult(pos.step, total, out, None, ckpt))
+        status = "failed"
         try:
             if ckpt is None:
                 self._log_start(run)
@@ -426,14 +430,20 @@ class Trainer(TrainingLoop):
                 run.result.eval_start = logged_eval(out, 0)
                 run.ranks = self._ranks(run)  # logged before the checkpoint: only later changes are new
             self._loop(run)
+            if run.result.interrupted:
+                status = "interrupted"
+                return run.result
+            # every final write in one main_only, which is also a barrier: the processes leave fit together (one
+            # that exits while process 0 still writes can make the other abort in the process group's teardown)
+            run.result.adapter_dir = self.dist.main_only(self._save_final, out, run.result)
+            if tracking is not None and run.result.adapter_dir is not None:
+                tracking.artifact(Path(run.result.adapter_dir))
+            status = "finished"
+            return run.result
         finally:
             run.metrics.close()
-        if run.result.interrupted:
-            return run.result
-        # every final write in one main_only, which is also a barrier: the processes leave fit together (one
-        # that exits while process 0 still writes can make the other abort in the process group's teardown)
-        run.result.adapter_dir = self.dist.main_only(self._save_final, out, run.result)
-        return run.result
+            if tracking is not None:
+                tracking.finish(status)
 
 
 __all__ = ["FitResult", "Trainer", "TrainingError"]
