@@ -88,7 +88,9 @@ def _logged(out: Path) -> dict[tuple[int, str], float]:
 
 @pytest.fixture
 def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A private MLflow store; W&B offline (its default here) and silent."""
+    """A private MLflow store (its artifacts go to ./mlruns: the test runs in tmp_path); W&B offline (its default
+    here) and silent."""
+    monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("WANDB_MODE", raising=False)
