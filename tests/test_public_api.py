@@ -10,6 +10,7 @@ The command line has the same check for its options in ``tests/test_cli_options.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -28,6 +29,7 @@ from hypothesis import strategies as st
 import lorakit
 from lorakit.methods.rank1_sum_pruning import grow
 
+from .conftest import tiny_llama
 from .test_failure_atomicity import _assert_same, _model, _state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,6 +74,19 @@ def _run_config(env: Env) -> dict[str, Any]:
             "output": {"dir": str(env.tmp / "run")}}
 
 
+@functools.cache
+def _bpe_tokenizer() -> Any:
+    from .test_gguf import _bpe_tokenizer as build
+
+    return build()
+
+
+def _gguf_model() -> torch.nn.Module:
+    """A plain tiny Llama whose embedding holds the byte-level BPE tokenizer's ids (GGUF export's valid input)."""
+    return tiny_llama(seed=0, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=len(_bpe_tokenizer()))
+
+
 def _per_row(**kw: Any) -> None:
     with lorakit.per_row(**kw):
         pass
@@ -105,6 +120,10 @@ CALLS: dict[str, tuple[Callable[..., Any], Callable[[Env], dict[str, Any]]]] = {
     "load": (lorakit.load, lambda e: {"model": e.model, "path": e.saved, "name": "c", "force": False}),
     "export_peft": (lorakit.export_peft, lambda e: {"model": e.model, "path": e.tmp / "peft-out", "name": "default",
                                                     "rank": None, "base_model_name_or_path": None}),
+    "export_gguf": (lorakit.export_gguf, lambda e: {"model": _gguf_model(), "tokenizer": _bpe_tokenizer(),
+                                                    "path": e.tmp / "model.gguf", "outtype": "f16", "name": None}),
+    "export_gguf_adapter": (lorakit.export_gguf_adapter, lambda e: {"model": e.model, "path": e.tmp / "lora.gguf",
+                                                                    "name": "default", "rank": None}),
     "load_peft": (lorakit.load_peft, lambda e: {"model": e.model, "path": e.peft, "name": "p"}),
     "hot_swap": (lorakit.hot_swap, lambda e: {"model": e.model, "name": "default", "path": e.saved, "force": False}),
     "grow": (grow, lambda e: {"model": e.ranked, "name": "default", "extra_rank": 1}),

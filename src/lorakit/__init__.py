@@ -38,6 +38,7 @@ from lorakit.errors import (
     TargetError,
     UnknownMethodError,
 )
+from lorakit.formats.gguf_export import export_gguf, export_gguf_adapter
 from lorakit.formats.native import load, read_adapter, save
 from lorakit.formats.peft_export import export_peft
 from lorakit.formats.peft_import import load_peft
@@ -75,6 +76,8 @@ __all__ = [
     "combine",
     "dequantize",
     "detach",
+    "export_gguf",
+    "export_gguf_adapter",
     "export_peft",
     "generate_per_row",
     "get_method",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -14,6 +14,7 @@ from lorakit.adapt.quantize import dequantize, quantized_layers
 from lorakit.cli.common import DTYPES, ConfigPath, Overrides, app, finite, one_of, say
 from lorakit.errors import ConfigError
 from lorakit.formats.describe import describe, format_description
+from lorakit.formats.gguf_export import OUTTYPES, export_gguf, export_gguf_adapter
 from lorakit.formats.layout import PEFT_CONFIG_FILE
 from lorakit.formats.native import read_adapter
 from lorakit.formats.peft_export import export_peft, format_report
@@ -111,18 +112,23 @@ def merge(
 
     if (out / "config.json").exists() and not overwrite:
         raise ConfigError(f"{out} already holds a model; pass --overwrite to replace it")
+    model, tokenizer = _merged(adapter, base=base, dtype=dtype, force=force)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    say(f"merged model written to {out}")
+    return 0
+
+
+def _merged(adapter: Path, *, base: str | None, dtype: str | None, force: bool) -> tuple[Any, Any]:
+    """The trained model with its adapter folded in (a quantized base dequantized first), and its tokenizer."""
     model, tokenizer = load_trained(adapter, base=base, dtype=dtype, force=force)
     quantized = quantized_layers(model)
     if quantized:  # QLoRA: W0 + dW does not fit in 4/8 bits; the merged model is dense, W = dequant(Q) + dW
         dequantize(model)
         say(f"base is quantized ({', '.join(sorted(set(quantized.values())))}): merging into its dequantized "
              "weights (the model the adapter was trained and evaluated with)")
-    detach(model, merge=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    say(f"merged model written to {out}")
-    return 0
+    return detach(model, merge=True), tokenizer
 
 
 # --- generate -------------------------------------------------------------------------------------------------
@@ -185,10 +191,15 @@ def inspect_cmd(
 def export(
     adapter: Annotated[Path, typer.Option(help="Adapter directory written by `lorakit train` or lorakit.save.",
                                           show_default=False)],
-    out: Annotated[Path, typer.Option(help="Directory for the exported adapter.", show_default=False)],
-    fmt: Annotated[str, typer.Option("--format", parser=one_of("peft"), help="Output format. peft: "
-                                     "adapter_config.json + adapter_model.safetensors, as Hugging Face PEFT and "
-                                     "vLLM load them.")] = "peft",
+    out: Annotated[Path, typer.Option(help="Directory for the exported adapter (peft), or the .gguf file to write "
+                                      "(gguf, gguf-lora).", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", parser=one_of("peft", "gguf", "gguf-lora"), help="Output format. "
+                                     "peft: adapter_config.json + adapter_model.safetensors, as Hugging Face PEFT "
+                                     "and vLLM load them. gguf: the merged model as one GGUF file for llama.cpp and "
+                                     "Ollama (tokenizer and chat template included). gguf-lora: the adapter as "
+                                     "llama.cpp's LoRA GGUF (--lora), applied to a GGUF of its base.")] = "peft",
+    outtype: Annotated[str, typer.Option(parser=one_of(*OUTTYPES), help="gguf: the type of the 2-D weights "
+                                         "(f32, f16, bf16, q8_0); norms stay f32.")] = "f16",
     rank: Annotated[int | None, typer.Option(min=1, help="Export at most this rank, by truncated SVD where the "
                                              "update's rank is higher (required for methods with no exact "
                                              "LoRA form); the approximation error is printed.")] = None,
@@ -196,15 +207,17 @@ def export(
                                              "the adapter).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Export even if the base weights differ from the "
                                         "ones the adapter was trained on.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into OUT even if it already holds "
-                                            "an adapter.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write OUT even if it already holds "
+                                            "an adapter or a file.")] = False,
 ) -> int:
-    """Convert a trained adapter to another format (PEFT LoRA; DoRA stays DoRA, other methods become LoRA)."""
+    """Convert a trained adapter to another format: PEFT LoRA (DoRA stays DoRA, other methods become LoRA), a
+    merged GGUF model, or a llama.cpp LoRA GGUF."""
 
-    if fmt != "peft":
-        raise ConfigError(f"--format {fmt!r} is not supported; choose: peft")
     if not (adapter / "adapter.json").is_file() and (adapter / "adapter" / "adapter.json").is_file():
         adapter = adapter / "adapter"
+    if fmt in ("gguf", "gguf-lora"):
+        return _export_gguf(adapter, out, fmt, outtype=outtype, rank=rank, base=base, force=force,
+                            overwrite=overwrite)
     if (out / PEFT_CONFIG_FILE).exists() and not overwrite:
         raise ConfigError(f"{out} already holds an adapter; pass --overwrite to replace it")
     if (adapter / HEAD_ADAPTER).is_dir():
@@ -215,4 +228,27 @@ def export(
     report = export_peft(model, out, meta.get("name") or "default", rank=rank,
                          base_model_name_or_path=base or (meta.get("extra") or {}).get("base_model"))
     say(format_report(report))
+    return 0
+
+
+def _export_gguf(adapter: Path, out: Path, fmt: str, *, outtype: str, rank: int | None, base: str | None,
+                 force: bool, overwrite: bool) -> int:
+    if out.suffix != ".gguf":
+        raise ConfigError(f"--out {out}: --format {fmt} writes one file; name it <something>.gguf")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+    if (adapter / HEAD_ADAPTER).is_dir():
+        raise ConfigError(f"{adapter} also trained a task head; GGUF holds causal language models only")
+    if fmt == "gguf":
+        model, tokenizer = _merged(adapter, base=base, dtype="float32", force=force)
+        report = export_gguf(model, tokenizer, out, outtype=outtype)
+        say(f"wrote {report['path']}: {report['architecture']}, {outtype}, {report['tensors']} tensors, "
+            f"{report['bytes'] / 1e6:.1f} MB (llama-cli -m {out})")
+        return 0
+    meta, _ = read_adapter(adapter, tensors=False)
+    model, _ = load_trained(adapter, base=base, force=force)
+    report = export_gguf_adapter(model, out, meta.get("name") or "default", rank=rank)
+    say(f"wrote {report['path']}: llama.cpp LoRA, r={report['r']}, {report['layers']} layers, max relative error "
+        f"{report['max_error']:.3e}{'' if report['exact'] else ' (rank cut: approximate)'} "
+        f"(llama-cli -m BASE.gguf --lora {out})")
     return 0

@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lorakit.adapt.model import SHARED, get_record
-from lorakit.core.contract import Adapter, Factors
+from lorakit.core.contract import Adapter, Factors, LoraForm
 from lorakit.core.layers import AdaptedLayer, LayerKind
 from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.formats.layout import PEFT_CONFIG_FILE as CONFIG_FILE
@@ -201,6 +201,35 @@ def _task_type(model: nn.Module) -> str | None:
     return "CAUSAL_LM" if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) else None
 
 
+def lora_layers(model: nn.Module, name: str, rank: int | None = None) -> tuple[dict[str, _Layer], LoraForm | None]:
+    """Every adapted layer of adapter ``name`` as LoRA factors, in the first form that applies (module docstring):
+    ``(layers, form)``, ``form`` being the method's own :class:`~lorakit.LoraForm` when the layers are native
+    (``dW = form.scale * b a``, DoRA's magnitude included), ``None`` when they are folds or SVDs at scale 1.
+
+    Raises:
+        ConfigError: full fine-tuning, a bad ``rank``, or no exact LoRA form and no ``rank``.
+        AdapterStateError: the adapter is merged, or a fold disagrees with ``delta_weight``.
+    """
+    rec = get_record(model, name)
+    if not rec.is_layer_method:
+        raise ConfigError(f"adapter {name!r} is full fine-tuning, not an adapter, so no LoRA format can hold it; "
+                          "use lorakit.detach(model, merge=True) and save or export the model")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"rank must be a positive int, got {rank!r}")
+    adapters = dict(rec.modules)
+    merged = [t for t in adapters if name in model.get_submodule(t).merged]
+    if merged:
+        raise AdapterStateError(f"adapter {name!r} is merged into {len(merged)} layer(s) (e.g. {merged[0]!r}); "
+                                "call lorakit.unmerge(model) before exporting")
+    form = next(iter(adapters.values())).lora_form()
+    with torch.no_grad():
+        if form is not None and (rank is None or (form.magnitude is None and rank >= form.r)):
+            native = _native(adapters, model)
+            if native is not None:
+                return native, form
+        return _folded(adapters, model, rec.method, rank), None
+
+
 @checked(rank=Range(ge=1))
 def export_peft(model: nn.Module, path: str | os.PathLike[str], name: str = "default", *,
                 rank: int | None = None, base_model_name_or_path: str | None = None) -> dict[str, Any]:
@@ -226,26 +255,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str], name: str = "def
         AdapterStateError: the adapter is merged, or a fold disagrees with ``delta_weight``.
     """
     rec = get_record(model, name)
-    if not rec.is_layer_method:
-        raise ConfigError(f"adapter {name!r} is full fine-tuning, not an adapter, so PEFT cannot hold it; use "
-                          "lorakit.detach(model, merge=True) then model.save_pretrained(...)")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ConfigError(f"rank must be a positive int, got {rank!r}")
-    adapters = dict(rec.modules)
-    merged = [t for t in adapters if name in model.get_submodule(t).merged]
-    if merged:
-        raise AdapterStateError(f"adapter {name!r} is merged into {len(merged)} layer(s) (e.g. {merged[0]!r}); "
-                                "call lorakit.unmerge(model) before exporting")
-    form = next(iter(adapters.values())).lora_form()
-    with torch.no_grad():
-        layers = None
-        if form is not None and (rank is None or (form.magnitude is None and rank >= form.r)):
-            layers = _native(adapters, model)
-        native = layers is not None
-        if layers is None:
-            layers = _folded(adapters, model, rec.method, rank)
-    cfg = form if native else None
-    dora = native and form is not None and form.magnitude is not None
+    layers, cfg = lora_layers(model, name, rank)
+    native = cfg is not None
+    dora = cfg is not None and cfg.magnitude is not None
     r = max(1, *(ex.a.shape[0] for ex in layers.values()))
     alpha = cfg.alpha if cfg is not None else float(r)  # folded: scale 1
 
