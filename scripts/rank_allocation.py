@@ -10,6 +10,7 @@ fixed-rank LoRA at the same budget, claim_dynamic_rank).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -30,16 +31,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--length", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite report.md (and the verdicts in results.json) from OUT/results.json, running nothing")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
-    t0 = time.perf_counter()
-    res = ra.run(seeds=a.seeds, steps=a.steps, length=a.length, log=lambda m: print(m, flush=True))
+    if a.report_only:
+        res = json.loads((out / "results.json").read_text())
+    else:
+        t0 = time.perf_counter()
+        res = ra.run(seeds=a.seeds, steps=a.steps, length=a.length, log=lambda m: print(m, flush=True))
+        command = "python scripts/rank_allocation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        res.update(command=command.strip(), host=host_info(), wall_s=round(time.perf_counter() - t0, 1))
     claim = claim_rank_allocation(res)
     versus = claim_dynamic_rank(Evidence({"experiments": {"rank_allocation": res}}), {})
-    command = "python scripts/rank_allocation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    res.update(command=command.strip(), host=host_info(), wall_s=round(time.perf_counter() - t0, 1), claim=claim,
-               claim_fixed_rank=versus)
+    res.update(claim=claim, claim_fixed_rank=versus)
     write_json(out / "results.json", res, indent=1, allow_nan=False)
     st = res["settings"]
     lines = [f"# {claim['claim']}", "", f"Made by `{res['command']}` ({res['wall_s']:.0f} s).", "",
