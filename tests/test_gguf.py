@@ -176,3 +176,26 @@ def test_the_cli_exports_a_merged_model_and_an_adapter(tiny, tmp_path, capsys) -
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "model"), "--format", "gguf"]) == 1
     assert "name it <something>.gguf" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_load_back_too(tiny, tmp_path, kind) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(kind, vocab_size=len(tiny["tok"]), hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=256, tie_word_embeddings=kind == "qwen2")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    if kind == "qwen2":  # its q/k/v biases start at zero: give them values, so a misplaced bias shows
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_(0, 0.5)
+    path = tmp_path / f"{kind}.gguf"
+    assert export_gguf(model, tiny["tok"], path, outtype="f32")["architecture"] == ("llama" if kind == "mistral"
+                                                                                     else "qwen2")
+    loaded, _ = _load(path)
+    ids = torch.tensor([tiny["tok"].encode(TEXTS[2])])
+    want = _logits(model, ids)
+    torch.testing.assert_close(_logits(loaded, ids), want, rtol=0, atol=1e-5 * want.abs().max().item())
