@@ -26,6 +26,14 @@ from lorakit.train.loading import HEAD_ADAPTER, load_adapter_dir, load_trained, 
 from lorakit.train.trainer import Trainer
 
 
+AdapterDir = Annotated[Path, typer.Option("--adapter", help="Adapter directory written by `lorakit train` or "
+                                          "lorakit.save.", show_default=False)]
+BaseModel = Annotated[str | None, typer.Option("--base", help="Base model path or hub id (default: the one "
+                                               "recorded in the adapter).")]
+Force = Annotated[bool, typer.Option("--force", help="Go on even if the base weights differ from the ones the "
+                                     "adapter was trained on.")]
+
+
 # --- train ---------------------------------------------------------------------------------------------------
 @app.command()
 def train(
@@ -93,16 +101,13 @@ def evaluate(
 # --- merge ---------------------------------------------------------------------------------------------------
 @app.command()
 def merge(
-    adapter: Annotated[Path, typer.Option(help="Adapter directory written by `lorakit train` or lorakit.save.",
-                                          show_default=False)],
+    adapter: AdapterDir,
     out: Annotated[Path, typer.Option(help="Directory for the merged model (a standard Hugging Face "
                                       "checkpoint, loadable with from_pretrained).", show_default=False)],
-    base: Annotated[str | None, typer.Option(help="Base model path or hub id (default: the one recorded in "
-                                             "the adapter).")] = None,
+    base: BaseModel = None,
     dtype: Annotated[str | None, typer.Option(parser=one_of(*DTYPES), help="Weight dtype of the merged "
                                               "model: auto, float32, bfloat16, float16 (default: as trained).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Merge even if the base weights differ from the "
-                                        "ones the adapter was trained on.")] = False,
+    force: Force = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into OUT even if it already holds "
                                             "a model.")] = False,
 ) -> int:
@@ -134,12 +139,10 @@ def _merged(adapter: Path, *, base: str | None, dtype: str | None, force: bool) 
 # --- generate -------------------------------------------------------------------------------------------------
 @app.command()
 def generate(
-    adapter: Annotated[Path, typer.Option(help="Adapter directory written by `lorakit train` or lorakit.save.",
-                                          show_default=False)],
+    adapter: AdapterDir,
     prompt: Annotated[list[str], typer.Option(help="Prompt text; repeat for several prompts.",
                                               show_default=False)],
-    base: Annotated[str | None, typer.Option(help="Base model (default: the one recorded in the "
-                                             "adapter).")] = None,
+    base: BaseModel = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per prompt.")] = 64,
     temperature: Annotated[float, typer.Option(parser=finite(low=0.0), help="Sampling temperature; 0 is "
                                                "greedy.")] = 0.0,
@@ -189,8 +192,7 @@ def inspect_cmd(
 # --- export ---------------------------------------------------------------------------------------------------
 @app.command()
 def export(
-    adapter: Annotated[Path, typer.Option(help="Adapter directory written by `lorakit train` or lorakit.save.",
-                                          show_default=False)],
+    adapter: AdapterDir,
     out: Annotated[Path, typer.Option(help="Directory for the exported adapter (peft), or the .gguf file to write "
                                       "(gguf, gguf-lora).", show_default=False)],
     fmt: Annotated[str, typer.Option("--format", parser=one_of("peft", "gguf", "gguf-lora"), help="Output format. "
@@ -203,10 +205,8 @@ def export(
     rank: Annotated[int | None, typer.Option(min=1, help="Export at most this rank, by truncated SVD where the "
                                              "update's rank is higher (required for methods with no exact "
                                              "LoRA form); the approximation error is printed.")] = None,
-    base: Annotated[str | None, typer.Option(help="Base model path or hub id (default: the one recorded in "
-                                             "the adapter).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Export even if the base weights differ from the "
-                                        "ones the adapter was trained on.")] = False,
+    base: BaseModel = None,
+    force: Force = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write OUT even if it already holds "
                                             "an adapter or a file.")] = False,
 ) -> int:
