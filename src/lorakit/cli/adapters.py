@@ -25,7 +25,6 @@ from lorakit.train.distributed import is_main_process
 from lorakit.train.loading import HEAD_ADAPTER, load_adapter_dir, load_trained, resolve_device
 from lorakit.train.trainer import Trainer
 
-
 AdapterDir = Annotated[Path, typer.Option("--adapter", help="Adapter directory written by `lorakit train` or "
                                           "lorakit.save.", show_default=False)]
 BaseModel = Annotated[str | None, typer.Option("--base", help="Base model path or hub id (default: the one "
