@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -318,3 +319,21 @@ def test_a_fingerprint_on_the_gpu_equals_the_one_on_the_cpu(device) -> None:
 
     w = torch.randn(4097, 4097, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sample_weight(w.to(device)), sample_weight(w))
+
+
+def test_all_linear_says_when_moe_experts_stay_frozen() -> None:
+    """transformers 5 keeps Mixtral's experts as 3-D parameters, not linears: 'all-linear' cannot adapt them and
+    says so (with their share of the weights), and naming them is a clear error, not a silent no-op."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
+    model = MixtralForCausalLM(cfg)
+    with pytest.warns(UserWarning, match=r"2 expert parameter tensor\(s\), \d+\.\d% of the model's weights "
+                                         r"\(model\.layers\.N\.mlp\.experts\.down_proj"):
+        lorakit.attach(model, "lora", r=2, targets="all-linear")
+    with pytest.raises(lorakit.TargetError, match="mixture-of-experts weights as 3-D parameters"):
+        lorakit.attach(MixtralForCausalLM(cfg), "lora", r=2, targets=["experts"])
+    with warnings.catch_warnings():  # a dense model: nothing to say
+        warnings.simplefilter("error")
+        lorakit.attach(tiny_llama(), "lora", r=2, targets="all-linear")

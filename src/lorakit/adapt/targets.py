@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 
 from torch import nn
@@ -45,6 +46,14 @@ def _is_linear(module: nn.Module) -> bool:
     return layer_kind(module) in (LayerKind.LINEAR, LayerKind.CONV1D)
 
 
+def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters of 3 or more dimensions outside adaptable layers: the stacked expert weights of
+    mixture-of-experts models (transformers 5 keeps Mixtral's, Qwen-MoE's... as ``experts x out x in``)."""
+    adapted = tuple(n + "." for n, _ in adaptable_modules(model))
+    convs = tuple(n + "." for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd))
+    return {n: p for n, p in model.named_parameters() if p.dim() >= 3 and not n.startswith(adapted + convs)}
+
+
 def describe_linear_layers(model: nn.Module, limit: int = 40) -> str:
     """A short listing of the model's linear layers, for error messages."""
     names = [n for n, m in adaptable_modules(model) if _is_linear(m)]
@@ -71,6 +80,15 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
         if not chosen:
             raise TargetError(f"'all-linear' found no linear layer in the model (a {type(model).__name__}) "
                               "besides an output head")
+        left = expert_parameters(model)
+        if left:
+            total = sum(p.numel() for p in model.parameters())
+            share = sum(p.numel() for p in left.values()) / max(total, 1)
+            names = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in left})
+            warnings.warn(f"'all-linear' adapts linear layers only: {len(left)} expert parameter tensor(s), "
+                          f"{100 * share:.1f}% of the model's weights ({', '.join(names[:4])}), are 3-D "
+                          "(experts x out x in) and stay frozen without an adapter; lorakit has no expert "
+                          "adapters yet", UserWarning, stacklevel=3)
         return chosen
 
     if isinstance(targets, str):
@@ -91,8 +109,11 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
                    and not any(n.startswith(a + ".") for a in adaptable)]
     if unsupported:
         kinds = {n: type(model.get_submodule(n)).__name__ for n in unsupported[:5]}
+        experts = [n for n in expert_parameters(model) if any(n.startswith(u + ".") for u in unsupported)]
+        why = (f" ({', '.join(experts[:2])} hold mixture-of-experts weights as 3-D parameters, which lorakit "
+               "cannot adapt yet)") if experts else ""
         raise TargetError(
-            f"targets {targets!r} matched modules that cannot be adapted: {kinds}; supported types are "
+            f"targets {targets!r} matched modules that cannot be adapted: {kinds}{why}; supported types are "
             f"nn.Linear, transformers Conv1D and nn.Embedding. {describe_linear_layers(model)}")
     if not chosen:
         raise TargetError(f"targets {targets!r} matched no module. {describe_linear_layers(model)}")
