@@ -54,6 +54,9 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         "dtypes": meta.get("dtypes"),
         "base_fingerprint": meta["base_fingerprint"],
         "base_model": extra.get("base_model"),
+        "trained_steps": extra.get("trained_steps"),
+        "data": extra.get("data"),
+        "lineage": extra.get("lineage") or [],
         "file_size_bytes": sum((d / f).stat().st_size for f in (TENSORS_FILE, META_FILE)),
     }
 
@@ -121,4 +124,11 @@ def format_description(d: dict[str, Any]) -> str:
                      f"min {min(values)}, max {max(values)}")
         width = max(len(n) for n in ranks)
         lines += [f"  {n:<{width}}  {r}" for n, r in ranks.items()]
+    if d.get("lineage"):  # continued from earlier adapters (adapter.continue_from): oldest first
+        lines.append("lineage:     oldest first")
+        for i, e in enumerate(d["lineage"]):
+            lines.append(f"  {i + 1}. {e.get('path')}: {e.get('trained_steps')} steps on "
+                         f"{(e.get('data') or {}).get('train') or '?'} (tensors {str(e.get('sha256'))[:12]})")
+        lines.append(f"  -> this adapter: {d.get('trained_steps')} more steps on "
+                     f"{(d.get('data') or {}).get('train') or '?'}")
     return "\n".join(lines)

@@ -69,7 +69,7 @@ class ModelConfig(_Section):
 
 
 #: Keys of the ``adapter`` section that lorakit reads itself; every other key is a method option.
-ADAPTER_KEYS = ("method", "name", "init_batches", "train_head")
+ADAPTER_KEYS = ("method", "name", "init_batches", "train_head", "continue_from")
 
 
 class AdapterSection(BaseModel):
@@ -83,6 +83,9 @@ class AdapterSection(BaseModel):
             epoch. Unused by other methods.
         train_head: for classification, also train the task head in full (a freshly initialised head
             must train); saved next to the adapter as ``head/``.
+        continue_from: start from this saved adapter (a run or adapter directory) instead of a fresh one:
+            its method and options, on new data (:mod:`lorakit.train.lineage`; the new adapter records its
+            lineage).
         Other keys: the method's options (``r``, ``alpha``, ``targets``...), validated by its config class.
     """
 
@@ -92,6 +95,7 @@ class AdapterSection(BaseModel):
     name: str = "default"
     init_batches: int | None = Field(None, ge=1)
     train_head: bool = True
+    continue_from: str | None = Field(None, min_length=1)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -308,6 +312,8 @@ class TrainConfig(_Section):
         d.pop("output")
         if d["model"].get("quantize") == "none":
             d["model"].pop("quantize")  # runs from before the option keep their identity (resumable)
+        if d["adapter"].get("continue_from") is None:
+            d["adapter"].pop("continue_from", None)  # likewise
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

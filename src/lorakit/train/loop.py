@@ -31,6 +31,7 @@ from lorakit.train.checkpoint import rng_state, save_training_checkpoint
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import Dataset
 from lorakit.train.distributed import Distributed
+from lorakit.train.lineage import lineage_extra
 from lorakit.train.loading import HEAD_ADAPTER
 from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, peak_memory_mb, plot_losses
 from lorakit.train.run import FitResult, RunState, TrainingError
@@ -218,7 +219,8 @@ class TrainingLoop:
         cfg = self.config
         extra = {"base_model": cfg.model.path, "tokenizer": cfg.model.tokenizer or cfg.model.path,
                  "task": cfg.model.task, "num_labels": cfg.model.num_labels, "dtype": cfg.model.dtype,
-                 "quantize": cfg.model.quantize, "trained_steps": result.step, "run": cfg.fingerprint()}
+                 "quantize": cfg.model.quantize, "trained_steps": result.step, "run": cfg.fingerprint(),
+                 **lineage_extra(cfg)}
         path = save_adapter(self.model, out / "adapter", self.name, extra=extra)
         if HEAD_ADAPTER in adapter_records(self.model):
             save_adapter(self.model, path / HEAD_ADAPTER, HEAD_ADAPTER, extra=extra)

@@ -1,13 +1,11 @@
 """The training loop behind ``lorakit train``: ``lorakit.Trainer(model, config).fit()``.
 
-One loop serves every method in :data:`lorakit.METHODS`; what differs between methods comes from the
-method itself: its options (validated by its config class), its data-driven init (``attach(...,
-init_batches=...)`` when the method :attr:`~lorakit.Method.needs_init_data`, e.g. LoRA-SB), its
-training callbacks (:func:`lorakit.training_callbacks`: Delta-LoRA's base update, rank1-sum's pruner) and its
-LoRA+ parameter split (:func:`lorakit.optimizer`).
-
-Setup (model, data, adapter, run directory, schedule, resume) is here; each optimizer step is
-:class:`lorakit.train.loop.TrainingLoop`'s.
+One loop serves every method in :data:`lorakit.METHODS`; what differs between methods comes from the method itself:
+its options (validated by its config class), its data-driven init (``attach(..., init_batches=...)`` when the
+method :attr:`~lorakit.Method.needs_init_data`, e.g. LoRA-SB), its training callbacks
+(:func:`lorakit.training_callbacks`: Delta-LoRA's base update, rank1-sum's pruner) and its LoRA+ parameter split
+(:func:`lorakit.optimizer`). Setup (model, data, adapter, run directory, schedule, resume) is here; each optimizer
+step is :class:`lorakit.train.loop.TrainingLoop`'s.
 
 Resuming restores the adapter, optimizer, scheduler, grad scaler, callback states, every RNG and the data
 position (micro-batch ``k`` is a pure function of ``k``, see :class:`lorakit.train.data.BatchOrder`), so on CPU an
@@ -51,6 +49,7 @@ from lorakit.train.checkpoint import (
 )
 from lorakit.train.config import TrainConfig, load_config, resolve_model_path, save_config
 from lorakit.train.data import IGNORE, Dataset, dataset_from
+from lorakit.train.lineage import continue_adapter
 from lorakit.train.loading import HEAD_ADAPTER, load_model, load_tokenizer, resolve_device
 from lorakit.train.loop import TrainingLoop
 from lorakit.train.metrics import MetricsLogger
@@ -237,7 +236,9 @@ class Trainer(TrainingLoop):
         ``warmup`` warm-up steps are what options that follow the run are resolved from."""
         model, a = self.model, self.config.adapter
         existing = adapter_records(model)
-        if a.name in existing:
+        if a.continue_from and a.name not in existing:
+            continue_adapter(model, a, self._log)  # the parent's weights and options (lorakit.train.lineage)
+        elif a.name in existing:
             if existing[a.name].method != a.method:
                 raise ConfigError(f"adapter.method={a.method!r} but the model already carries adapter "
                                   f"{a.name!r} of method {existing[a.name].method!r}")

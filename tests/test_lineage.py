@@ -1,0 +1,111 @@
+"""Continuing an adapter on new data (``adapter.continue_from``): it starts from the parent's weights and options,
+records its lineage, refuses what would silently change the adapter, and resumes like any run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import AutoTokenizer
+
+from lorakit.core.callbacks import TrainingCallback
+from lorakit.errors import ConfigError, IncompatibleAdapterError
+from lorakit.formats.describe import describe, format_description
+from lorakit.testing import build_tiny_llama
+from lorakit.train.lineage import file_sha256
+from lorakit.train.metrics import read_metrics
+from lorakit.train.trainer import Trainer
+
+from .fixtures_train import make_config
+
+
+def _fit(cfg: Path, *, resume: bool = False, callbacks: tuple[TrainingCallback, ...] = ()) -> Any:
+    return Trainer(None, cfg, callbacks=callbacks, log=lambda m: None).fit(resume=resume, overwrite=not resume)
+
+
+def _evals(out: Path) -> dict[int, float]:
+    return {r["step"]: r["eval_loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"}
+
+
+@pytest.fixture(scope="module")
+def parent(tiny_run, tmp_path_factory) -> dict[str, Path]:
+    """A rank1-sum run (its shape changes as it prunes) on the first half of the training lines, and the rest as
+    the "new data" an update continues on."""
+    root = tmp_path_factory.mktemp("lineage")
+    lines = tiny_run["train"].read_text().splitlines()
+    old, new = root / "old.jsonl", root / "new.jsonl"
+    old.write_text("\n".join(lines[:32]) + "\n")
+    new.write_text("\n".join(lines[32:]) + "\n")
+    out = root / "v1"
+    cfg = make_config(tiny_run, out, method="rank1-sum", options={"r_init": 4, "target_rank": 2},
+                      data={"train": str(old)})
+    _fit(cfg)
+    return {"root": root, "v1": out, "old": old, "new": new}
+
+
+def test_an_update_starts_from_the_parent_and_records_its_lineage(tiny_run, parent, one_thread) -> None:
+    v2, v3 = parent["root"] / "v2", parent["root"] / "v3"
+    cfg = make_config(tiny_run, v2, method="rank1-sum", options={}, adapter={"continue_from": str(parent["v1"])},
+                      data={"train": str(parent["new"])}, training={"max_steps": 4})
+    _fit(cfg)
+    # the update's step 0 is the parent's last step: the same weights, measured on the same eval file
+    assert _evals(v2)[0] == pytest.approx(_evals(parent["v1"])[6], abs=1e-6)
+    meta = json.loads((v2 / "adapter" / "adapter.json").read_text())
+    assert meta["config"]["r_init"] == 4 and meta["config"]["target_rank"] == 2  # the parent's options
+    (entry,) = meta["extra"]["lineage"]
+    assert entry["path"] == str((parent["v1"] / "adapter").resolve()) and entry["trained_steps"] == 6
+    assert entry["sha256"] == file_sha256(parent["v1"] / "adapter" / "adapter.safetensors")
+    assert entry["data"]["sha256"] == file_sha256(parent["old"])
+    assert meta["extra"]["data"] == {"train": str(parent["new"]), "sha256": file_sha256(parent["new"])}
+    # a third version: the whole chain, oldest first; inspect shows it
+    cfg = make_config(tiny_run, v3, method="rank1-sum", options={}, adapter={"continue_from": str(v2 / "adapter")},
+                      data={"train": str(parent["old"])}, training={"max_steps": 2})
+    _fit(cfg)
+    d = describe(v3 / "adapter")
+    assert [e["trained_steps"] for e in d["lineage"]] == [6, 4]
+    text = format_description(d)
+    assert "lineage:     oldest first" in text and "-> this adapter: 2 more steps on" in text
+
+
+def test_an_update_refuses_a_changed_method_option_or_base(tiny_run, parent, tmp_path) -> None:
+    cont = {"continue_from": str(parent["v1"])}
+    cfg = make_config(tiny_run, tmp_path / "a", method="lora", adapter=cont)
+    with pytest.raises(ConfigError, match="is a 'rank1-sum' adapter but adapter.method is 'lora'"):
+        _fit(cfg)
+    cfg = make_config(tiny_run, tmp_path / "b", method="rank1-sum", options={"r_init": 8}, adapter=cont)
+    with pytest.raises(ConfigError, match=r"r_init=8 \(parent: 4\)"):
+        _fit(cfg)
+    other = tmp_path / "other-base"  # the same architecture and tokenizer, other weights
+    build_tiny_llama(len(AutoTokenizer.from_pretrained(tiny_run["base"])), hidden=32, seed=1).save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_run["base"]).save_pretrained(other)
+    cfg = make_config(tiny_run, tmp_path / "c", method="rank1-sum", options={}, adapter=cont,
+                      model={"path": str(other)})
+    with pytest.raises(IncompatibleAdapterError, match="base"):
+        _fit(cfg)
+    cfg = make_config(tiny_run, tmp_path / "d", method="rank1-sum", options={},
+                      adapter={"continue_from": str(tmp_path / "nowhere")})
+    with pytest.raises(Exception, match="nowhere"):
+        _fit(cfg)
+
+
+def test_an_interrupted_update_resumes(tiny_run, parent, tmp_path, one_thread) -> None:
+    class CtrlC(TrainingCallback):
+        steps = 0
+
+        def step(self) -> None:
+            self.steps += 1
+            if self.steps == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "v2"
+    cfg = make_config(tiny_run, out, method="rank1-sum", options={}, adapter={"continue_from": str(parent["v1"])},
+                      data={"train": str(parent["new"])}, training={"max_steps": 4}, output={"save_every": 1})
+    assert _fit(cfg, callbacks=(CtrlC(),)).interrupted
+    result = _fit(cfg, resume=True)
+    assert result.step == 4
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert len(meta["extra"]["lineage"]) == 1 and meta["extra"]["trained_steps"] == 4
