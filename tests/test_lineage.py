@@ -4,6 +4,7 @@ records its lineage, refuses what would silently change the adapter, and resumes
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -109,3 +110,31 @@ def test_an_interrupted_update_resumes(tiny_run, parent, tmp_path, one_thread) -
     assert result.step == 4
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
     assert len(meta["extra"]["lineage"]) == 1 and meta["extra"]["trained_steps"] == 4
+
+
+def test_what_the_model_knows_is_measured_and_known_examples_can_be_skipped(tiny_run, parent, tmp_path,
+                                                                            one_thread) -> None:
+    # the parent's own training data is largely known to it; with a threshold below its typical confidence,
+    # skip_known drops those examples, says how many, and trains on the rest
+    out = tmp_path / "v2"
+    cfg = make_config(tiny_run, out, method="rank1-sum", options={}, adapter={"continue_from": str(parent["v1"])},
+                      data={"train": str(parent["old"])}, training={"max_steps": 2})
+    _fit(cfg)
+    seen = json.loads((out / "adapter" / "adapter.json").read_text())["extra"]["update"]
+    assert seen["examples"] == 32 and seen["mean_nll"] > 0 and "skipped" not in seen
+    threshold = math.exp(-seen["median_nll"])  # about half the examples are at least this well predicted
+    out2 = tmp_path / "v2-skip"
+    cfg = make_config(tiny_run, out2, method="rank1-sum", options={}, adapter={"continue_from": str(parent["v1"])},
+                      data={"train": str(parent["old"]), "skip_known": threshold}, training={"max_steps": 2})
+    _fit(cfg)
+    skip = json.loads((out2 / "adapter" / "adapter.json").read_text())["extra"]["update"]
+    assert 8 <= skip["skipped"] <= 24 and 0 < skip["skipped_tokens_share"] < 1
+    info = next(r for r in read_metrics(out2 / "metrics.jsonl") if r["kind"] == "info")
+    assert info["train_examples"] == 32 - skip["skipped"] and info["update_skipped"] == skip["skipped"]
+    cfg = make_config(tiny_run, tmp_path / "none-left", method="rank1-sum", options={},
+                      adapter={"continue_from": str(parent["v1"])},
+                      data={"train": str(parent["old"]), "skip_known": 1e-9})
+    with pytest.raises(ConfigError, match="nothing left to train on"):
+        _fit(cfg)
+    with pytest.raises(ConfigError, match="not with data.packing"):
+        _fit(make_config(tiny_run, tmp_path / "packed", data={"skip_known": 0.5, "packing": True}))

@@ -143,6 +143,8 @@ class DataConfig(_Section):
             and resumable).
         max_tokens: a budget of padded tokens per micro-batch (per process): short examples share a batch,
             ``training.batch_size`` stays the most examples a batch holds.
+        skip_known: drop the training examples the starting model (a ``continue_from`` parent, or the base)
+            already predicts with a geometric-mean token probability at least this (:mod:`lorakit.train.lineage`).
         cache_dir: stream the data files into memory-mapped token stores here, tokenized once and reused by
             every run with the same data and settings (for data larger than memory; see
             :mod:`lorakit.train.streaming`). ``None``: tokenize in memory.
@@ -159,6 +161,7 @@ class DataConfig(_Section):
     add_eos: bool = True
     group_by_length: bool = False
     max_tokens: int | None = Field(None, ge=1)
+    skip_known: float | None = Field(None, gt=0.0, lt=1.0)
     cache_dir: str | None = None
 
     @field_validator("train", "eval")
@@ -290,6 +293,9 @@ class TrainConfig(_Section):
         cfg.adapter.method_config()
         if cfg.data.packing and cfg.model.task != "causal-lm":
             raise ConfigError("data.packing: packing is only for model.task=causal-lm")
+        if cfg.data.skip_known is not None and (cfg.data.packing or cfg.model.task != "causal-lm"):
+            raise ConfigError("data.skip_known: measured per example of a causal LM, so not with data.packing or "
+                              "model.task=classification")
         if cfg.data.format == "classification" and cfg.model.task != "classification":
             raise ConfigError("data.format: classification data needs model.task=classification")
         if cfg.model.quantize != "none":
@@ -312,8 +318,9 @@ class TrainConfig(_Section):
         d.pop("output")
         if d["model"].get("quantize") == "none":
             d["model"].pop("quantize")  # runs from before the option keep their identity (resumable)
-        if d["adapter"].get("continue_from") is None:
-            d["adapter"].pop("continue_from", None)  # likewise
+        for section, key in (("adapter", "continue_from"), ("data", "skip_known")):
+            if d[section].get(key) is None:
+                d[section].pop(key, None)  # likewise
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -9,23 +9,37 @@ error, not a silent change), loaded onto a base the parent's fingerprint accepts
 * ``lineage``: the parent's lineage followed by the parent itself (its path, the SHA-256 of its tensors, its
   trained steps, run fingerprint and data), oldest first; ``lorakit inspect`` shows it.
 
-An interrupted continuation resumes from its own checkpoints like any run (``--resume``).
+Before training, what the starting model (the parent, or the base for a fresh adapter) already knows of the new
+data is measured per example (:func:`measure_update`): the mean per-token negative log-likelihood of its labelled
+tokens, ``nll``, and its geometric-mean token probability ``exp(-nll)`` (the model's confidence in the example).
+With ``data.skip_known: p``, examples the model already predicts with confidence ``>= p`` are dropped from the
+training data; the run logs and the adapter records (``extra.update``) how many examples and tokens that saved.
+
+An interrupted continuation resumes from its own checkpoints like any run (``--resume``); the measurement is taken
+again from the parent's weights, so the kept examples are the same.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from lorakit.adapt.model import adapters
+from lorakit.core.collectives import IGNORE
 from lorakit.errors import ConfigError
 from lorakit.formats.layout import META_FILE, TENSORS_FILE
 from lorakit.formats.native import load as load_adapter
 from lorakit.formats.native import read_adapter
+from lorakit.train.batching import iter_batches
 from lorakit.train.config import AdapterSection, TrainConfig
+from lorakit.train.data import Dataset
 from lorakit.util import resources
 
 
@@ -71,7 +85,62 @@ def continue_adapter(model: nn.Module, section: AdapterSection, log: Callable[[s
         + ", " + ", ".join(f"{k}={v}" for k, v in saved.items() if k != "targets"))
 
 
-def lineage_extra(cfg: TrainConfig) -> dict[str, Any]:
+def example_nll(model: nn.Module, data: Dataset, batch_size: int, pad_id: int, device: torch.device) -> list[float]:
+    """Mean negative log-likelihood per labelled token of every example (causal LM), in data order."""
+    out: list[float] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in iter_batches(data, batch_size, pad_id):
+            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits[:, :-1].float()
+            target = labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
+            mask = target != IGNORE
+            out += (nll * mask).sum(1).div(mask.sum(1).clamp(min=1)).tolist()
+    model.train(was_training)
+    return out
+
+
+def measure_update(trainer: Any) -> dict[str, Any]:
+    """Before training a run that continues an adapter or skips known examples: load the parent (if any), measure
+    the starting model's confidence on every training example and drop the known ones (``data.skip_known``).
+
+    Returns the figures recorded as ``extra.update``: examples, mean and median NLL, the share of examples with
+    confidence >= 0.5 and >= 0.8, and with ``skip_known`` the examples and tokens skipped.
+    """
+    cfg, model, data = trainer.config, trainer.model, trainer.train_data
+    if cfg.adapter.continue_from and cfg.adapter.name not in adapters(model):
+        continue_adapter(model, cfg.adapter, trainer._log)
+    if cfg.model.task != "causal-lm" or cfg.data.packing or len(data) == 0:  # per-example figures only
+        return {}
+    nll = example_nll(model, data, cfg.training.eval_batch_size or cfg.training.batch_size, trainer._pad_id,
+                      trainer.device)
+    conf = [math.exp(-x) for x in nll]
+    info: dict[str, Any] = {"examples": len(nll), "mean_nll": round(sum(nll) / max(len(nll), 1), 4),
+                            "median_nll": round(sorted(nll)[len(nll) // 2], 4) if nll else None,
+                            "known_0.5": round(sum(c >= 0.5 for c in conf) / max(len(conf), 1), 4),
+                            "known_0.8": round(sum(c >= 0.8 for c in conf) / max(len(conf), 1), 4)}
+    p = cfg.data.skip_known
+    if p is not None:
+        keep = [i for i, c in enumerate(conf) if c < p]
+        if not keep:
+            raise ConfigError(f"data.skip_known={p}: the model already predicts every training example with "
+                              "confidence >= that; nothing left to train on")
+        tokens = sum(len(e.input_ids) for e in data.examples)
+        kept = [data.examples[i] for i in keep]
+        info.update(skip_known=p, skipped=len(nll) - len(kept),
+                    skipped_tokens_share=round(1 - sum(len(e.input_ids) for e in kept) / max(tokens, 1), 4))
+        trainer.train_data = dataclasses.replace(data, examples=kept)
+    trainer._log(f"what the starting model knows of the {len(nll)} training examples: mean NLL {info['mean_nll']:.3f} "
+                 f"per token; {100 * info['known_0.5']:.1f}% predicted with confidence >= 0.5, "
+                 f"{100 * info['known_0.8']:.1f}% >= 0.8" + (
+                     f"; skipping {info['skipped']} (confidence >= {p}: {100 * info['skipped_tokens_share']:.1f}% of "
+                     "the tokens)" if p is not None else ""))
+    return info
+
+
+def lineage_extra(cfg: TrainConfig, update: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a saved adapter records about its data and ancestry (``adapter.json`` ``extra``)."""
     train = cfg.data.train
     data: dict[str, Any] = {"train": train if isinstance(train, str) else None}
@@ -80,6 +149,8 @@ def lineage_extra(cfg: TrainConfig) -> dict[str, Any]:
         if Path(local).is_file():
             data["sha256"] = file_sha256(local)
     out: dict[str, Any] = {"data": data}
+    if update:
+        out["update"] = update
     if cfg.adapter.continue_from:
         parent = adapter_dir(cfg.adapter.continue_from)
         meta, _ = read_adapter(parent, tensors=False)
@@ -90,4 +161,4 @@ def lineage_extra(cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
-__all__ = ["adapter_dir", "continue_adapter", "file_sha256", "lineage_extra"]
+__all__ = ["adapter_dir", "continue_adapter", "example_nll", "file_sha256", "lineage_extra", "measure_update"]

@@ -76,7 +76,8 @@ class TrainingLoop:
                 "cross_entropy": self.runtime_info()["cross_entropy"],
                 "train_examples": len(d), "eval_examples": len(self.eval_data or []), "total_steps": run.total,
                 "truncated": d.n_truncated, "dropped": d.n_dropped, "device": str(self.device),
-                "precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32"}
+                "precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32",
+                **{f"update_{k}": v for k, v in (getattr(self, "update_info", None) or {}).items()}}
         run.metrics.log("info", 0, **info)
         self._log(f"{info['method']}: {n_train:,} trainable of {n_all:,} parameters "
                   f"({100 * n_train / n_all:.3f}%); {len(d)} training examples, {run.total} steps on "
@@ -220,7 +221,7 @@ class TrainingLoop:
         extra = {"base_model": cfg.model.path, "tokenizer": cfg.model.tokenizer or cfg.model.path,
                  "task": cfg.model.task, "num_labels": cfg.model.num_labels, "dtype": cfg.model.dtype,
                  "quantize": cfg.model.quantize, "trained_steps": result.step, "run": cfg.fingerprint(),
-                 **lineage_extra(cfg)}
+                 **lineage_extra(cfg, getattr(self, "update_info", None))}
         path = save_adapter(self.model, out / "adapter", self.name, extra=extra)
         if HEAD_ADAPTER in adapter_records(self.model):
             save_adapter(self.model, path / HEAD_ADAPTER, HEAD_ADAPTER, extra=extra)

@@ -49,7 +49,7 @@ from lorakit.train.checkpoint import (
 )
 from lorakit.train.config import TrainConfig, load_config, resolve_model_path, save_config
 from lorakit.train.data import IGNORE, Dataset, dataset_from
-from lorakit.train.lineage import continue_adapter
+from lorakit.train.lineage import measure_update
 from lorakit.train.loading import HEAD_ADAPTER, load_model, load_tokenizer, resolve_device
 from lorakit.train.loop import TrainingLoop
 from lorakit.train.metrics import MetricsLogger
@@ -122,14 +122,14 @@ class Trainer(TrainingLoop):
         self.tokenizer = tokenizer
         self.train_data, self.eval_data = train_data, eval_data
         self.extra_callbacks = list(callbacks)
+        self.update_info: dict[str, Any] | None = None  # what the starting model knew of the data (measure_update)
         self._log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
         # under torchrun: join the process group; each process trains on its own GPU, process 0 speaks
         self.dist, self.device = distributed.setup(self.config, resolve_device(self.config.training.device))
         if not self.dist.is_main:
             self._log = lambda msg: None
         self.amp_dtype = resolve_precision(self.config.training.precision, self.device)
-        self._stop = False  # set by a signal on this process
-        self._stopping = False  # agreed by every process at the end of a step
+        self._stop = self._stopping = False  # a signal on this process; agreed by every process after a step
         self._lock: RunLock | None = None  # the run directory's, while fit runs (process 0)
 
     # --- setup -----------------------------------------------------------------------------------------------
@@ -168,6 +168,8 @@ class Trainer(TrainingLoop):
             self.eval_data = dataset_from(self.eval_data, cfg.data, self.tokenizer, task=task, num_labels=n)
         if not self.dist.fsdp:  # FSDP moves each shard to the device itself (the whole model may not fit)
             self.model.to(self.device)
+        if (cfg.adapter.continue_from or cfg.data.skip_known is not None) and self.update_info is None:
+            self.update_info = measure_update(self)  # the parent loaded; what the data holds that is new
 
     def frozen_dtype(self) -> torch.dtype | None:
         """The dtype the frozen base weights are stored in on the default GPU path, or ``None`` to keep them as
@@ -236,9 +238,7 @@ class Trainer(TrainingLoop):
         ``warmup`` warm-up steps are what options that follow the run are resolved from."""
         model, a = self.model, self.config.adapter
         existing = adapter_records(model)
-        if a.continue_from and a.name not in existing:
-            continue_adapter(model, a, self._log)  # the parent's weights and options (lorakit.train.lineage)
-        elif a.name in existing:
+        if a.name in existing:  # also a parent loaded by continue_from (lorakit.train.lineage.measure_update)
             if existing[a.name].method != a.method:
                 raise ConfigError(f"adapter.method={a.method!r} but the model already carries adapter "
                                   f"{a.name!r} of method {existing[a.name].method!r}")
