@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/lint-imports    # the layer contract in .importlinter
 	$(PY) scripts/check_import_cycles.py
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2    # both cores (pytest-xdist); plain `pytest` runs serially
 
 bench: $(STAMP)
 	$(PY) -m lorakit bench --device cpu --compare-peft --out benchmarks/results/cpu.json
