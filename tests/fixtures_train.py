@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from lorakit.core.callbacks import TrainingCallback
 from lorakit.testing import DEMO_DATA, build_tiny_llama, build_tokenizer, record_texts
 from lorakit.train.checkpoint import list_checkpoints
 
@@ -85,6 +86,19 @@ def kill_when_checkpointed(cfg: Path, out: Path, step: int, timeout: float = 120
     finally:
         proc.kill()
         proc.wait()
+
+
+class CtrlCAfter(TrainingCallback):
+    """A training callback that sends this process SIGINT (Ctrl-C) after ``steps`` optimizer steps: the loop
+    finishes the step, checkpoints and returns an interrupted result."""
+
+    def __init__(self, steps: int) -> None:
+        self.at, self.steps = steps, 0
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from lorakit.train.lineage import file_sha256
 from lorakit.train.metrics import read_metrics
 from lorakit.train.trainer import Trainer
 
-from .fixtures_train import make_config
+from .fixtures_train import CtrlCAfter, make_config
 
 
 def _fit(cfg: Path, *, resume: bool = False, callbacks: tuple[TrainingCallback, ...] = ()) -> Any:
@@ -94,18 +92,10 @@ def test_an_update_refuses_a_changed_method_option_or_base(tiny_run, parent, tmp
 
 
 def test_an_interrupted_update_resumes(tiny_run, parent, tmp_path, one_thread) -> None:
-    class CtrlC(TrainingCallback):
-        steps = 0
-
-        def step(self) -> None:
-            self.steps += 1
-            if self.steps == 2:
-                os.kill(os.getpid(), signal.SIGINT)
-
     out = tmp_path / "v2"
     cfg = make_config(tiny_run, out, method="rank1-sum", options={}, adapter={"continue_from": str(parent["v1"])},
                       data={"train": str(parent["new"])}, training={"max_steps": 4}, output={"save_every": 1})
-    assert _fit(cfg, callbacks=(CtrlC(),)).interrupted
+    assert _fit(cfg, callbacks=(CtrlCAfter(2),)).interrupted
     result = _fit(cfg, resume=True)
     assert result.step == 4
     meta = json.loads((out / "adapter" / "adapter.json").read_text())

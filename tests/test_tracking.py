@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,14 +12,13 @@ from typing import Any
 import pytest
 import yaml
 
-from lorakit.core.callbacks import TrainingCallback
 from lorakit.errors import ConfigError
 from lorakit.train import tracking
 from lorakit.train.config import load_config
 from lorakit.train.metrics import read_metrics
 from lorakit.train.trainer import Trainer
 
-from .fixtures_train import make_config
+from .fixtures_train import CtrlCAfter, make_config
 
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
@@ -147,18 +144,10 @@ def test_every_tracker_gets_the_metrics_config_and_adapter(tiny_run, tmp_path, s
 def test_a_resumed_run_continues_the_same_tracker_runs(tiny_run, tmp_path, stores, one_thread) -> None:
     from mlflow.tracking import MlflowClient
 
-    class CtrlC(TrainingCallback):  # Ctrl-C after step 2: the loop stops and checkpoints
-        steps = 0
-
-        def step(self) -> None:
-            self.steps += 1
-            if self.steps == 2:
-                os.kill(os.getpid(), signal.SIGINT)
-
     out = tmp_path / "run"
     cfg = make_config(tiny_run, out, training={"max_steps": 4},
                       output={"report_to": ["wandb", "mlflow"], "save_every": 1})
-    result, _ = _train(cfg, callbacks=(CtrlC(),))
+    result, _ = _train(cfg, callbacks=(CtrlCAfter(2),))
     assert result.interrupted
     first = json.loads((out / tracking.STATE_FILE).read_text())
     client = MlflowClient(stores)

@@ -22,6 +22,7 @@ from lorakit.inference.decode import Completion, SamplingParams, run_rows
 from lorakit.train.config import load_config
 from lorakit.train.data import render_chat
 from lorakit.train.distributed import is_main_process
+from lorakit.train.lineage import adapter_dir
 from lorakit.train.loading import HEAD_ADAPTER, load_adapter_dir, load_trained, resolve_device
 from lorakit.train.trainer import Trainer
 
@@ -180,8 +181,7 @@ def inspect_cmd(
 ) -> int:
     """Describe a saved adapter: method, options, targeted layers, ranks, parameter counts, base model
     fingerprint."""
-    if not (path / "adapter.json").is_file() and (path / "adapter" / "adapter.json").is_file():
-        path = path / "adapter"
+    path = adapter_dir(path)
 
     d = describe(path)
     typer.echo(json.dumps(d, indent=2, default=str) if as_json else format_description(d))
@@ -212,8 +212,7 @@ def export(
     """Convert a trained adapter to another format: PEFT LoRA (DoRA stays DoRA, other methods become LoRA), a
     merged GGUF model, or a llama.cpp LoRA GGUF."""
 
-    if not (adapter / "adapter.json").is_file() and (adapter / "adapter" / "adapter.json").is_file():
-        adapter = adapter / "adapter"
+    adapter = adapter_dir(adapter)  # a run directory names its adapter/
     if fmt in ("gguf", "gguf-lora"):
         return _export_gguf(adapter, out, fmt, outtype=outtype, rank=rank, base=base, force=force,
                             overwrite=overwrite)
