@@ -29,6 +29,8 @@ RUNS: dict[str, tuple[str, dict[str, Any], float, dict[str, Any]]] = {
     "lora-sb": ("lora-sb", {"r": 4, "init_examples": 40}, 3e-2, {}),
     # interval 1: the budget is re-masked every step from the scores, and the adapter shrinks at step 4
     "rank1-sum": ("rank1-sum", {"r_init": 4, "target_rank": 2, "interval": 1}, 1e-2, {}),
+    # DPO on preference pairs: the reference computed on each process, the loss a mean over pairs
+    "dpo": ("lora", {"r": 4, "alpha": 8}, 1e-2, {"objective": "dpo", "beta": 0.5}),
 }
 
 
@@ -54,14 +56,27 @@ def _varied_data(tiny_run: dict[str, Path]) -> Path:
     return path
 
 
+def _pair_data(tiny_run: dict[str, Path]) -> dict[str, str]:
+    """Preference pairs from the varied data (answers of 2 to 5 tokens): the right completion over the next
+    line's."""
+    paths = {k: tiny_run["train"].with_name(f"pairs-{k}.jsonl") for k in ("train", "eval")}
+    if not paths["train"].exists():
+        rows = [json.loads(line) for line in _varied_data(tiny_run).read_text().splitlines()]
+        pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": rows[(i + 1) % len(rows)]["completion"]}
+                 for i, r in enumerate(rows) if r["completion"] != rows[(i + 1) % len(rows)]["completion"]]
+        paths["train"].write_text("".join(json.dumps(r) + "\n" for r in pairs))
+        paths["eval"].write_text("".join(json.dumps(r) + "\n" for r in pairs[:10]))
+    return {k: str(v) for k, v in paths.items()}
+
+
 def _config(tiny_run: dict[str, Path], out: Path, name: str, *, processes: int) -> Path:
     from .fixtures_train import make_config
 
     method, options, lr, extra = RUNS[name]
     # same global batch either way: 8 examples per micro-batch, 2 micro-batches per step (tests no_sync)
     training = {"batch_size": PER_PROCESS_BATCH * WORLD // processes, "grad_accum": 2, "lr": lr, **extra}
-    return make_config(tiny_run, out, method=method, options=options, training=training,
-                       data={"train": str(_varied_data(tiny_run))},
+    data = _pair_data(tiny_run) if extra.get("objective") else {"train": str(_varied_data(tiny_run))}
+    return make_config(tiny_run, out, method=method, options=options, training=training, data=data,
                        output={"plot": False, "save_every": 3, "keep_checkpoints": 3})
 
 
@@ -127,7 +142,7 @@ def _metrics(run: Path) -> list[dict[str, Any]]:
     return read_metrics(run / "metrics.jsonl")
 
 
-@pytest.mark.parametrize("name", ["lora", "fsdp"])
+@pytest.mark.parametrize("name", ["lora", "fsdp", "dpo"])
 def test_two_processes_train_like_one(runs: dict[str, Path], name: str) -> None:
     _assert_same_adapter(runs[name], runs[f"{name}-1"])
     # process 0 alone wrote the logs; the logged loss and the (sharded) evaluation are the global ones

@@ -105,6 +105,72 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: T
     return _LinearCrossEntropy.apply(h2, weight, bias, t2, ignore_index, int(rows))
 
 
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """Per-row ``log softmax(h W^T + bias)[target]`` (0 where ``target`` is ignored) without all the logits.
+
+    Forward computes the logits chunk by chunk and keeps only ``(N,)`` log-probabilities; backward recomputes
+    each chunk's softmax (one more ``(c, H) x (H, V)`` GEMM per chunk, no ``(N, V)`` tensor kept between the
+    passes): ``d logp_i / d logits_i = onehot(t_i) - softmax_i``, scaled by the incoming gradient of row ``i``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
+                chunk: int) -> Tensor:
+        valid = target.ne(ignore_index)
+        out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            vc = valid[i:i + chunk]
+            tc = target[i:i + chunk].masked_fill(~vc, 0).unsqueeze(1)
+            logits = F.linear(h[i:i + chunk], weight, bias).float()  # (c, V)
+            out[i:i + chunk] = (logits.gather(1, tc).squeeze(1) - torch.logsumexp(logits, dim=-1)) * vc
+        ctx.save_for_backward(h, weight, bias, target)
+        ctx.ignore_index, ctx.chunk = ignore_index, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, go: Tensor) -> tuple[Tensor | None, ...]:
+        h, weight, bias, target = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        valid = target.ne(ctx.ignore_index)
+        g_h = torch.empty_like(h) if need_h else None
+        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        g_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        c = ctx.chunk
+        for i in range(0, h.shape[0], c):
+            hc, vc = h[i:i + c], valid[i:i + c]
+            tc = target[i:i + c].masked_fill(~vc, 0).unsqueeze(1)
+            logits = F.linear(hc, weight, bias).float()
+            p = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_().neg_()  # -softmax, in place
+            p.scatter_add_(1, tc, torch.ones_like(tc, dtype=p.dtype))  # onehot - softmax
+            p.mul_((go[i:i + c].float() * vc).unsqueeze(1))
+            gl = p.to(h.dtype)
+            if need_h:
+                torch.mm(gl, weight, out=g_h[i:i + c])
+            if need_w:
+                g_w += gl.t() @ hc
+            if need_b:
+                g_b += p.sum(0)
+        return (g_h, None if g_w is None else g_w.to(weight.dtype), None if g_b is None else g_b.to(bias.dtype),
+                None, None, None)
+
+
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
+                          ignore_index: int = -100, chunk: int | None = None) -> Tensor:
+    """Per-token log-probabilities of a causal LM's labels, ``(..., T)``, without the ``(N, V)`` logits.
+
+    Position ``t`` holds ``log p(labels[t + 1] | tokens <= t)`` (labels shifted left by one, as the loss reads
+    them), in fp32, and 0 where the shifted label is ``ignore_index`` (and at the last position). Summed over a
+    completion's positions this is the sequence log-probability the preference objectives compare
+    (:mod:`lorakit.train.preference`). Chunked like :func:`linear_cross_entropy`; backward recomputes each
+    chunk's softmax instead of keeping it.
+    """
+    shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    rows = chunk if chunk is not None else _ce_chunk_rows(weight.shape[0])
+    out = _LinearTokenLogprobs.apply(h2, weight, bias, shifted.reshape(-1).to(h2.device), ignore_index, int(rows))
+    return out.reshape(shifted.shape)
+
+
 #: Environment variable choosing the implementation: ``auto``, ``liger`` or ``chunked`` (module docstring).
 KERNEL_ENV = "LORAKIT_CROSS_ENTROPY"
 KERNELS = ("auto", "liger", "chunked")

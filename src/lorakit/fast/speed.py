@@ -24,7 +24,7 @@ from lorakit.core import lowrank
 from lorakit.core.layers import AdaptedLayer
 from lorakit.errors import ConfigError
 from lorakit.fast.cross_entropy import kernel as cross_entropy_kernel
-from lorakit.fast.cross_entropy import linear_cross_entropy
+from lorakit.fast.cross_entropy import linear_cross_entropy, linear_token_logprobs
 
 #: Sibling projections that read the same input in common architectures (Llama/Mistral/Qwen attention and
 #: MLP, BERT attention, Mixtral experts).
@@ -197,6 +197,24 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor | None = None, labels: Te
                   position_ids=position_ids,
                   use_cache=False)[0]  # (B, T, H)
     return linear_cross_entropy(hidden, head.weight, labels, head.bias)
+
+
+def token_logprobs(model: nn.Module, input_ids: Tensor, labels: Tensor, *, attention_mask: Tensor | None = None,
+                   position_ids: Tensor | None = None, fused: bool = True) -> Tensor:
+    """``(B, T)`` fp32 log-probabilities of each next label under ``model`` (0 where the label is ignored; see
+    :func:`lorakit.fast.cross_entropy.linear_token_logprobs`), through the fused head when ``fused`` and the
+    architecture allows it (no ``(B, T, V)`` logits), else from the model's logits."""
+    parts = _body_and_head(model) if fused else None
+    if parts is not None:
+        body, head = parts
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False)[0]
+        return linear_token_logprobs(hidden, head.weight, labels, head.bias)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    valid = shifted.ne(-100)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, shifted.masked_fill(~valid, 0).unsqueeze(-1))
+    return logp.squeeze(-1) * valid
 
 
 def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:

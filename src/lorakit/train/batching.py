@@ -23,7 +23,22 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
     Packed blocks (examples with ``segments``) also get ``position_ids`` ``(B, T)`` restarting at every example
     and a boolean ``attention_mask`` ``(B, 1, T, T)``: token ``i`` attends to token ``j <= i`` of its own
     example only (a padding token to itself, so no attention row is empty).
+
+    Preference pairs (examples with ``rejected``) become ``2B`` rows, the ``B`` chosen sequences then the ``B``
+    rejected ones (one forward for both, as in TRL's concatenated forward), plus ``reference_logps`` ``(2B,)`` in
+    the same order once the reference log-probabilities are known.
     """
+    if examples[0].rejected is not None:
+        rows = [Example(e.input_ids, e.labels) for e in examples]
+        rows += [e.rejected for e in examples if e.rejected is not None]
+        if len(rows) != 2 * len(examples):
+            raise ValueError("collate(): a batch mixes preference pairs and single examples")
+        batch = collate(rows, pad_id)
+        if all(e.reference is not None for e in examples):
+            ref = [e.reference for e in examples]
+            batch["reference_logps"] = torch.tensor([r[0] for r in ref] + [r[1] for r in ref],  # type: ignore[index]
+                                                    dtype=torch.float64)
+        return batch
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

@@ -134,7 +134,9 @@ class DataConfig(_Section):
         format: ``auto`` (from the first record's columns), ``text`` (``{"text"}``), ``prompt_completion``
             (``{"prompt", "completion"}``), ``chat`` (``{"messages"}``), ``classification``
             (``{"text", "label"}``), ``alpaca`` (``{"instruction", "input", "output"}``) or ``sharegpt``
-            (``{"conversations": [{"from", "value"}]}``).
+            (``{"conversations": [{"from", "value"}]}``), or ``preference`` (``{"prompt", "chosen", "rejected"}``,
+            text or chat messages, the prompt optional: TRL's formats, for ``training.objective`` ``dpo``, ``simpo``
+            or ``orpo``).
         columns: renames, ``{lorakit column: column in the data}``, e.g. ``{prompt: question,
             completion: answer}``.
         labels: class names for classification data whose ``label`` is a string.
@@ -155,7 +157,8 @@ class DataConfig(_Section):
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_length: int = Field(512, ge=2)
     packing: bool = False
-    format: Literal["auto", "text", "prompt_completion", "chat", "classification", "alpaca", "sharegpt"] = "auto"
+    format: Literal["auto", "text", "prompt_completion", "chat", "classification", "alpaca", "sharegpt",
+                    "preference"] = "auto"
     columns: dict[str, str] | None = None
     labels: list[str] | None = None
     add_eos: bool = True
@@ -204,6 +207,12 @@ class TrainingConfig(_Section):
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
         fsdp: under ``torchrun``, shard the frozen base model over the processes with FSDP2 (for models that do
             not fit one GPU); the adapter stays replicated. ``false``: DDP (see :mod:`lorakit.train.distributed`).
+        objective: ``sft`` (next-token loss on the data's labels) or a preference objective on
+            ``{prompt, chosen, rejected}`` pairs: ``dpo`` (against the frozen reference, the model as it starts),
+            ``simpo`` or ``orpo`` (reference-free); formulas in :mod:`lorakit.train.preference`.
+        beta: the preference objective's temperature (default: DPO 0.1, SimPO 2.0, ORPO's odds-ratio weight 0.1).
+        simpo_gamma: SimPO's target reward margin gamma (default 1.0, gamma / beta = 0.5).
+        label_smoothing: DPO's assumed share of flipped preference labels (conservative DPO; 0: plain DPO).
     """
 
     seed: int = 0
@@ -230,6 +239,10 @@ class TrainingConfig(_Section):
     log_every: int = Field(1, ge=1)
     device: str = "auto"
     fsdp: bool = False
+    objective: Literal["sft", "dpo", "simpo", "orpo"] = "sft"
+    beta: float | None = Field(None, gt=0)
+    simpo_gamma: float | None = Field(None, ge=0)
+    label_smoothing: float | None = Field(None, ge=0, lt=0.5)
 
 
 class OutputConfig(_Section):
@@ -298,6 +311,7 @@ class TrainConfig(_Section):
                               "model.task=classification")
         if cfg.data.format == "classification" and cfg.model.task != "classification":
             raise ConfigError("data.format: classification data needs model.task=classification")
+        _check_objective(cfg)
         if cfg.model.quantize != "none":
             why = get_method(cfg.adapter.method).quantized_unsupported
             if why:
@@ -318,10 +332,42 @@ class TrainConfig(_Section):
         d.pop("output")
         if d["model"].get("quantize") == "none":
             d["model"].pop("quantize")  # runs from before the option keep their identity (resumable)
-        for section, key in (("adapter", "continue_from"), ("data", "skip_known")):
+        if d["training"].get("objective") == "sft":
+            d["training"].pop("objective")  # a preference objective's options are None then (_check_objective)
+        for section, key in (("adapter", "continue_from"), ("data", "skip_known"), ("training", "beta"),
+                             ("training", "simpo_gamma"), ("training", "label_smoothing")):
             if d[section].get(key) is None:
                 d[section].pop(key, None)  # likewise
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")
+
+
+def _check_objective(cfg: TrainConfig) -> None:
+    """The preference objectives' options only where they apply (a clear error instead of a silent no-op)."""
+    t, objective = cfg.training, cfg.training.objective
+    own = {"beta": PREFERENCE_OBJECTIVES, "simpo_gamma": ("simpo",), "label_smoothing": ("dpo",)}
+    for key, objectives in own.items():
+        if getattr(t, key) is not None and objective not in objectives:
+            raise ConfigError(f"training.{key} applies to training.objective {', '.join(objectives)} only, not "
+                              f"{objective!r}")
+    if objective == "sft":
+        if cfg.data.format == "preference":
+            raise ConfigError("data.format=preference: preference pairs train with training.objective dpo, simpo "
+                              "or orpo")
+        return
+    if cfg.model.task != "causal-lm":
+        raise ConfigError(f"training.objective={objective}: preference objectives train causal LMs "
+                          "(model.task=causal-lm)")
+    for key, why in (("packing", "each pair is scored as two whole sequences"),
+                     ("cache_dir", "the on-disk token store holds single sequences, not pairs"),
+                     ("skip_known", "it measures next-token examples, not pairs")):
+        if getattr(cfg.data, key) not in (None, False):
+            raise ConfigError(f"data.{key} does not apply to training.objective={objective}: {why}")
+    if cfg.data.format not in ("auto", "preference"):
+        raise ConfigError(f"training.objective={objective} trains on preference pairs, but data.format="
+                          f"{cfg.data.format}; use data.format: preference (or auto)")
 
 
 # --- loading -----------------------------------------------------------------------------------------------

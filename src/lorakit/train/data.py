@@ -8,6 +8,8 @@ line's keys; every line must then use the same format):
 - ``{"messages": [{"role": ..., "content": ...}, ...]}``: chat, rendered with the tokenizer's chat template
   when it has one; loss only on the assistant turns.
 - ``{"text": ..., "label": ...}``: sequence classification (``label``: class index or name).
+- ``{"prompt": ..., "chosen": ..., "rejected": ...}``: preference pairs (text or chat messages, the prompt
+  optional) for the preference objectives (:mod:`lorakit.train.pairs`, :mod:`lorakit.train.preference`).
 
 Tokens that carry no loss get the label ``-100`` (PyTorch's ``ignore_index``). Examples longer than
 ``max_length`` are cut (and counted); an example left with no trainable token is dropped (and counted).
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,11 @@ from lorakit.core.collectives import IGNORE
 from lorakit.train import sources
 from lorakit.train.config import DataConfig
 from lorakit.train.example import Example
+from lorakit.train.pairs import encode_pair, pair_is_empty, split_pair, truncate_pair
 from lorakit.train.sources import DataError
 from lorakit.util.files import JsonlLineError, iter_jsonl
 
-FORMATS = ("text", "prompt_completion", "chat", "classification")
+FORMATS = ("text", "prompt_completion", "chat", "classification", "preference")
 
 
 @dataclass
@@ -58,7 +61,7 @@ class Dataset:
     @property
     def n_tokens(self) -> int:
         stored = getattr(self.examples, "n_tokens", None)  # a TokenStore knows without reading
-        return int(stored) if stored is not None else sum(len(e.input_ids) for e in self.examples)
+        return int(stored) if stored is not None else sum(e.n_tokens for e in self.examples)
 
 
 # --- reading -----------------------------------------------------------------------------------------------
@@ -89,11 +92,14 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
 
 
 _REQUIRED = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",),
-             "classification": ("text", "label")}
+             "classification": ("text", "label"), "preference": ("chosen", "rejected")}
 
 
 def check_record(obj: dict[str, Any], fmt: str, where: str) -> None:
     """Raise :class:`DataError` unless ``obj`` is a well-formed record of ``fmt``."""
+    if fmt == "preference":
+        split_pair(obj, where)
+        return
     missing = [k for k in _REQUIRED[fmt] if k not in obj]
     if missing:
         raise DataError(f"{where}: missing key(s) {missing} for format {fmt!r} (keys present: {sorted(obj)})")
@@ -178,6 +184,8 @@ def encode_record(tokenizer: Any, obj: dict[str, Any], fmt: str, *, add_eos: boo
                   label_names: Sequence[str] | None = None, num_labels: int = 2) -> Example:
     """Tokenize one record (not truncated)."""
     eos = _eos(tokenizer) if add_eos else []
+    if fmt == "preference":
+        return encode_pair(tokenizer, obj, add_eos=add_eos, where=where, render_chat=render_chat)
     if fmt == "text":
         ids = _encode(tokenizer, obj["text"], True) + eos
         return Example(ids, list(ids))
@@ -222,6 +230,13 @@ def encode_records(records: Iterable[Record], tokenizer: Any, *, fmt: str = "aut
         check_record(obj, stored, where)
         ex = encode_record(tokenizer, obj, stored, add_eos=add_eos, where=where, label_names=label_names,
                            num_labels=num_labels)
+        if ex.rejected is not None:  # a preference pair: both sequences cut, dropped if either has nothing left
+            counts.n_truncated += truncate and truncate_pair(ex, max_length)
+            if pair_is_empty(ex):
+                counts.n_dropped += 1
+                continue
+            yield ex
+            continue
         if truncate and len(ex.input_ids) > max_length:
             counts.n_truncated += 1
             ex.input_ids = ex.input_ids[:max_length]
@@ -306,6 +321,18 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
 
 
 # --- the whole pipeline --------------------------------------------------------------------------------------
+def records_like(data: Any) -> bool:
+    """Data a Trainer can tokenize: a file path, or a sequence of mappings (``datasets.Dataset`` rows are)."""
+    if isinstance(data, str | os.PathLike):
+        return True
+    if isinstance(data, bytes | Mapping):
+        return False
+    try:
+        return len(data) == 0 or isinstance(data[0], Mapping)
+    except Exception:
+        return False
+
+
 def read_source(source: Any, cfg: DataConfig) -> tuple[list[Record], str]:
     """The records of a data source (a file, a ``datasets`` directory or object, a list of dicts; see
     :mod:`lorakit.train.sources`) with ``data.columns`` applied, and the source's name for messages."""

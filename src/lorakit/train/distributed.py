@@ -119,7 +119,7 @@ class Distributed:
             (see the module docstring; exactly ``1.0`` on one process); the non-pad tokens of the whole global
             micro-batch (for throughput).
         """
-        tokens = sum(len(examples[i].input_ids) for i in indices)
+        tokens = sum(examples[i].n_tokens for i in indices)
         if not self.active:
             return collate([examples[i] for i in indices], pad_id), 1.0, tokens
         units = [loss_units(examples[i]) for i in indices]
@@ -170,6 +170,14 @@ class Distributed:
         dist.all_reduce(t)
         return float(t[0]) / self.world
 
+    def sum(self, values: Tensor) -> Tensor:
+        """``values`` (a tensor of sums) added up over processes, returned on the CPU."""
+        if not self.active:
+            return values.detach().cpu()
+        t = values.detach().to(self.device).clone()
+        dist.all_reduce(t)
+        return t.cpu()
+
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is set on any process (a stop request: every process stops after the same step)."""
         if not self.active:
@@ -218,8 +226,9 @@ class Distributed:
 
 def loss_units(example: Example) -> int:
     """What an example's mean loss averages over: its predicted tokens (labels after the first that are not
-    ignored; the loss shifts labels by one), or 1 for a classification example."""
-    if isinstance(example.labels, int):
+    ignored; the loss shifts labels by one), or 1 for a classification example or a preference pair (the
+    preference losses are means over pairs)."""
+    if isinstance(example.labels, int) or example.rejected is not None:
         return 1
     return sum(1 for y in example.labels[1:] if y != IGNORE)
 

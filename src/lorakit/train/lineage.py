@@ -112,8 +112,8 @@ def measure_update(trainer: Any) -> dict[str, Any]:
     cfg, model, data = trainer.config, trainer.model, trainer.train_data
     if cfg.adapter.continue_from and cfg.adapter.name not in adapters(model):
         continue_adapter(model, cfg.adapter, trainer._log)
-    if cfg.model.task != "causal-lm" or cfg.data.packing or len(data) == 0:  # per-example figures only
-        return {}
+    if cfg.model.task != "causal-lm" or cfg.data.packing or data.format == "preference" or len(data) == 0:
+        return {}  # per-example figures of next-token data only
     nll = example_nll(model, data, cfg.training.eval_batch_size or cfg.training.batch_size, trainer._pad_id,
                       trainer.device)
     conf = [math.exp(-x) for x in nll]

@@ -51,6 +51,7 @@ class TrainingLoop:
     name: str
     _log: Callable[[str], None]
     _forward: Any
+    _objective: Any
     _stop: bool
     _stopping: bool
     _pad_id: int
@@ -80,7 +81,8 @@ class TrainingLoop:
                 **{f"update_{k}": v for k, v in (getattr(self, "update_info", None) or {}).items()}}
         run.metrics.log("info", 0, **info)
         self._log(f"{info['method']}: {n_train:,} trainable of {n_all:,} parameters "
-                  f"({100 * n_train / n_all:.3f}%); {len(d)} training examples, {run.total} steps on "
+                  f"({100 * n_train / n_all:.3f}%); {len(d)} training "
+                  f"{'preference pairs' if d.format == 'preference' else 'examples'}, {run.total} steps on "
                   f"{self.device} ({info['precision']})")
         if d.n_truncated or d.n_dropped:
             self._log(f"data: {d.n_truncated} example(s) truncated to max_length={self.config.data.max_length}, "
@@ -167,6 +169,8 @@ class TrainingLoop:
                                               "epoch": round(run.order.epoch_of(run.pos.micro), 4)}
                     if grad_norm is not None:
                         values["grad_norm"] = float(grad_norm)
+                    if self._objective is not None:  # the preference metrics of the steps since the last log
+                        values.update(self._objective.pop_stats(self.dist.sum))
                     values["peak_memory_mb"] = peak_memory_mb(self.device)
                     run.metrics.log("train", step, **values)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)

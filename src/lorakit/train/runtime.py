@@ -15,6 +15,15 @@ import torch
 from lorakit.errors import ConfigError
 
 
+def device_name(device: torch.device) -> str:
+    """The accelerator's name (``run.json``), or the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     """Learning-rate multiplier for optimizer step ``step`` (0-based).
 

@@ -40,6 +40,7 @@ Record = tuple[int, dict[str, Any]]
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",),
     "classification": ("text", "label"), "alpaca": ("instruction", "output"), "sharegpt": ("conversations",),
+    "preference": ("chosen", "rejected"),
 }
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "system": "system"}
@@ -201,6 +202,8 @@ def rename_columns(records: Iterable[Record], columns: Mapping[str, str] | None,
 
 def detect(obj: Mapping[str, Any], task: str, source: str) -> str:
     """The format a record's columns imply; :class:`DataError` listing the columns found otherwise."""
+    if "chosen" in obj or "rejected" in obj:
+        return "preference"
     if "messages" in obj:
         return "chat"
     if "conversations" in obj:
@@ -215,7 +218,7 @@ def detect(obj: Mapping[str, Any], task: str, source: str) -> str:
         return "text"
     needs = "; ".join(f"{f}: {', '.join(c)}" for f, c in FORMAT_COLUMNS.items())
     raise DataError(f"{source}: cannot tell the data format from the columns {sorted(obj)}; the formats need "
-                      f"{needs} (alpaca's input is optional); rename columns with data.columns, e.g. "
+                      f"{needs} (alpaca's input and preference's prompt are optional); rename columns with data.columns, e.g. "
                       "{prompt: question, completion: answer}")
 
 

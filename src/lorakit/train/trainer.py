@@ -19,6 +19,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from lorakit.errors import ConfigError
 from lorakit.fast import speed
 from lorakit.formats.native import load as load_adapter
 from lorakit.methods import get_method
-from lorakit.train import distributed
+from lorakit.train import distributed, preference
 from lorakit.train.batching import BatchOrder, collate, iter_batches
 from lorakit.train.checkpoint import (
     RUN_FILE,
@@ -48,38 +49,18 @@ from lorakit.train.checkpoint import (
     write_json,
 )
 from lorakit.train.config import TrainConfig, load_config, resolve_model_path, save_config
-from lorakit.train.data import IGNORE, Dataset, dataset_from
+from lorakit.train.data import IGNORE, Dataset, dataset_from, records_like
 from lorakit.train.lineage import measure_update
 from lorakit.train.loading import HEAD_ADAPTER, load_model, load_tokenizer, resolve_device
 from lorakit.train.loop import TrainingLoop
 from lorakit.train.metrics import MetricsLogger
 from lorakit.train.optim import optimizer as make_optimizer
 from lorakit.train.run import FitResult, Position, RunState, TrainingError, logged_eval
-from lorakit.train.runtime import lr_schedule, rebase_schedule, resolve_precision, seed_everything
+from lorakit.train.runtime import device_name, lr_schedule, rebase_schedule, resolve_precision, seed_everything
 from lorakit.train.streaming import load_data
 from lorakit.train.tracking import check_report_to, start_tracking
 from lorakit.util.arguments import checked
 from lorakit.util.dense_weights import DenseWeights
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def _records_like(data: Any) -> bool:
-    """Data a Trainer can tokenize: a file path, or a sequence of mappings (``datasets.Dataset`` rows are)."""
-    if isinstance(data, str | os.PathLike):
-        return True
-    if isinstance(data, bytes | Mapping):
-        return False
-    try:
-        return len(data) == 0 or isinstance(data[0], Mapping)
-    except Exception:
-        return False
 
 
 class Trainer(TrainingLoop):
@@ -109,7 +90,7 @@ class Trainer(TrainingLoop):
                  *, tokenizer: Any = None, train_data: Any = None, eval_data: Any = None,
                  callbacks: Sequence[TrainingCallback] = (), log: Callable[[str], None] | None = None) -> None:
         for arg, data in (("train_data", train_data), ("eval_data", eval_data)):
-            if data is not None and not isinstance(data, Dataset) and not _records_like(data):
+            if data is not None and not isinstance(data, Dataset) and not records_like(data):
                 raise ConfigError(f"Trainer(): argument {arg!r} must be a lorakit Dataset, a datasets.Dataset, a "
                                   f"list of records (dicts) or a data file path, got {type(data).__name__}")
         if isinstance(config, TrainConfig):
@@ -129,6 +110,7 @@ class Trainer(TrainingLoop):
         if not self.dist.is_main:
             self._log = lambda msg: None
         self.amp_dtype = resolve_precision(self.config.training.precision, self.device)
+        self._objective: preference.PreferenceObjective | None = None  # training.objective other than sft
         self._stop = self._stopping = False  # a signal on this process; agreed by every process after a step
         self._lock: RunLock | None = None  # the run directory's, while fit runs (process 0)
 
@@ -166,6 +148,7 @@ class Trainer(TrainingLoop):
             self.train_data = dataset_from(self.train_data, cfg.data, self.tokenizer, task=task, num_labels=n)
         if self.eval_data is not None and not isinstance(self.eval_data, Dataset):
             self.eval_data = dataset_from(self.eval_data, cfg.data, self.tokenizer, task=task, num_labels=n)
+        preference.check_data(cfg.training.objective, self.train_data, self.eval_data)
         if not self.dist.fsdp:  # FSDP moves each shard to the device itself (the whole model may not fit)
             self.model.to(self.device)
         if (cfg.adapter.continue_from or cfg.data.skip_known is not None) and self.update_info is None:
@@ -195,7 +178,7 @@ class Trainer(TrainingLoop):
         assert model is not None
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad})
         fused_loss = t.fused and self.config.model.task == "causal-lm" and not self.dist.fsdp
-        return {"device": str(self.device), "device_name": _device_name(self.device),
+        return {"device": str(self.device), "device_name": device_name(self.device),
                 "autocast": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else None,
                 "frozen_dtypes": dtypes, "fused": t.fused,
                 "cross_entropy": speed.loss_kernel(model) if fused_loss else "model",
@@ -218,7 +201,7 @@ class Trainer(TrainingLoop):
         lengths = None
         if d.group_by_length or d.max_tokens:
             stored = getattr(self.train_data.examples, "lengths", None)  # a TokenStore: from its offsets
-            lengths = stored() if callable(stored) else [len(e.input_ids) for e in self.train_data.examples]
+            lengths = stored() if callable(stored) else [e.n_tokens for e in self.train_data.examples]
         budget = None if d.max_tokens is None else d.max_tokens * self.dist.world  # the budget is per process
         return BatchOrder(len(self.train_data), self.dist.global_batch(self.config.training.batch_size), seed,
                           lengths=lengths, group_by_length=d.group_by_length, max_tokens=budget)
@@ -230,8 +213,9 @@ class Trainer(TrainingLoop):
         order = self._batch_order(self.config.training.seed + 1)  # LoRA-SB splits each global batch over processes
         n = order.batches_per_epoch if self.config.adapter.init_batches is None else \
             min(order.batches_per_epoch, self.config.adapter.init_batches)
-        for k in range(n):
-            yield self._to_device(collate([self.train_data.examples[i] for i in order.indices(k)], self._pad_id))
+        for k in range(n):  # preference pairs: the chosen answers (the data-driven init fits what to learn)
+            chosen = [self.train_data.examples[i] for i in order.indices(k)]
+            yield self._to_device(collate([replace(e, rejected=None, reference=None) for e in chosen], self._pad_id))
 
     def _attach(self, *, total: int, warmup: int) -> None:
         """Attach the configured adapter (unless the model carries it already); ``total`` optimizer steps with
@@ -293,6 +277,10 @@ class Trainer(TrainingLoop):
             speed.compile_layers(model)
 
     def _loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The training loss on ``batch``: the run's preference objective, or :meth:`_lm_loss`."""
+        return self._objective(model, batch) if self._objective is not None else self._lm_loss(model, batch)
+
+    def _lm_loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """The model's loss on ``batch``; causal LMs go through the fused linear cross-entropy (no
         ``(tokens, vocab)`` logits) when fast paths are on."""
         if self.config.training.fused and batch["labels"].dim() == 2 and not self.dist.fsdp:  # FSDP: root forward
@@ -311,6 +299,8 @@ class Trainer(TrainingLoop):
         data = data if data is not None else self.eval_data
         if data is None or len(data) == 0:
             return {}
+        if data.format == "preference":
+            return preference.evaluate(self, data)
         model = self.model
         was_training = model.training
         model.eval()
@@ -327,7 +317,7 @@ class Trainer(TrainingLoop):
                     loss, n = out.loss, labels.numel()
                     correct += int((out.logits.argmax(-1) == labels).sum())
                 else:  # causal LM: a mean over predicted (shifted, non-ignored) tokens
-                    loss, n = self._loss(model, batch), int((labels[:, 1:] != IGNORE).sum())
+                    loss, n = self._lm_loss(model, batch), int((labels[:, 1:] != IGNORE).sum())
             total += loss.double() * n
             count += n
         model.train(was_training)
@@ -400,6 +390,8 @@ class Trainer(TrainingLoop):
         # under torchrun: DDP, or FSDP2 (after checkpointing/compile, and before the optimizer: FSDP moves the
         # adapter to the device); then each process draws its own dropout masks
         self._forward = self.dist.wrap(model, self._loss, log=self._log)
+        if t.objective != "sft":  # DPO's reference: computed now, before any update, or read back on resume
+            self._objective = preference.prepare(self, order, total, out, fresh=ckpt is None)
         self.dist.reseed(t.seed)
         model.train()
 
