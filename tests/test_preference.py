@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import lorakit
@@ -362,3 +364,21 @@ def test_a_tiny_model_with_a_chat_template_trains_on_chat_pairs(tmp_path, one_th
                       data={"max_length": 48}, training={"objective": "dpo", "max_steps": 2, "batch_size": 4})
     result = Trainer(None, cfg, log=lambda m: None).fit()
     assert result.step == 2 and math.isfinite(result.eval_end["eval_loss"])
+
+
+_values = st.one_of(st.none(), st.integers(), st.text(max_size=12), st.lists(
+    st.one_of(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": st.text(max_size=8)}),
+              st.integers(), st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2)), max_size=3))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(row=st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "text", "messages"]), _values,
+                           min_size=1))
+def test_any_row_is_a_pair_or_a_data_error_naming_its_line(tok, row) -> None:
+    good = {"prompt": "What is", "chosen": " good", "rejected": " bad"}
+    try:
+        data = tokenize([(1, good), (2, row)], tok, max_length=32, source="f.jsonl")
+    except DataError as e:
+        assert "f.jsonl:2: " in str(e)
+    else:
+        assert data.format == "preference" and all(e.rejected is not None for e in data.examples)
