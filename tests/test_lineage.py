@@ -128,3 +128,65 @@ def test_what_the_model_knows_is_measured_and_known_examples_can_be_skipped(tiny
         _fit(cfg)
     with pytest.raises(ConfigError, match="not with data.packing"):
         _fit(make_config(tiny_run, tmp_path / "packed", data={"skip_known": 0.5, "packing": True}))
+
+
+def test_three_updates_from_the_cli_measure_every_earlier_update(tiny_run, tmp_path, capsys, one_thread) -> None:
+    """v1 on one part of the data, v2 and v3 each continuing on another (v3 replaying earlier ones): every saved
+    adapter keeps its update's held-out and replay sets; each update measures the earlier ones before and after,
+    records it and shows it in `lorakit inspect`; an interrupted update resumes to the same record."""
+    from lorakit.cli import main
+    from lorakit.train.history import read_index
+
+    lines = tiny_run["train"].read_text().splitlines()
+    parts = []
+    for k in range(3):
+        train, held = tmp_path / f"part{k}.jsonl", tmp_path / f"held{k}.jsonl"
+        train.write_text("\n".join(lines[k * 20:k * 20 + 16]) + "\n")
+        held.write_text("\n".join(lines[k * 20 + 16:k * 20 + 20]) + "\n")
+        parts.append((train, held))
+    runs = [tmp_path / f"v{k + 1}" for k in range(3)]
+    for k, out in enumerate(runs):
+        adapter = {"continue_from": str(runs[k - 1])} if k else {}
+        data = {"train": str(parts[k][0]), "eval": str(parts[k][1]), **({"replay": 0.5} if k == 2 else {})}
+        cfg = make_config(tiny_run, out, method="rank1-sum", options={"r_init": 4, "target_rank": 2} if not k else {},
+                          adapter=adapter, data=data, training={"max_steps": 4, "lr": 3e-2})
+        assert main(["train", str(cfg)]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "update 1 (" in err and "held-out loss" in err and "replay: 8 examples of 2 earlier update(s)" in err
+    index = read_index(runs[2] / "adapter")
+    assert [e["update"] for e in index] == [1, 2, 3] and index[2]["data"]["train"] == str(parts[2][0])
+    meta = json.loads((runs[2] / "adapter" / "adapter.json").read_text())
+    retention = meta["extra"]["update"]["retention"]
+    assert [r["update"] for r in retention] == [1, 2] and meta["extra"]["update"]["replayed"] == 8
+    v2 = json.loads((runs[1] / "adapter" / "adapter.json").read_text())["extra"]["update"]["retention"]
+    # update 1's loss before v3 is v2's loss after (the same model, the same held-out tokens)
+    assert retention[0]["loss_before"] == pytest.approx(v2[0]["loss_after"], abs=1e-4)
+    for r in retention:
+        assert r["change"] == pytest.approx(r["loss_after"] - r["loss_before"], abs=1e-4)
+    assert main(["inspect", str(runs[2] / "adapter")]) == 0
+    text = capsys.readouterr().out
+    assert "retention:" in text and "update 1 (" in text and "replay:      8 examples" in text
+    # the same third update, interrupted and resumed: the same record
+    again = make_config(tiny_run, tmp_path / "v3b", method="rank1-sum", options={},
+                        adapter={"continue_from": str(runs[1])},
+                        data={"train": str(parts[2][0]), "eval": str(parts[2][1]), "replay": 0.5},
+                        training={"max_steps": 4, "lr": 3e-2})
+    assert _fit(again, callbacks=(CtrlCAfter(2),)).interrupted
+    _fit(again, resume=True)
+    meta_b = json.loads((tmp_path / "v3b" / "adapter" / "adapter.json").read_text())
+    assert meta_b["extra"]["update"]["retention"] == retention
+
+
+def test_replay_needs_a_parent_with_a_history(tiny_run, parent, tmp_path, one_thread) -> None:
+    import shutil
+
+    with pytest.raises(ConfigError, match="data.replay replays earlier updates of a continued adapter"):
+        _fit(make_config(tiny_run, tmp_path / "a", data={"replay": 0.2}))
+    old = tmp_path / "old"  # an adapter saved without a history (as by earlier lorakit versions)
+    shutil.copytree(parent["v1"] / "adapter", old)
+    shutil.rmtree(old / "history")
+    cfg = make_config(tiny_run, tmp_path / "b", method="rank1-sum", options={}, adapter={"continue_from": str(old)},
+                      data={"train": str(parent["new"]), "replay": 0.2})
+    with pytest.raises(ConfigError, match="keeps no replay examples of earlier updates"):
+        _fit(cfg)
+    assert not (tmp_path / "b" / "adapter").exists()  # nothing half-written

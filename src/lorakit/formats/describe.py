@@ -57,6 +57,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         "trained_steps": extra.get("trained_steps"),
         "data": extra.get("data"),
         "lineage": extra.get("lineage") or [],
+        "update": extra.get("update"),
         "file_size_bytes": sum((d / f).stat().st_size for f in (TENSORS_FILE, META_FILE)),
     }
 
@@ -131,4 +132,13 @@ def format_description(d: dict[str, Any]) -> str:
                          f"{(e.get('data') or {}).get('train') or '?'} (tensors {str(e.get('sha256'))[:12]})")
         lines.append(f"  -> this adapter: {d.get('trained_steps')} more steps on "
                      f"{(d.get('data') or {}).get('train') or '?'}")
+    update = d.get("update") or {}
+    if update.get("replayed"):
+        lines.append(f"replay:      {update['replayed']} examples of earlier updates trained with the new data")
+    if update.get("retention"):  # held-out loss of each earlier update, before and after this one
+        lines.append("retention:   held-out loss of each earlier update, before -> after this one")
+        for r in update["retention"]:
+            after = r.get("loss_after")
+            lines.append(f"  update {r['update']} ({r.get('train') or '?'}): {r['loss_before']:.4f} -> "
+                         + ("?" if after is None else f"{after:.4f} ({r['change']:+.4f})"))
     return "\n".join(lines)

@@ -147,6 +147,8 @@ class DataConfig(_Section):
             ``training.batch_size`` stays the most examples a batch holds.
         skip_known: drop the training examples the starting model (a ``continue_from`` parent, or the base)
             already predicts with a geometric-mean token probability at least this (:mod:`lorakit.train.lineage`).
+        replay: with ``adapter.continue_from``, add this share (of the training examples) of examples replayed
+            from the earlier updates the parent keeps (:mod:`lorakit.train.history`), against forgetting them.
         cache_dir: stream the data files into memory-mapped token stores here, tokenized once and reused by
             every run with the same data and settings (for data larger than memory; see
             :mod:`lorakit.train.streaming`). ``None``: tokenize in memory.
@@ -165,6 +167,7 @@ class DataConfig(_Section):
     group_by_length: bool = False
     max_tokens: int | None = Field(None, ge=1)
     skip_known: float | None = Field(None, gt=0.0, lt=1.0)
+    replay: float | None = Field(None, gt=0.0, le=1.0)
     cache_dir: str | None = None
 
     @field_validator("train", "eval")
@@ -312,6 +315,8 @@ class TrainConfig(_Section):
         if cfg.data.format == "classification" and cfg.model.task != "classification":
             raise ConfigError("data.format: classification data needs model.task=classification")
         _check_objective(cfg)
+        if cfg.data.replay is not None and not cfg.adapter.continue_from:
+            raise ConfigError("data.replay replays earlier updates of a continued adapter: set adapter.continue_from")
         if cfg.model.quantize != "none":
             why = get_method(cfg.adapter.method).quantized_unsupported
             if why:
@@ -334,8 +339,8 @@ class TrainConfig(_Section):
             d["model"].pop("quantize")  # runs from before the option keep their identity (resumable)
         if d["training"].get("objective") == "sft":
             d["training"].pop("objective")  # a preference objective's options are None then (_check_objective)
-        for section, key in (("adapter", "continue_from"), ("data", "skip_known"), ("training", "beta"),
-                             ("training", "simpo_gamma"), ("training", "label_smoothing")):
+        for section, key in (("adapter", "continue_from"), ("data", "skip_known"), ("data", "replay"),
+                             ("training", "beta"), ("training", "simpo_gamma"), ("training", "label_smoothing")):
             if d[section].get(key) is None:
                 d[section].pop(key, None)  # likewise
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -15,6 +15,10 @@ tokens, ``nll``, and its geometric-mean token probability ``exp(-nll)`` (the mod
 With ``data.skip_known: p``, examples the model already predicts with confidence ``>= p`` are dropped from the
 training data; the run logs and the adapter records (``extra.update``) how many examples and tokens that saved.
 
+Each saved adapter keeps its update's held-out and replay examples (:mod:`lorakit.train.history`): a continuation
+measures every earlier update before and after training (``extra.update.retention``) and can replay them
+(``data.replay``).
+
 An interrupted continuation resumes from its own checkpoints like any run (``--resume``); the measurement is taken
 again from the parent's weights, so the kept examples are the same.
 """
@@ -37,6 +41,7 @@ from lorakit.errors import ConfigError
 from lorakit.formats.layout import META_FILE, TENSORS_FILE
 from lorakit.formats.native import load as load_adapter
 from lorakit.formats.native import read_adapter
+from lorakit.train import history
 from lorakit.train.batching import iter_batches
 from lorakit.train.config import AdapterSection, TrainConfig
 from lorakit.train.data import Dataset
@@ -137,7 +142,17 @@ def measure_update(trainer: Any) -> dict[str, Any]:
                  f"{100 * info['known_0.8']:.1f}% >= 0.8" + (
                      f"; skipping {info['skipped']} (confidence >= {p}: {100 * info['skipped_tokens_share']:.1f}% of "
                      "the tokens)" if p is not None else ""))
+    if cfg.adapter.continue_from:  # the parent on every earlier update's held-out examples; data.replay
+        info.update(history.before_update(trainer, adapter_dir(cfg.adapter.continue_from)))
     return info
+
+
+def finish_update(trainer: Any) -> None:
+    """After training a continued adapter: the new model's held-out loss on every earlier update, beside the
+    parent's (``extra.update.retention``; :mod:`lorakit.train.history`)."""
+    info, cfg = trainer.update_info, trainer.config
+    if info and info.get("retention") and cfg.adapter.continue_from:
+        info["retention"] = history.after_update(trainer, adapter_dir(cfg.adapter.continue_from), info["retention"])
 
 
 def lineage_extra(cfg: TrainConfig, update: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -161,4 +176,5 @@ def lineage_extra(cfg: TrainConfig, update: dict[str, Any] | None = None) -> dic
     return out
 
 
-__all__ = ["adapter_dir", "continue_adapter", "example_nll", "file_sha256", "lineage_extra", "measure_update"]
+__all__ = ["adapter_dir", "continue_adapter", "example_nll", "file_sha256", "finish_update", "lineage_extra",
+           "measure_update"]

@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 from lorakit.adapt.model import adapters as adapter_records
 from lorakit.adapt.model import trainable_parameters
 from lorakit.formats.native import save as save_adapter
+from lorakit.train import history
 from lorakit.train.checkpoint import rng_state, save_training_checkpoint
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import Dataset
 from lorakit.train.distributed import Distributed
-from lorakit.train.lineage import lineage_extra
+from lorakit.train.lineage import adapter_dir, lineage_extra
 from lorakit.train.loading import HEAD_ADAPTER
 from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, peak_memory_mb, plot_losses
 from lorakit.train.run import FitResult, RunState, TrainingError
@@ -227,6 +228,8 @@ class TrainingLoop:
                  "quantize": cfg.model.quantize, "trained_steps": result.step, "run": cfg.fingerprint(),
                  **lineage_extra(cfg, getattr(self, "update_info", None))}
         path = save_adapter(self.model, out / "adapter", self.name, extra=extra)
+        parent = adapter_dir(cfg.adapter.continue_from) if cfg.adapter.continue_from else None
+        history.write(path, self, parent, extra["data"], result.step)  # this update's held-out and replay sets
         if HEAD_ADAPTER in adapter_records(self.model):
             save_adapter(self.model, path / HEAD_ADAPTER, HEAD_ADAPTER, extra=extra)
         self._log(f"adapter saved to {path}")

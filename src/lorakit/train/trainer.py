@@ -50,7 +50,7 @@ from lorakit.train.checkpoint import (
 )
 from lorakit.train.config import TrainConfig, load_config, resolve_model_path, save_config
 from lorakit.train.data import IGNORE, Dataset, dataset_from, records_like
-from lorakit.train.lineage import measure_update
+from lorakit.train.lineage import finish_update, measure_update
 from lorakit.train.loading import HEAD_ADAPTER, load_model, load_tokenizer, resolve_device
 from lorakit.train.loop import TrainingLoop
 from lorakit.train.metrics import MetricsLogger
@@ -428,6 +428,7 @@ class Trainer(TrainingLoop):
                 return run.result
             # every final write in one main_only, which is also a barrier: the processes leave fit together (one
             # that exits while process 0 still writes can make the other abort in the process group's teardown)
+            finish_update(self)  # every earlier update's held-out loss now (on every process: evaluation is collective)
             run.result.adapter_dir = self.dist.main_only(self._save_final, out, run.result)
             if tracking is not None and run.result.adapter_dir is not None:
                 tracking.artifact(Path(run.result.adapter_dir))
