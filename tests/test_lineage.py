@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from lorakit.core.callbacks import TrainingCallback
@@ -190,3 +192,67 @@ def test_replay_needs_a_parent_with_a_history(tiny_run, parent, tmp_path, one_th
     with pytest.raises(ConfigError, match="keeps no replay examples of earlier updates"):
         _fit(cfg)
     assert not (tmp_path / "b" / "adapter").exists()  # nothing half-written
+
+
+def test_growth_adds_rank_where_the_new_data_pulls_and_the_pruner_returns_to_budget(tiny_run, parent, tmp_path,
+                                                                                   capsys, one_thread) -> None:
+    from lorakit.cli import main
+
+    out = tmp_path / "v2"
+    cfg = make_config(tiny_run, out, method="rank1-sum", options={}, training={"max_steps": 8},
+                      adapter={"continue_from": str(parent["v1"]), "grow": 12}, data={"train": str(parent["new"])})
+    assert main(["train", str(cfg)]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "growth: 100.0% of the new data is unknown to the model: +12 of adapter.grow=12" in err
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())
+    growth = meta["extra"]["update"]["growth"]
+    assert growth["added"] == 12 and sum(growth["layers"].values()) == 12 and growth["unknown_share"] == 1.0
+    ranks = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "ranks"]
+    layers = len(meta["targets"])
+    assert ranks[0]["total_rank"] > 2 * layers  # grown above the budget (v1 ended at target_rank 2 per layer) ...
+    assert describe(out / "adapter")["total_rank"] == 2 * layers  # ... and pruned back to it by the end
+    # interrupted after the growth and resumed: the same adapter
+    again = make_config(tiny_run, tmp_path / "v2b", method="rank1-sum", options={}, training={"max_steps": 8},
+                        adapter={"continue_from": str(parent["v1"]), "grow": 12}, data={"train": str(parent["new"])})
+    assert _fit(again, callbacks=(CtrlCAfter(3),)).interrupted
+    _fit(again, resume=True)
+    a, b = (load_file(str(d / "adapter" / "adapter.safetensors")) for d in (out, tmp_path / "v2b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_growth_scores_are_the_weight_gradient_norms(tiny_run, tmp_path, one_thread) -> None:
+    from lorakit.adapt.model import adapted_layers
+    from lorakit.train.growth import layer_scores
+
+    cfg = make_config(tiny_run, tmp_path / "run", method="rank1-sum", options={"r_init": 4, "target_rank": 2},
+                      training={"batch_size": 64, "eval_batch_size": 64})
+    trainer = Trainer(None, cfg, log=lambda m: None)
+    trainer.prepare()
+    trainer._attach(total=6, warmup=0)
+    data = trainer.train_data
+    scores = layer_scores(trainer, data, "default")
+    layers = dict(adapted_layers(trainer.model))
+    for p in trainer.model.parameters():
+        p.requires_grad_(False)
+    for layer in layers.values():
+        layer.base.weight.requires_grad_(True)
+    batch = trainer._to_device(next(iter(__import__("lorakit").train.batching.iter_batches(data, 64, trainer._pad_id))))
+    trainer.model.eval()
+    trainer._lm_loss(trainer.model, batch).backward()
+    for path, layer in layers.items():  # one batch: the score is the norm of dL/dW of that batch
+        assert scores[path] == pytest.approx(float(layer.base.weight.grad.norm()), rel=1e-3), path
+
+
+def test_growth_allocation_and_refusals(tiny_run, parent, tmp_path) -> None:
+    from lorakit.train.growth import allocate
+
+    assert allocate(10, {"a": 3.0, "b": 1.0, "c": 0.0}, {"a": 100, "b": 100, "c": 100}) == {"a": 8, "b": 2, "c": 0}
+    assert allocate(10, {"a": 3.0, "b": 1.0}, {"a": 2, "b": 100}) == {"a": 2, "b": 8}  # a full layer passes on
+    assert allocate(10, {"a": 1.0}, {"a": 3}) == {"a": 3}
+    with pytest.raises(ConfigError, match="adapter.grow adds rank to a continued adapter"):
+        _fit(make_config(tiny_run, tmp_path / "a", method="rank1-sum", options={}, adapter={"grow": 4}))
+    lora_v1 = tmp_path / "lora-v1"
+    _fit(make_config(tiny_run, lora_v1, training={"max_steps": 1}))
+    cfg = make_config(tiny_run, tmp_path / "b", options={}, adapter={"continue_from": str(lora_v1), "grow": 4})
+    with pytest.raises(ConfigError, match="lora adapters cannot gain rank; rank1-sum can"):
+        _fit(cfg)

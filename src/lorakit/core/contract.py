@@ -128,6 +128,8 @@ class Method:
         relative_lr: a sensible learning rate for this method relative to LoRA's on the same task (VeRA trains
             scaling vectors and wants ~10x more; full fine-tuning ~0.05x): what the demo and the examples start
             from before a sweep.
+        growable: a trained adapter of this method can gain rank (:meth:`grow`: rank1-sum's zero-gated components),
+            what ``adapter.grow`` uses when an update brings new data.
     """
 
     method: ClassVar[str]
@@ -145,6 +147,14 @@ class Method:
     peft_import: ClassVar[str | None] = None
     swap_free_options: ClassVar[frozenset[str]] = frozenset({"targets"})
     relative_lr: ClassVar[float] = 1.0
+    growable: ClassVar[bool] = False
+
+    @classmethod
+    def grow(cls, model: nn.Module, name: str, extra: Mapping[str, int], *,
+             generator: torch.Generator | None = None) -> dict[str, int]:
+        """Add ``extra[layer]`` fresh rank-1 components to those layers of adapter ``name``, leaving the model's
+        function unchanged; returns every layer's live rank. Only for :attr:`growable` methods."""
+        raise NotImplementedError(f"{cls.method} adapters cannot grow")
 
     @classmethod
     def run_defaults(cls, config: AdapterConfig, *, lr: float, warmup_steps: int,

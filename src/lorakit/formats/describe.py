@@ -133,6 +133,11 @@ def format_description(d: dict[str, Any]) -> str:
         lines.append(f"  -> this adapter: {d.get('trained_steps')} more steps on "
                      f"{(d.get('data') or {}).get('train') or '?'}")
     update = d.get("update") or {}
+    growth = update.get("growth") or {}
+    if growth:
+        lines.append(f"growth:      +{growth.get('added', 0)} components of adapter.grow={growth.get('requested')} "
+                     f"({100 * growth.get('unknown_share', 0):.1f}% of the new data unknown), over "
+                     f"{len(growth.get('layers') or {})} layers, pruned back to the budget during the update")
     if update.get("replayed"):
         lines.append(f"replay:      {update['replayed']} examples of earlier updates trained with the new data")
     if update.get("retention"):  # held-out loss of each earlier update, before and after this one

@@ -35,7 +35,8 @@ from lorakit.core.layers import AdaptedLayer, LayerInfo, LayerKind
 from lorakit.core.lowrank import LowRank
 from lorakit.errors import IncompatibleAdapterError
 from lorakit.methods.lora import check_rank
-from lorakit.methods.rank1_sum_pruning import RANK_DIM, RankPruner
+from lorakit.methods.rank1_sum_pruning import RANK_DIM, RankPruner, live_ranks
+from lorakit.methods.rank1_sum_pruning import grow as grow_components
 
 
 class Rank1SumConfig(AdapterConfig):
@@ -117,12 +118,25 @@ class Rank1Sum(Adapter):
     config_cls = Rank1SumConfig
     kinds = frozenset({LayerKind.LINEAR, LayerKind.CONV1D, LayerKind.EMBEDDING})
     rank_tensor = "gate"
+    growable = True
     bench_options = {"r_init": 16}
     swap_free_options = frozenset({"targets", "r_init", "alpha", "init_std", "target_rank", "t_init", "t_final",
                                    "interval", "min_remasks", "mode", "orth_reg", "score", "beta1", "beta2"})
     rank_dims = {"lora_A": (0,), "lora_B": (1,), "gate": (0,), "mask": (0,)}
     scaled_tensors = frozenset({"lora_B"})
     config: Rank1SumConfig
+
+    @classmethod
+    def grow(cls, model: nn.Module, name: str, extra: Mapping[str, int], *,
+             generator: torch.Generator | None = None) -> dict[str, int]:
+        """Zero-gated components (:func:`lorakit.methods.rank1_sum_pruning.grow`), ``extra[layer]`` per layer."""
+        by_count: dict[int, list[str]] = {}
+        for layer, k in extra.items():
+            if k > 0:
+                by_count.setdefault(k, []).append(layer)
+        for k, layers in sorted(by_count.items()):
+            grow_components(model, name, k, layers=layers, generator=generator)
+        return live_ranks(model, name)
 
     def __init__(self, layer: LayerInfo, config: Rank1SumConfig, shared: nn.Module | None = None,
                  *, init: bool = True) -> None:

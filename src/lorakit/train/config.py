@@ -69,7 +69,7 @@ class ModelConfig(_Section):
 
 
 #: Keys of the ``adapter`` section that lorakit reads itself; every other key is a method option.
-ADAPTER_KEYS = ("method", "name", "init_batches", "train_head", "continue_from")
+ADAPTER_KEYS = ("method", "name", "init_batches", "train_head", "continue_from", "grow")
 
 
 class AdapterSection(BaseModel):
@@ -86,6 +86,9 @@ class AdapterSection(BaseModel):
         continue_from: start from this saved adapter (a run or adapter directory) instead of a fresh one:
             its method and options, on new data (:mod:`lorakit.train.lineage`; the new adapter records its
             lineage).
+        grow: with ``continue_from`` (rank1-sum): before training, add up to this many rank-1 components,
+            scaled by the share of the new data the model does not know yet and placed where its gradient is
+            largest (:mod:`lorakit.train.growth`); the pruner brings the adapter back to its budget.
         Other keys: the method's options (``r``, ``alpha``, ``targets``...), validated by its config class.
     """
 
@@ -96,6 +99,7 @@ class AdapterSection(BaseModel):
     init_batches: int | None = Field(None, ge=1)
     train_head: bool = True
     continue_from: str | None = Field(None, min_length=1)
+    grow: int | None = Field(None, ge=1)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -315,6 +319,8 @@ class TrainConfig(_Section):
         if cfg.data.format == "classification" and cfg.model.task != "classification":
             raise ConfigError("data.format: classification data needs model.task=classification")
         _check_objective(cfg)
+        if cfg.adapter.grow is not None and not cfg.adapter.continue_from:
+            raise ConfigError("adapter.grow adds rank to a continued adapter: set adapter.continue_from")
         if cfg.data.replay is not None and not cfg.adapter.continue_from:
             raise ConfigError("data.replay replays earlier updates of a continued adapter: set adapter.continue_from")
         if cfg.model.quantize != "none":
@@ -339,8 +345,8 @@ class TrainConfig(_Section):
             d["model"].pop("quantize")  # runs from before the option keep their identity (resumable)
         if d["training"].get("objective") == "sft":
             d["training"].pop("objective")  # a preference objective's options are None then (_check_objective)
-        for section, key in (("adapter", "continue_from"), ("data", "skip_known"), ("data", "replay"),
-                             ("training", "beta"), ("training", "simpo_gamma"), ("training", "label_smoothing")):
+        for section, key in (("adapter", "continue_from"), ("adapter", "grow"), ("data", "skip_known"),
+                             ("data", "replay"), ("training", "beta"), ("training", "simpo_gamma"), ("training", "label_smoothing")):
             if d[section].get(key) is None:
                 d[section].pop(key, None)  # likewise
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -126,6 +126,7 @@ def measure_update(trainer: Any) -> dict[str, Any]:
                             "median_nll": round(sorted(nll)[len(nll) // 2], 4) if nll else None,
                             "known_0.5": round(sum(c >= 0.5 for c in conf) / max(len(conf), 1), 4),
                             "known_0.8": round(sum(c >= 0.8 for c in conf) / max(len(conf), 1), 4)}
+    trainer.new_data_confidence = (conf, 1 - info["known_0.5"])  # for adapter.grow (lorakit.train.growth)
     p = cfg.data.skip_known
     if p is not None:
         keep = [i for i, c in enumerate(conf) if c < p]
@@ -137,6 +138,7 @@ def measure_update(trainer: Any) -> dict[str, Any]:
         info.update(skip_known=p, skipped=len(nll) - len(kept),
                     skipped_tokens_share=round(1 - sum(len(e.input_ids) for e in kept) / max(tokens, 1), 4))
         trainer.train_data = dataclasses.replace(data, examples=kept)
+        trainer.new_data_confidence = ([conf[i] for i in keep], 1 - info["known_0.5"])
     trainer._log(f"what the starting model knows of the {len(nll)} training examples: mean NLL {info['mean_nll']:.3f} "
                  f"per token; {100 * info['known_0.5']:.1f}% predicted with confidence >= 0.5, "
                  f"{100 * info['known_0.8']:.1f}% >= 0.8" + (

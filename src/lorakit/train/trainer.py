@@ -50,6 +50,7 @@ from lorakit.train.checkpoint import (
 )
 from lorakit.train.config import TrainConfig, load_config, resolve_model_path, save_config
 from lorakit.train.data import IGNORE, Dataset, dataset_from, records_like
+from lorakit.train.growth import grow_where_new
 from lorakit.train.lineage import finish_update, measure_update
 from lorakit.train.loading import HEAD_ADAPTER, load_model, load_tokenizer, resolve_device
 from lorakit.train.loop import TrainingLoop
@@ -104,6 +105,7 @@ class Trainer(TrainingLoop):
         self.train_data, self.eval_data = train_data, eval_data
         self.extra_callbacks = list(callbacks)
         self.update_info: dict[str, Any] | None = None  # what the starting model knew of the data (measure_update)
+        self.new_data_confidence: tuple[list[float], float] = ([], 0.0)  # per example, and the unknown share
         self._log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
         # under torchrun: join the process group; each process trains on its own GPU, process 0 speaks
         self.dist, self.device = distributed.setup(self.config, resolve_device(self.config.training.device))
@@ -227,6 +229,9 @@ class Trainer(TrainingLoop):
                 raise ConfigError(f"adapter.method={a.method!r} but the model already carries adapter "
                                   f"{a.name!r} of method {existing[a.name].method!r}")
             self._log(f"using the {a.method} adapter {a.name!r} already attached to the model")
+            if a.grow:  # rank where the new data is new (measured on the parent by measure_update)
+                assert self.update_info is not None
+                self.update_info["growth"] = grow_where_new(self, *self.new_data_confidence)
         else:
             data_init = get_method(a.method).needs_init_data
             runtime: dict[str, Any] = {"init_batches": self._init_batches()} if data_init else {}
