@@ -29,6 +29,19 @@ def _ce_chunk_rows(vocab: int) -> int:
     return max(64, (1 << 25) // max(vocab, 1))
 
 
+def _backprop_chunk(dlogits: Tensor, hc: Tensor, weight: Tensor, g_h: Tensor | None, g_w: Tensor | None,
+                    g_b: Tensor | None) -> None:
+    """Push one chunk's ``(c, V)`` logit gradient (fp32) back through ``h W^T + bias``: into the chunk's rows of
+    ``g_h`` and onto the accumulated ``g_w`` / ``g_b`` (those that are not ``None``)."""
+    gl = dlogits.to(hc.dtype)
+    if g_h is not None:
+        torch.mm(gl, weight, out=g_h)
+    if g_w is not None:
+        g_w += gl.t() @ hc
+    if g_b is not None:
+        g_b += dlogits.sum(0)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``h W^T + bias`` against ``target`` without materialising all the logits.
 
@@ -58,13 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 p = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
                 p.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=p.dtype))  # minus the one-hot target
                 p.mul_((vc * inv).unsqueeze(1))  # ignored rows get no gradient
-                gl = p.to(h.dtype)  # (c, V)
-                if need_h:
-                    torch.mm(gl, weight, out=g_h[i:i + chunk])
-                if need_w:
-                    g_w += gl.t() @ hc
-                if need_b:
-                    g_b += p.sum(0)
+                _backprop_chunk(p, hc, weight, None if g_h is None else g_h[i:i + chunk], g_w, g_b)
         ctx.save_for_backward(g_h, g_w, g_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total * inv
@@ -143,13 +150,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             p = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_().neg_()  # -softmax, in place
             p.scatter_add_(1, tc, torch.ones_like(tc, dtype=p.dtype))  # onehot - softmax
             p.mul_((go[i:i + c].float() * vc).unsqueeze(1))
-            gl = p.to(h.dtype)
-            if need_h:
-                torch.mm(gl, weight, out=g_h[i:i + c])
-            if need_w:
-                g_w += gl.t() @ hc
-            if need_b:
-                g_b += p.sum(0)
+            _backprop_chunk(p, hc, weight, None if g_h is None else g_h[i:i + c], g_w, g_b)
         return (g_h, None if g_w is None else g_w.to(weight.dtype), None if g_b is None else g_b.to(bias.dtype),
                 None, None, None)
 
