@@ -211,6 +211,9 @@ def test_growth_adds_rank_where_the_new_data_pulls_and_the_pruner_returns_to_bud
     layers = len(meta["targets"])
     assert ranks[0]["total_rank"] > 2 * layers  # grown above the budget (v1 ended at target_rank 2 per layer) ...
     assert describe(out / "adapter")["total_rank"] == 2 * layers  # ... and pruned back to it by the end
+    assert growth["total_rank_before"] == 2 * layers and growth["total_rank_grown"] == 2 * layers + 12
+    assert f"total rank {2 * layers} -> {2 * layers + 12} grown -> {2 * layers} after pruning" in \
+        format_description(describe(out / "adapter"))
     # interrupted after the growth and resumed: the same adapter
     again = make_config(tiny_run, tmp_path / "v2b", method="rank1-sum", options={}, training={"max_steps": 8},
                         adapter={"continue_from": str(parent["v1"]), "grow": 12}, data={"train": str(parent["new"])})

@@ -137,7 +137,8 @@ def format_description(d: dict[str, Any]) -> str:
     if growth:
         lines.append(f"growth:      +{growth.get('added', 0)} components of adapter.grow={growth.get('requested')} "
                      f"({100 * growth.get('unknown_share', 0):.1f}% of the new data unknown), over "
-                     f"{len(growth.get('layers') or {})} layers, pruned back to the budget during the update")
+                     f"{len(growth.get('layers') or {})} layers; total rank {growth.get('total_rank_before')} -> "
+                     f"{growth.get('total_rank_grown')} grown -> {d.get('total_rank')} after pruning")
     if update.get("replayed"):
         lines.append(f"replay:      {update['replayed']} examples of earlier updates trained with the new data")
     if update.get("retention"):  # held-out loss of each earlier update, before and after this one

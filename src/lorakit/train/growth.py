@@ -137,9 +137,10 @@ def grow_where_new(trainer: Any, confidences: list[float], unknown_share: float)
             room[path] = min(info_.d_in, info_.d_out) - int(rank)
     extra = allocate(total, scores, room)
     g = torch.Generator(device="cpu").manual_seed(cfg.training.seed)
-    method.grow(model, cfg.adapter.name, extra, generator=g)
+    ranks = method.grow(model, cfg.adapter.name, extra, generator=g)
     added = {p: k for p, k in extra.items() if k}
-    info.update(added=sum(added.values()), layers=added,
+    info.update(added=sum(added.values()), layers=added, total_rank_before=sum(ranks.values()) - sum(added.values()),
+                total_rank_grown=sum(ranks.values()),
                 scores={p: round(s, 6) for p, s in sorted(scores.items(), key=lambda kv: -kv[1])[:10]})
     top = ", ".join(f"{p} +{k}" for p, k in sorted(added.items(), key=lambda kv: -kv[1])[:5])
     trainer._log(f"growth: {100 * info['unknown_share']:.1f}% of the new data is unknown to the model: "
