@@ -480,3 +480,19 @@ def test_merge_compare_parts(tmp_path: Path) -> None:
         mod.merge([a, {**b, "model": "other"}])
     with pytest.raises(SystemExit, match="more than one part"):
         mod.merge([a, a])
+
+
+def test_a_run_saved_before_an_option_existed_is_the_same_job(tmp_path) -> None:
+    """--resume keeps a finished run whose saved config predates options added since (at their defaults)."""
+    from lorakit.evaluation.compare import _same_config
+    from lorakit.train.config import TrainConfig
+
+    cfg = TrainConfig.parse({"model": {"path": "bundled://tiny-base"}, "data": {"train": "x.jsonl"},
+                             "output": {"dir": str(tmp_path)}})
+    saved = cfg.to_dict()
+    for section, key in (("training", "objective"), ("training", "beta"), ("data", "replay"), ("adapter", "grow")):
+        saved[section].pop(key)  # as written by a lorakit without these options
+    assert _same_config(saved, cfg)
+    saved["training"]["lr"] = 1.0
+    assert not _same_config(saved, cfg)
+    assert not _same_config({"model": 3}, cfg)

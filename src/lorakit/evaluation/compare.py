@@ -222,6 +222,16 @@ def _job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, base
     return job
 
 
+def _same_config(saved: dict[str, Any], cfg: TrainConfig) -> bool:
+    """Whether a run's saved config is ``cfg``: the same run identity (:meth:`TrainConfig.fingerprint`, which a
+    config written before an option existed keeps while the option is at its default) and the same output."""
+    try:
+        old = TrainConfig.parse(saved)
+    except Exception:
+        return False
+    return old.fingerprint() == cfg.fingerprint() and old.output == cfg.output
+
+
 def _finished(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, base: bool) -> dict[str, Any] | None:
     """The result a finished earlier run of exactly this job left (same config, same measurements; the base
     model's evaluation too when this job must give it), or ``None``."""
@@ -229,7 +239,7 @@ def _finished(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *,
     result_path = run_dir.with_name(run_dir.name + ".result.json")
     try:
         old = json.loads(job_path.read_text())
-        same = cfg_path.read_text() == json.dumps(cfg.to_dict()) and \
+        same = _same_config(json.loads(cfg_path.read_text()), cfg) and \
             {k: v for k, v in old.items() if k != "base"} == \
             {k: v for k, v in _job(cc, label, cfg, run_dir, base=base).items() if k != "base"}
         res = json.loads(result_path.read_text()) if same else None
