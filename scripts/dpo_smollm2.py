@@ -1,7 +1,8 @@
 """DPO on a real pretrained model and real text: SmolLM2-135M-Instruct learns to prefer a WordNet word's own
 gloss to another word's, 3 seeds; held-out preference before and after, and what it does to the supervised task.
 
-    python scripts/dpo_smollm2.py --out benchmarks/results/dpo-smollm2.json          (~30 min on 1 core)
+    python scripts/dpo_smollm2.py --out benchmarks/results/dpo-smollm2.json          (~40 min on 1 core)
+    python scripts/dpo_smollm2.py --pairs-only && lorakit train configs/dpo-smollm2.yaml   (seed 0 from the CLI)
 
 Data (built here from the bundled WordNet task, docs/text-task.md; nothing downloaded):
 - training pairs: every line of definitions_train.jsonl, ``prompt`` = "Word: W (pos)\\nDefinition:", ``chosen`` = its
@@ -129,9 +130,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--heldout", type=int, default=200)
+    ap.add_argument("--pairs-only", action="store_true", help="only write the pair files into --work (what "
+                    "configs/dpo-smollm2.yaml trains on: lorakit train configs/dpo-smollm2.yaml)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     train, held = build_pairs(args.work, args.heldout)
+    if args.pairs_only:
+        print(f"wrote {train} and {held}")
+        return
     runs = [run_seed(s, args, train, held, args.work) for s in args.seeds]
     per = {k: [r["per_pair"][k] for r in runs] for k in runs[0]["per_pair"]}
     chance = [[0.5] * len(x) for x in per["reward_accuracy"]]
