@@ -171,7 +171,7 @@ def test_a_nan_gradient_is_not_applied_and_a_lower_lr_resumes(tiny_run, tmp_path
     def poisoned(self, model, batch):
         calls["n"] += 1
         loss = real(self, model, batch)
-        return _NanGrad.apply(loss) if calls["n"] == 2 + 3 else loss  # the 3rd training step (after 2 eval batches)
+        return _NanGrad.apply(loss) if calls["n"] == 3 else loss  # the 3rd training step (evaluation: _lm_loss)
 
     monkeypatch.setattr(Trainer, "_loss", poisoned)
     out = tmp_path / "run"

@@ -226,7 +226,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path: P
     def poisoned(self, model, batch):
         calls["n"] += 1
         loss = real(self, model, batch)
-        return loss * float("nan") if calls["n"] > 4 + 2 else loss  # training steps 1-4 are fine
+        return loss * float("nan") if calls["n"] > 4 else loss  # training steps 1-4 are fine (evaluation: _lm_loss)
 
     monkeypatch.setattr(Trainer, "_loss", poisoned)
     out = tmp_path / "run"
