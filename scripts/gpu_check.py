@@ -141,6 +141,10 @@ def run(a: argparse.Namespace) -> int:
     check.phase("train", [py, str(Path(__file__)), "train", "--out", str(out), "--device", a.device],
                 90 if cpu else 120, reserve=0 if cpu else 240, result=train_json)
     train_json.unlink(missing_ok=True)
+    dpo_json = out / "dpo.json"
+    check.phase("dpo", [py, str(Path(__file__)), "dpo", "--out", str(out), "--device", a.device],
+                60 if cpu else 90, reserve=0 if cpu else 200, result=dpo_json)
+    dpo_json.unlink(missing_ok=True)
 
     tiny = ["--workload", "tiny", "--steps", "1", "--warmup", "0"] if cpu else []
     check.phase("bench_lora", [py, "-m", "lorakit", "bench", "--device", a.device, "--methods", "lora",
@@ -220,6 +224,52 @@ def train(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def dpo(a: argparse.Namespace) -> int:
+    """DPO with lorakit train's GPU defaults (bf16 autocast): finite losses and rewards, the reference cached, and
+    the fused per-token log-probability head under the compute dtype against fp32 log-softmax."""
+    import torch
+    import torch.nn.functional as F
+
+    from lorakit.evaluation.tasks import TASKS, write_jsonl
+    from lorakit.fast.cross_entropy import linear_token_logprobs
+    from lorakit.train.trainer import Trainer
+
+    cpu = a.device == "cpu"
+    work = Path(tempfile.mkdtemp())
+    rows = TASKS["one_more"](200, 0)
+    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": rows[(i + 1) % len(rows)]["completion"]}
+             for i, r in enumerate(rows) if r["completion"] != rows[(i + 1) % len(rows)]["completion"]]
+    write_jsonl(pairs, work / "pairs.jsonl")
+    steps = 3 if cpu else 20
+    cfg = {"model": {"path": "bundled://tiny-base"}, "adapter": {"method": "lora", "r": 16, "alpha": 32},
+           "data": {"train": str(work / "pairs.jsonl"), "eval_fraction": 0.1, "max_length": 128},
+           "training": {"objective": "dpo", "max_steps": steps, "batch_size": 8, "lr": 1e-3, "device": a.device},
+           "output": {"dir": str(work / "run"), "progress": False, "plot": False, "tensorboard": False}}
+    t = time.perf_counter()
+    result = Trainer(None, cfg, log=lambda m: print(m, flush=True)).fit()
+    seconds = time.perf_counter() - t
+    metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in metrics if m["kind"] == "train"]
+    dev = torch.device("cuda" if a.device == "cuda" else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 96, 64, generator=g).to(dev, dtype)
+    w = (0.1 * torch.randn(8192, 64, generator=g)).to(dev, dtype)
+    labels = torch.randint(0, 8192, (4, 96), generator=g).to(dev)
+    ours = linear_token_logprobs(h, w, labels)[:, :-1].float().cpu()
+    ref = torch.log_softmax(F.linear(h.float(), w.float()), -1)[:, :-1].gather(
+        -1, labels[:, 1:, None]).squeeze(-1).cpu()
+    out = {"steps": result.step, "seconds": round(seconds, 1), "loss_first": train[0]["loss"],
+           "loss_last": train[-1]["loss"], "reward_accuracy_last": train[-1]["reward_accuracy"],
+           "eval_start": result.eval_start, "eval_end": result.eval_end,
+           "reference_cached": (work / "run" / "reference_logps.safetensors").is_file(),
+           "kernel_max_abs_diff_vs_fp32": float((ours - ref).abs().max())}
+    (Path(a.out) / "dpo.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(json.dumps(out, default=str))
+    finite = all(m["loss"] == m["loss"] and abs(m["loss"]) < 1e6 for m in train)
+    return 0 if finite and out["reference_cached"] and out["kernel_max_abs_diff_vs_fp32"] < 0.1 else 1
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -229,11 +279,12 @@ def main() -> int:
     r.add_argument("--budget", type=float, default=520.0, help="seconds for every phase together")
     r.add_argument("--tree-bytes", type=int, default=0)
     r.add_argument("--carried-bytes", type=int, default=0)
-    t = sub.add_parser("train")
-    t.add_argument("--out", required=True)
-    t.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    for name in ("train", "dpo"):
+        t = sub.add_parser(name)
+        t.add_argument("--out", required=True)
+        t.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     a = p.parse_args()
-    return run(a) if a.cmd == "run" else train(a)
+    return {"run": run, "train": train, "dpo": dpo}[a.cmd](a)
 
 
 if __name__ == "__main__":

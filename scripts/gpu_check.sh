@@ -2,8 +2,9 @@
 # The first GPU run of lorakit, as ONE device call that ends inside 9 minutes on a cold H200 and writes JSON to
 # $OUT as each phase finishes (a cut-off run still returns what it measured):
 #   env -> import -> pytest -m cuda -> a 30-step `lorakit train` with the GPU defaults (adapter then loaded on the
-#   CPU) -> `lorakit bench --device cuda --methods lora --compare-peft --quantize nf4,bnb-nf4` on docs/performance.md's
-#   workload -> the other methods as time allows -> Unsloth's step in its own process if its bundle was carried.
+#   CPU) -> 20 DPO steps (the reference cached, the per-token log-prob head in bf16 vs fp32) -> `lorakit bench
+#   --device cuda --methods lora --compare-peft --quantize nf4,bnb-nf4` on docs/performance.md's workload -> the
+#   other methods as time allows -> Unsloth's step in its own process if its bundle was carried.
 #
 # Here, first (a machine that reaches PyPI):   bash scripts/gpu_wheels.sh          # -> .whl/site.tgz
 #   optional, the Unsloth peer:               sh ../shared/anchors/unsloth/unsloth_bundle.sh && \

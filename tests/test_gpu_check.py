@@ -31,8 +31,8 @@ def test_the_gpu_check_dry_runs_on_the_cpu(tmp_path: Path) -> None:
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["finished"] and summary["device"] == "cpu"
     phases = summary["phases"]
-    assert list(phases) == ["env", "import", "pytest_cuda", "train", "bench_lora", "bench_methods", "unsloth"]
-    for name in ("env", "import", "pytest_cuda", "train", "bench_lora", "bench_methods"):
+    assert list(phases) == ["env", "import", "pytest_cuda", "train", "dpo", "bench_lora", "bench_methods", "unsloth"]
+    for name in ("env", "import", "pytest_cuda", "train", "dpo", "bench_lora", "bench_methods"):
         assert phases[name]["status"] == "ok", (name, phases[name].get("output"))
     assert phases["import"]["result"]["lorakit"] and phases["import"]["result"]["cross_entropy_kernel"] == "chunked"
     assert re.search(r"\b[1-9]\d* passed", phases["pytest_cuda"]["output"])
@@ -40,6 +40,8 @@ def test_the_gpu_check_dry_runs_on_the_cpu(tmp_path: Path) -> None:
     assert train["steps"] == 3 and train["cpu_load_ok"] and train["logits_rel_diff_device_vs_cpu"] < 1e-3
     assert train["fused_calls_under_bf16_autocast"] == train["adapted_layers"] > 0
     assert train["runtime"]["cross_entropy"] == "chunked"
+    dpo = phases["dpo"]["result"]
+    assert dpo["steps"] == 3 and dpo["reference_cached"] and dpo["kernel_max_abs_diff_vs_fp32"] < 1e-4
     bench = json.loads((out / "bench-lora.json").read_text())
     names = [r["name"] for r in bench["rows"]]
     assert {"floor", "lora", "peft:lora", "qlora:nf4", "qlora:bnb-nf4", "peft:qlora:bnb-nf4"} <= set(names)
