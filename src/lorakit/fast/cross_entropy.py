@@ -29,6 +29,11 @@ def _ce_chunk_rows(vocab: int) -> int:
     return max(64, (1 << 25) // max(vocab, 1))
 
 
+def next_token_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """``labels`` shifted left by one, ``ignore_index`` at the end: position ``t`` predicts token ``t + 1``."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
 def _backprop_chunk(dlogits: Tensor, hc: Tensor, weight: Tensor, g_h: Tensor | None, g_w: Tensor | None,
                     g_b: Tensor | None) -> None:
     """Push one chunk's ``(c, V)`` logit gradient (fp32) back through ``h W^T + bias``: into the chunk's rows of
@@ -103,7 +108,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: T
         chunk: rows per chunk of the PyTorch version (default: ~128 MiB of fp32 logits per chunk).
     """
     if shift:
-        labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (..., T): position t predicts t + 1
+        labels = next_token_labels(labels, ignore_index)
     h2 = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     t2 = labels.reshape(-1).to(h2.device)  # (N,)
     if kernel(h2.device) == "liger":
@@ -165,7 +170,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: 
     (:mod:`lorakit.train.preference`). Chunked like :func:`linear_cross_entropy`; backward recomputes each
     chunk's softmax instead of keeping it.
     """
-    shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shifted = next_token_labels(labels, ignore_index)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     rows = chunk if chunk is not None else _ce_chunk_rows(weight.shape[0])
     out = _LinearTokenLogprobs.apply(h2, weight, bias, shifted.reshape(-1).to(h2.device), ignore_index, int(rows))

@@ -24,7 +24,7 @@ from lorakit.core import lowrank
 from lorakit.core.layers import AdaptedLayer
 from lorakit.errors import ConfigError
 from lorakit.fast.cross_entropy import kernel as cross_entropy_kernel
-from lorakit.fast.cross_entropy import linear_cross_entropy, linear_token_logprobs
+from lorakit.fast.cross_entropy import linear_cross_entropy, linear_token_logprobs, next_token_labels
 
 #: Sibling projections that read the same input in common architectures (Llama/Mistral/Qwen attention and
 #: MLP, BERT attention, Mixtral experts).
@@ -211,7 +211,7 @@ def token_logprobs(model: nn.Module, input_ids: Tensor, labels: Tensor, *, atten
                       use_cache=False)[0]
         return linear_token_logprobs(hidden, head.weight, labels, head.bias)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    shifted = next_token_labels(labels)
     valid = shifted.ne(-100)
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, shifted.masked_fill(~valid, 0).unsqueeze(-1))
     return logp.squeeze(-1) * valid

@@ -29,7 +29,7 @@ from lorakit.core.collectives import IGNORE
 from lorakit.train import sources
 from lorakit.train.config import DataConfig
 from lorakit.train.example import Example
-from lorakit.train.pairs import encode_pair, pair_is_empty, split_pair, truncate_pair
+from lorakit.train.pairs import encode_pair, pair_is_empty, truncate_pair
 from lorakit.train.sources import DataError
 from lorakit.util.files import JsonlLineError, iter_jsonl
 
@@ -98,8 +98,7 @@ _REQUIRED = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "
 def check_record(obj: dict[str, Any], fmt: str, where: str) -> None:
     """Raise :class:`DataError` unless ``obj`` is a well-formed record of ``fmt``."""
     if fmt == "preference":
-        split_pair(obj, where)
-        return
+        return  # a pair is checked as it is split, once (encode_pair -> split_pair)
     missing = [k for k in _REQUIRED[fmt] if k not in obj]
     if missing:
         raise DataError(f"{where}: missing key(s) {missing} for format {fmt!r} (keys present: {sorted(obj)})")
