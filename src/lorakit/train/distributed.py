@@ -135,13 +135,16 @@ class Distributed:
             return data
         return replace(data, examples=data.examples[self.rank::self.world])
 
+    def eval_total(self, values: Tensor) -> Tensor:
+        """Per-process sums over :meth:`eval_shard`'s data added up (under FSDP every process saw all of it)."""
+        return values.detach().cpu() if self.fsdp else self.sum(values)
+
     def eval_sum(self, total: Tensor, count: int, correct: int) -> tuple[Tensor, int, int]:
         """Sum :meth:`eval_shard`'s per-process loss total, loss units and correct predictions."""
-        if not self.active or self.fsdp:
+        if not self.active:
             return total, count, correct
-        t = torch.stack([total.double().to(self.device), torch.tensor(float(count), dtype=torch.float64,
-                         device=self.device), torch.tensor(float(correct), dtype=torch.float64, device=self.device)])
-        dist.all_reduce(t)
+        t = self.eval_total(torch.stack([total.detach().double().cpu(), torch.tensor(float(count), dtype=torch.float64),
+                                         torch.tensor(float(correct), dtype=torch.float64)]))
         return t[0].to(total.device), int(t[1]), int(t[2])
 
     # --- the model -------------------------------------------------------------------------------------------

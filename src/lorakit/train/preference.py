@@ -328,6 +328,6 @@ def evaluate(trainer: Any, data: Dataset) -> dict[str, float]:
         with torch.no_grad():
             batches = (trainer._to_device(b) for b in iter_batches(trainer.dist.eval_shard(data), bs,
                                                                     trainer._pad_id))
-            return evaluate_pairs(objective, model, batches, trainer._autocast, trainer.dist.sum)
+            return evaluate_pairs(objective, model, batches, trainer._autocast, trainer.dist.eval_total)
     finally:
         model.train(was_training)
