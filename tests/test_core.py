@@ -321,19 +321,18 @@ def test_a_fingerprint_on_the_gpu_equals_the_one_on_the_cpu(device) -> None:
     assert torch.equal(sample_weight(w.to(device)), sample_weight(w))
 
 
-def test_all_linear_says_when_moe_experts_stay_frozen() -> None:
-    """transformers 5 keeps Mixtral's experts as 3-D parameters, not linears: 'all-linear' cannot adapt them and
-    says so (with their share of the weights), and naming them is a clear error, not a silent no-op."""
+def test_moe_experts_are_targets_and_a_dense_model_gets_no_warning() -> None:
+    """transformers 5 keeps Mixtral's experts as 3-D parameters, not linears: 'all-linear' adapts them per expert
+    (lorakit.core.experts; tests/test_experts.py), and naming the experts module selects all of them."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     cfg = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                         num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
-    model = MixtralForCausalLM(cfg)
-    with pytest.warns(UserWarning, match=r"2 expert parameter tensor\(s\), \d+\.\d% of the model's weights "
-                                         r"\(model\.layers\.N\.mlp\.experts\.down_proj"):
-        lorakit.attach(model, "lora", r=2, targets="all-linear")
-    with pytest.raises(lorakit.TargetError, match="mixture-of-experts weights as 3-D parameters"):
-        lorakit.attach(MixtralForCausalLM(cfg), "lora", r=2, targets=["experts"])
-    with warnings.catch_warnings():  # a dense model: nothing to say
+    with warnings.catch_warnings():  # nothing left frozen: nothing to say
         warnings.simplefilter("error")
+        model = lorakit.attach(MixtralForCausalLM(cfg), "lora", r=2, targets="all-linear")
+        assert sum(".experts." in t for t in lorakit.adapter_modules(model)) == 8
+        model = lorakit.attach(MixtralForCausalLM(cfg), "lora", r=2, targets=["experts"])
+        assert sorted(lorakit.adapter_modules(model)) == sorted(
+            f"model.layers.0.mlp.experts.{p}.{e}" for p in ("gate_up_proj", "down_proj") for e in range(4))
         lorakit.attach(tiny_llama(), "lora", r=2, targets="all-linear")

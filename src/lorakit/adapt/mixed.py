@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from lorakit.adapt.records import get_record
 from lorakit.core.contract import Adapter
+from lorakit.core.experts import expert_paths
 from lorakit.core.layers import AdaptedLayer, adapted_layers
 from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.util.arguments import checked
@@ -162,6 +163,11 @@ def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module
             the block, a layer whose batch dimension is not ``len(names)``.
     """
     rows = RowAdapters(_check_names(model, names))
+    experts = expert_paths([n for n, _ in adapted_layers(model)])
+    if experts:
+        raise AdapterStateError(
+            f"per-row adapters do not reach mixture-of-experts experts ({next(iter(experts))}...: an expert sees "
+            "the tokens routed to it, not batch rows); run one adapter at a time (lorakit.set_active) on this model")
     layers = [layer for _, layer in adapted_layers(model)]
     before = [layer.row_router for layer in layers]
     try:

@@ -44,6 +44,8 @@ from lorakit.adapt.tensors import (
 )
 from lorakit.core.callbacks import Callbacks
 from lorakit.core.contract import Adapter, AdapterConfig
+from lorakit.core.experts import find_module, wrap_for
+from lorakit.core.experts import uninstall as unwrap_experts
 from lorakit.core.layers import AdaptedLayer, LayerInfo, adapted_layers, base_weight
 from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.methods import get_method
@@ -126,7 +128,7 @@ def attach_config(model: nn.Module, config: AdapterConfig, method: str, *, name:
     elif runtime:
         raise ConfigError(f"runtime options {sorted(runtime)} only apply to a fresh init")
     chosen = targets or find_targets(model, config.targets)
-    modules = {t: model.get_submodule(t) for t in chosen}
+    modules = {t: find_module(model, t) for t in chosen}  # an expert not wrapped yet: a view of its slice
     infos = [LayerInfo.of(t, m) for t, m in modules.items()]
     for info in infos:
         cls.check_layer(info, config)
@@ -148,9 +150,10 @@ def attach_config(model: nn.Module, config: AdapterConfig, method: str, *, name:
         if not hasattr(model, SHARED):
             model.add_module(SHARED, nn.ModuleDict())
         getattr(model, SHARED)[name] = shared
+    wrap_for(model, chosen)  # experts modules reached: their per-expert layers become modules of the model
     layers: dict[str, AdaptedLayer] = {}
     for t, adapter in built.items():
-        module = modules[t]
+        module = model.get_submodule(t)
         if not isinstance(module, AdaptedLayer):
             module = AdaptedLayer(module)
             _replace(model, t, module)
@@ -288,6 +291,7 @@ def remove(model: nn.Module, name: str) -> nn.Module:
             layer.active = [n for n in layer.active if n != name]
             if len(layer.adapters) == 0:
                 _replace(model, t, layer.base)
+        unwrap_experts(model)
         store = getattr(model, SHARED, None)
         if store is not None and name in store:
             del store[name]
@@ -316,6 +320,7 @@ def detach(model: nn.Module, merge: bool = True) -> nn.Module:
     layers = list(adapted_layers(model))
     for path, layer in layers:
         _replace(model, path, layer.base)
+    unwrap_experts(model)
     if hasattr(model, SHARED):
         delattr(model, SHARED)
     model.__dict__.pop(_RECORDS, None)

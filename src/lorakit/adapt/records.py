@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.core.contract import Adapter, AdapterConfig, Method
+from lorakit.core.experts import find_module
 from lorakit.core.layers import SAMPLES, sample_weight, weight_sample, weight_shape
 from lorakit.errors import AdapterStateError
 from lorakit.methods import get_method
@@ -179,7 +180,7 @@ def base_identity(model: nn.Module, method: str, targets: list[str], sampling: s
         items = [(n, tuple(params[n].shape), sample_weight(params[n], sampling)) for n in targets]
     else:
         for n in targets:
-            module = model.get_submodule(n)
+            module = find_module(model, n)
             sample, ok = weight_sample(module, sampling)
             exact = exact and ok
             items.append((n, weight_shape(module), sample))

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit.core.layers import AdaptedLayer, LayerKind, layer_kind
+from lorakit.core.experts import AdaptedExperts, expert_paths, expert_views, is_experts
+from lorakit.core.layers import AdaptedLayer, LayerKind, layer_kind, weight_shape
 from lorakit.errors import TargetError
 
 ALL_LINEAR = "all-linear"
@@ -18,16 +19,28 @@ HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs"})
 
 
 def adaptable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, module)`` for every adaptable layer in model order; an :class:`AdaptedLayer` counts once."""
-    inside: str | None = None  # prefix of the AdaptedLayer being skipped over
+    """``(name, module)`` for every adaptable layer in model order; an :class:`AdaptedLayer` counts once. The
+    experts of a mixture-of-experts module count one layer per expert and projection
+    (``<experts>.gate_up_proj.<e>``: :mod:`lorakit.core.experts`), as views until an adapter wraps them."""
+    inside: str | None = None  # prefix of the AdaptedLayer (or experts' base) being skipped over
     for name, module in model.named_modules():
         if inside is not None and name.startswith(inside):
             continue
         if isinstance(module, AdaptedLayer):
             inside = name + "."
             yield name, module
+        elif isinstance(module, AdaptedExperts):
+            inside = name + ".base"  # its 3-D parameters are seen through the per-expert layers
+        elif name and is_experts(module):
+            inside = name + "."
+            yield from expert_views(name, module)
         elif name and layer_kind(module) is not None:
             yield name, module
+
+
+def adaptable_names(model: nn.Module) -> Iterator[str]:
+    """The names of :func:`adaptable_modules`."""
+    return (n for n, _ in adaptable_modules(model))
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -50,8 +63,9 @@ def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Parameters of 3 or more dimensions outside adaptable layers: the stacked expert weights of
     mixture-of-experts models (transformers 5 keeps Mixtral's, Qwen-MoE's... as ``experts x out x in``)."""
     adapted = tuple(n + "." for n, _ in adaptable_modules(model))
-    convs = tuple(n + "." for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd))
-    return {n: p for n, p in model.named_parameters() if p.dim() >= 3 and not n.startswith(adapted + convs)}
+    covered = tuple(n + "." for n, m in model.named_modules() if is_experts(m) or isinstance(m, AdaptedExperts)
+                    or isinstance(m, nn.modules.conv._ConvNd))
+    return {n: p for n, p in model.named_parameters() if p.dim() >= 3 and not n.startswith(adapted + covered)}
 
 
 def describe_linear_layers(model: nn.Module, limit: int = 40) -> str:
@@ -66,7 +80,8 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
     """Names of the modules selected by ``targets``, in model order.
 
     Args:
-        targets: ``"all-linear"``: every ``nn.Linear``/``Conv1D`` except the output head;
+        targets: ``"all-linear"``: every ``nn.Linear``/``Conv1D`` except the output head and scalar gates (one
+            output), and every expert of a mixture-of-experts experts module (not its router);
             a list of exact module names or dotted suffixes (``"q_proj"`` matches ``...self_attn.q_proj``);
             any other string: a regular expression that must match the whole module name.
 
@@ -76,7 +91,8 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
     """
     if isinstance(targets, str) and targets == ALL_LINEAR:
         heads = _output_head_names(model)
-        chosen = [n for n, m in adaptable_modules(model) if _is_linear(m) and n not in heads]
+        # a linear layer with one output is a scalar gate (Qwen-MoE's shared_expert_gate), not a projection
+        chosen = [n for n, m in adaptable_modules(model) if _is_linear(m) and n not in heads and weight_shape(m)[0] > 1]
         if not chosen:
             raise TargetError(f"'all-linear' found no linear layer in the model (a {type(model).__name__}) "
                               "besides an output head")
@@ -85,12 +101,14 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
             total = sum(p.numel() for p in model.parameters())
             share = sum(p.numel() for p in left.values()) / max(total, 1)
             names = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in left})
-            warnings.warn(f"'all-linear' adapts linear layers only: {len(left)} expert parameter tensor(s), "
-                          f"{100 * share:.1f}% of the model's weights ({', '.join(names[:4])}), are 3-D "
-                          "(experts x out x in) and stay frozen without an adapter; lorakit has no expert "
-                          "adapters yet", UserWarning, stacklevel=3)
+            warnings.warn(f"'all-linear' left {len(left)} parameter tensor(s) of 3 or more dimensions, "
+                          f"{100 * share:.1f}% of the model's weights ({', '.join(names[:4])}), frozen without an "
+                          "adapter: lorakit adapts experts kept in transformers' use_experts_implementation "
+                          "layout (3-D gate_up_proj/up_proj/down_proj), and these are not", UserWarning,
+                          stacklevel=3)
         return chosen
 
+    experts = {n for names in expert_paths(list(adaptable_names(model))).values() for n in names}
     if isinstance(targets, str):
         try:
             pattern = re.compile(targets)
@@ -104,14 +122,21 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
         matches = lambda name: any(name == t or name.endswith("." + t) for t in wanted)  # noqa: E731
 
     adaptable = dict(adaptable_modules(model))
-    chosen = [n for n in adaptable if matches(n)]
+    # an expert is chosen by its own name, its 3-D parameter's (``experts.gate_up_proj``: each of its experts) or
+    # its experts module's (``experts``: both projections of every expert)
+    chosen = [n for n in adaptable if matches(n) or (n in experts and (
+        matches(n.rpartition(".")[0]) or matches(n.rpartition(".")[0].rpartition(".")[0])))]
     unsupported = [n for n, m in model.named_modules() if n and n not in adaptable and matches(n)
-                   and not any(n.startswith(a + ".") for a in adaptable)]
+                   and not any(n.startswith(a + ".") for a in adaptable)
+                   and not any(a.startswith(n + ".") for a in chosen)]
     if unsupported:
         kinds = {n: type(model.get_submodule(n)).__name__ for n in unsupported[:5]}
-        experts = [n for n in expert_parameters(model) if any(n.startswith(u + ".") for u in unsupported)]
-        why = (f" ({', '.join(experts[:2])} hold mixture-of-experts weights as 3-D parameters, which lorakit "
-               "cannot adapt yet)") if experts else ""
+        stacked = [n for n in expert_parameters(model) if any(n.startswith(u + ".") for u in unsupported)]
+        why = (f" ({', '.join(stacked[:2])} hold mixture-of-experts weights as 3-D parameters in a layout lorakit "
+               "cannot adapt: it adapts transformers' use_experts_implementation experts)") if stacked else ""
+        if any(type(model.get_submodule(n)).__name__.endswith("Router") for n in unsupported):
+            why += (" (a mixture-of-experts router is not a linear layer and gets no adapter; train it with "
+                    "method 'full' if it must change)")
         raise TargetError(
             f"targets {targets!r} matched modules that cannot be adapted: {kinds}{why}; supported types are "
             f"nn.Linear, transformers Conv1D and nn.Embedding. {describe_linear_layers(model)}")

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.adapt.records import get_record, shared_module
+from lorakit.adapt.targets import adaptable_modules
 from lorakit.core.contract import Adapter
 from lorakit.core.layers import layer_kind, weight_shape
 from lorakit.errors import IncompatibleAdapterError
@@ -54,7 +55,7 @@ def check_fits(model: nn.Module, method: str, shapes: dict[str, list[int]]) -> N
     """Raise :class:`IncompatibleAdapterError` unless ``model`` has every target of ``shapes`` with that shape
     (see :func:`target_shapes`)."""
     layer = get_method(method).layer_method
-    modules = dict(model.named_modules())
+    modules = {**dict(model.named_modules()), **dict(adaptable_modules(model))}  # experts' views included
     params = dict(model.named_parameters())
     problems = []
     for t, shape in shapes.items():

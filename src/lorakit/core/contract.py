@@ -45,9 +45,11 @@ class AdapterConfig(BaseModel):
     """Options shared by every method. Subclasses add their own fields; unknown keys are errors.
 
     Attributes:
-        targets: which modules to adapt: ``"all-linear"`` (every linear layer except the output head),
-            a list of module names or name suffixes (``["q_proj", "v_proj"]``), or any other string,
-            read as a regular expression that must match the full module name.
+        targets: which modules to adapt: ``"all-linear"`` (every linear layer except the output head and
+            one-output gates, and every expert of a mixture-of-experts model), a list of module names or name
+            suffixes (``["q_proj", "v_proj"]``; an experts' 3-D parameter, ``"experts.down_proj"``, names all its
+            experts, ``"...down_proj.3"`` one), or any other string, read as a regular expression that must
+            match the full module name (:mod:`lorakit.core.experts`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)

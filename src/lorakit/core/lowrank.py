@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.core import quant
+from lorakit.core.experts import ExpertLinear
 from lorakit.core.layers import AdaptedLayer, Conv1D, LayerKind
 
 _ENABLED = os.environ.get("LORAKIT_FUSED", "1").strip().lower() not in {"0", "false", "no", "off"}
@@ -225,7 +226,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def supports(layer: AdaptedLayer, x: Tensor) -> bool:
     """Whether :func:`lowrank_linear` can replace ``layer``'s plain forward for input ``x``.
 
-    Only plain ``nn.Linear`` / GPT-2 ``Conv1D`` bases and the quantized linears of :mod:`lorakit.core.quant`
+    Only plain ``nn.Linear`` / GPT-2 ``Conv1D`` bases (and mixture-of-experts experts' slices) and the quantized linears of :mod:`lorakit.core.quant`
     (dequantized inside the op), without hooks (another subclass has its own forward), and floating inputs of
     the weight's (compute) dtype, or of any floating dtype under autocast, which the op then follows: it casts
     the input, base weight, bias and factors to autocast's dtype as autocast casts ``F.linear``'s inputs, and
@@ -236,7 +237,7 @@ def supports(layer: AdaptedLayer, x: Tensor) -> bool:
     if q is not None:
         plain, dtype = True, (x.dtype if q == "bnb-int8" else quant.compute_dtype(base))  # int8: any input dtype
     elif layer.kind is LayerKind.LINEAR:
-        plain, dtype = type(base) is nn.Linear, base.weight.dtype
+        plain, dtype = type(base) in (nn.Linear, ExpertLinear), base.weight.dtype  # an expert's slice too
     else:
         plain = layer.kind is LayerKind.CONV1D and Conv1D is not None and type(base) is Conv1D
         dtype = base.weight.dtype

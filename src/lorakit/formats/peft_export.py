@@ -9,6 +9,8 @@ from PEFT 0.21's ``tuners/lora`` and checked against files it writes):
   and ``.lora_embedding_B`` ``(embedding_dim, r)``: again lorakit's ``A`` and ``B``.
 - DoRA (https://arxiv.org/abs/2402.09353) adds ``.lora_magnitude_vector`` ``(d_out,)``: the full magnitude ``m``
   (PEFT starts it at the row norms of ``W0 + s B A``), the same tensor as lorakit's ``magnitude``.
+- Mixture-of-experts experts (3-D parameters, :mod:`lorakit.core.experts`) in PEFT's ``target_parameters`` form:
+  one ``lora_A`` ``(r E, d_in)`` and ``lora_B`` ``(d_out, r E)`` per parameter (:func:`_expert_tensors`).
 - ``r``, ``lora_alpha``, ``use_rslora`` give the scale ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``),
   ``use_dora`` the DoRA variant, ``target_modules`` the adapted modules.
 
@@ -50,7 +52,8 @@ from torch import Tensor, nn
 
 from lorakit.adapt.model import SHARED, get_record
 from lorakit.core.contract import Adapter, Factors, LoraForm
-from lorakit.core.layers import AdaptedLayer, LayerKind
+from lorakit.core.experts import expert_paths
+from lorakit.core.layers import AdaptedLayer, LayerKind, weight_shape
 from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.formats.layout import PEFT_CONFIG_FILE as CONFIG_FILE
 from lorakit.formats.layout import PEFT_PREFIX as PREFIX
@@ -184,6 +187,44 @@ def _peft_tensors(layers: dict[str, _Layer], r: int) -> dict[str, Tensor]:
     return {k: t.detach().to("cpu", torch.float32, copy=True).contiguous() for k, t in out.items()}
 
 
+def _expert_tensors(model: nn.Module, layers: dict[str, _Layer], r: int) -> tuple[dict[str, Tensor], list[str]]:
+    """The experts' layers (``<experts>.<projection>.<e>``) in PEFT's ``target_parameters`` form, and those names.
+
+    PEFT (``lora.ParamWrapper``) keeps one ``lora_A`` ``(r E, d_in)`` and one ``lora_B`` ``(d_out, r E)`` per 3-D
+    parameter, expert ``e``'s factors being ``A.reshape(E, r, d_in)[e]`` and ``B.reshape(d_out, r, E)[:, :, e]``
+    (its ``einsum("o r e, e r i -> e o i")``), the scale ``s`` of the config; an expert without an adapter is
+    written as zeros (exact). The parameters of one experts module are nested wrappers, the first in the module's
+    parameter order innermost: ``<experts>.base_layer.lora_A.weight`` for ``gate_up_proj`` below
+    ``<experts>.lora_A.weight`` for ``down_proj``. Popped from ``layers``."""
+    out: dict[str, Tensor] = {}
+    groups = expert_paths(list(layers))
+    by_module: dict[str, list[str]] = {}
+    for head in groups:
+        by_module.setdefault(head.rpartition(".")[0], []).append(head.rpartition(".")[2])
+    for path, projs in by_module.items():
+        experts = model.get_submodule(path)
+        order = [n for n, _ in experts.base.named_parameters(recurse=False) if n in projs]
+        for i, proj in enumerate(order):
+            views = getattr(experts, proj)
+            n_exp = len(views)
+            d_out, d_in = weight_shape(views[0])
+            a = torch.zeros(n_exp, r, d_in)
+            b = torch.zeros(d_out, r, n_exp)
+            for e in range(n_exp):
+                ex = layers.pop(f"{path}.{proj}.{e}", None)
+                if ex is None:
+                    continue
+                if ex.magnitude is not None:
+                    raise ConfigError(f"{path}.{proj}: PEFT's expert adapters (target_parameters) have no DoRA "
+                                      "form; export DoRA adapters without expert targets, or merge the model")
+                k = ex.a.shape[0]
+                a[e, :k], b[:, :k, e] = ex.a.float().cpu(), ex.b.float().cpu()
+            key = f"{PREFIX}{path}." + "base_layer." * (len(order) - 1 - i)
+            out[key + "lora_A.weight"] = a.reshape(n_exp * r, d_in)
+            out[key + "lora_B.weight"] = b.reshape(d_out, r * n_exp)
+    return out, [h for h in groups]
+
+
 def _plain_names(model: nn.Module) -> list[str]:
     """Module names as the model has them without lorakit (what PEFT's ``target_modules`` is matched with)."""
     inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, AdaptedLayer)) + (SHARED + ".",)
@@ -261,8 +302,10 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str], name: str = "def
     r = max(1, *(ex.a.shape[0] for ex in layers.values()))
     alpha = cfg.alpha if cfg is not None else float(r)  # folded: scale 1
 
+    all_layers = dict(layers)
+    expert_tensors, parameters = _expert_tensors(model, layers, r)  # pops the experts' layers
     out = output_dir(path)
-    tensors = _peft_tensors(layers, r)
+    tensors = {**_peft_tensors(layers, r), **expert_tensors}
     atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     config = {
         "peft_type": "LORA",
@@ -272,10 +315,12 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str], name: str = "def
         "inference_mode": True,
         "r": r,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": cfg.dropout if cfg is not None else 0.0,
+        # PEFT refuses dropout on expert parameters (it cannot factor x out of its dense delta); none at inference
+        "lora_dropout": cfg.dropout if cfg is not None and not parameters else 0.0,
         "use_rslora": cfg.use_rslora if cfg is not None else False,
         "use_dora": dora,
-        "target_modules": _target_modules(model, list(layers)),
+        "target_modules": _target_modules(model, list(layers)) if layers else None,
+        **({"target_parameters": parameters} if parameters else {}),
         "fan_in_fan_out": any(ex.kind is LayerKind.CONV1D for ex in layers.values()),
         "bias": "none",
         "modules_to_save": None,
@@ -286,11 +331,13 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str], name: str = "def
         "alpha_pattern": {},
     }
     write_json(out / CONFIG_FILE, config)
+    layers = all_layers
     mode = "native" if native else "svd" if any(ex.svd for ex in layers.values()) else "fold"
     report = {
         "path": str(out), "method": rec.method, "mode": mode, "exact": not any(ex.truncated for ex in layers.values()),
         "r": r, "lora_alpha": config["lora_alpha"],
         "use_rslora": config["use_rslora"], "use_dora": dora, "target_modules": config["target_modules"],
+        "target_parameters": parameters,
         "layers": {t: {"rank": int(ex.a.shape[0]), "error": ex.error} for t, ex in layers.items()},
         "max_error": max(ex.error for ex in layers.values()),
     }

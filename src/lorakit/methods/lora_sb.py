@@ -122,7 +122,7 @@ class LoraSb(LoraXs):
                 all-zero gradient (a missing ``init_batches`` is refused by :meth:`check_runtime` first).
         """
         batches = runtime["init_batches"]
-        weights = [next(layer.base.parameters()) for layer in layers.values()]  # their devices (no dequantizing)
+        weights = [_device_tensor(layer) for layer in layers.values()]  # their devices (no dequantizing)
         with _forked_rng(weights, config.init_seed):
             grads = _estimate_gradients(model, layers, batches, config.init_examples)
             for target, adapter in adapters.items():
@@ -172,7 +172,9 @@ def _estimate_gradients(model: nn.Module, layers: Mapping[str, AdaptedLayer], ba
     from the layer's input ``x`` and output gradient ``g_y`` instead (:func:`_tap_quantized`), which needs no
     ``W``: the same sum autograd computes for a dense weight.
     """
-    quantized = {t: layer for t, layer in layers.items() if layer.quant is not None}
+    # quantized layers, and experts' slices of a 3-D parameter, have no weight of their own to take a .grad
+    quantized = {t: layer for t, layer in layers.items()
+                 if layer.quant is not None or not isinstance(layer.base.weight, nn.Parameter)}
     params = {t: layer.base.weight for t, layer in layers.items() if t not in quantized}
     unique = list({id(p): p for p in params.values()}.values())  # tied weights: one hook, one buffer
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -190,7 +192,7 @@ def _estimate_gradients(model: nn.Module, layers: Mapping[str, AdaptedLayer], ba
             handles.append(p.register_post_accumulate_grad_hook(_accumulator(sums[id(p)])))
         taps = _tap_quantized(quantized, handles)
         model.train()  # the loss of a training step (dropout on), as in the reference
-        device = next(next(iter(layers.values())).base.parameters()).device
+        device = _device_tensor(next(iter(layers.values()))).device
         seen = 0
         with torch.enable_grad():
             for batch in batches:
@@ -227,6 +229,12 @@ def _estimate_gradients(model: nn.Module, layers: Mapping[str, AdaptedLayer], ba
     return out
 
 
+def _device_tensor(layer: AdaptedLayer) -> Tensor:
+    """A tensor of the layer's base on its device, without dequantizing (an expert's view has no parameter)."""
+    p = next(layer.base.parameters(), None)
+    return layer.base.weight if p is None else p
+
+
 def _tap_quantized(layers: Mapping[str, AdaptedLayer], handles: list[Any]) -> dict[str, Tensor]:
     """Accumulate ``G = sum g_y^T x`` (fp32, ``(d_out, d_in)``) of each quantized layer through forward hooks.
 
@@ -236,7 +244,7 @@ def _tap_quantized(layers: Mapping[str, AdaptedLayer], handles: list[Any]) -> di
     sums: dict[str, Tensor] = {}
     for t, layer in layers.items():
         d_out, d_in = layer.weight_shape
-        p = next(layer.base.parameters())
+        p = _device_tensor(layer)
         sums[t] = buf = torch.zeros(d_out, d_in, dtype=torch.float32, device=p.device)
         anchor = torch.zeros((), dtype=torch.float32, device=p.device, requires_grad=True)
 
