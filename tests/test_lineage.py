@@ -19,6 +19,7 @@ from lorakit.formats.describe import describe, format_description
 from lorakit.testing import build_tiny_llama
 from lorakit.train.lineage import file_sha256
 from lorakit.train.metrics import read_metrics
+from lorakit.train.sources import DataError
 from lorakit.train.trainer import Trainer
 
 from .fixtures_train import CtrlCAfter, make_config
@@ -259,3 +260,17 @@ def test_growth_allocation_and_refusals(tiny_run, parent, tmp_path) -> None:
     cfg = make_config(tiny_run, tmp_path / "b", options={}, adapter={"continue_from": str(lora_v1), "grow": 4})
     with pytest.raises(ConfigError, match="lora adapters cannot gain rank; rank1-sum can"):
         _fit(cfg)
+
+
+def test_an_update_refuses_unreadable_data_and_a_smaller_budget_writing_nothing(tiny_run, parent, tmp_path) -> None:
+    cont = {"continue_from": str(parent["v1"])}
+    pairs = tmp_path / "pairs.jsonl"  # preference pairs: not what a supervised update of this adapter reads
+    pairs.write_text((json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n") * 20)
+    for name, data, options, match in (
+            ("pairs", {"train": str(pairs), "eval": None, "eval_fraction": 0}, {}, "pairs.jsonl.*holds preference pairs"),
+            ("budget", {"train": str(parent["new"])}, {"target_rank": 1}, r"target_rank=1 \(parent: 2\)")):
+        out = tmp_path / name
+        cfg = make_config(tiny_run, out, method="rank1-sum", options=options, adapter=cont, data=data)
+        with pytest.raises((ConfigError, DataError), match=match):
+            _fit(cfg)
+        assert not (out / "adapter").exists() and not (out / "checkpoints").exists()  # nothing half-written
