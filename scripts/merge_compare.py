@@ -8,6 +8,14 @@ Only results.json and the report are written (the parts' runs/ folders, with the
 The parts must share model, data, training section and seeds (checked); labels keep the parts' order; the base
 model's numbers come from the first part (each part evaluates the same base with the same seed). The merged
 ``command`` lists every part's command, and ``note`` says it was merged.
+
+A part may also be an earlier full comparison some of whose labels were rerun (new learning rates): ``--drop
+vera,rank1-sum`` removes those labels from every part but the first, so the rerun replaces them; ``--lr-sweep``
+attaches the learning-rate sweep the merged rates came from (as ``compare.lr_sweep`` does for one run).
+
+    .venv/bin/python scripts/merge_compare.py --config configs/compare-smollm2-text.yaml \
+        --lr-sweep reports/smollm2-text/lr-sweep/results.json --drop vera,rank1-sum \
+        --out reports/smollm2-text /tmp/rerun reports/smollm2-text
 """
 
 from __future__ import annotations
@@ -18,12 +26,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lorakit.evaluation.compare import RESULTS_FILE
+from lorakit.evaluation.compare import RESULTS_FILE, sweep_summary
 from lorakit.evaluation.compare_config import load_compare_config
-from lorakit.evaluation.report import write_report
+from lorakit.evaluation.report import display_path, write_report
 from lorakit.util.files import write_json
 
 SHARED = ("model", "data", "training", "seeds")
+
+
+def drop(part: dict[str, Any], labels: set[str]) -> dict[str, Any]:
+    """``part`` without ``labels`` (their runs and method entries)."""
+    return {**part, "labels": [lab for lab in part["labels"] if lab not in labels],
+            "methods": {k: v for k, v in part["methods"].items() if k not in labels},
+            "runs": [r for r in part["runs"] if r["label"] not in labels]}
 
 
 def merge(parts: list[dict[str, Any]], order: list[str] | None = None) -> dict[str, Any]:
@@ -50,11 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", help="the compare config: labels in the order of its methods section")
+    ap.add_argument("--drop", default="", help="labels removed from every part but the first (rerun there)")
+    ap.add_argument("--lr-sweep", help="the results.json of the learning-rate sweep the rates came from")
     ap.add_argument("parts", nargs="+", help="output directories of the parts")
     a = ap.parse_args(argv)
     parts = [json.loads((Path(d) / RESULTS_FILE).read_text()) for d in a.parts]
+    dropped = {lab for lab in a.drop.split(",") if lab}
+    parts = parts[:1] + [drop(p, dropped) for p in parts[1:]]
     order = list(load_compare_config(a.config).methods) if a.config else None
     merged = merge(parts, order)
+    choice = merged["compare"].get("choice")
+    if choice and choice.get("data"):  # parts written before reports kept package-relative paths
+        merged["compare"] = {**merged["compare"], "choice": {**choice, "data": display_path(choice["data"])}}
+    if a.lr_sweep:
+        merged["lr_sweep"] = sweep_summary(a.lr_sweep)
+        merged["compare"] = {**merged["compare"], "lr_sweep": merged["lr_sweep"]["path"]}
     out = Path(a.out)
     write_json(out / RESULTS_FILE, merged, indent=1, allow_nan=False)
     files = write_report(merged, out)

@@ -480,6 +480,10 @@ def test_merge_compare_parts(tmp_path: Path) -> None:
         mod.merge([a, {**b, "model": "other"}])
     with pytest.raises(SystemExit, match="more than one part"):
         mod.merge([a, a])
+    rerun = {**_results(_seeds("vera")), "model": "m", "data": {}, "training": {}, "command": "three"}
+    replaced = mod.merge([rerun, mod.drop(merged, {"vera"})], order=["lora", "vera"])  # vera rerun, lora kept
+    assert replaced["labels"] == ["lora", "vera"] and sum(r["label"] == "vera" for r in replaced["runs"]) == len(
+        [r for r in rerun["runs"] if r["label"] == "vera"])
 
 
 def test_a_run_saved_before_an_option_existed_is_the_same_job(tmp_path) -> None:

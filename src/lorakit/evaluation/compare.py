@@ -94,7 +94,7 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
         "command": command,
         "host": host_info(),
         "labels": labels, "seeds": cc.compare.seeds,
-        "compare": {**cc.compare.model_dump(), "forgetting": display_path(cc.compare.forgetting)},
+        "compare": _compare_section(cc),
         "methods": {lab: {"method": cc.method_of(lab), **configs[(lab, cc.compare.seeds[0])].adapter.options,
                           **_model_diff(configs[(lab, cc.compare.seeds[0])]),
                           "training": _training_diff(configs[(lab, cc.compare.seeds[0])], shared_training)}
@@ -156,6 +156,15 @@ def experiments(paths: dict[str, str]) -> dict[str, dict[str, Any]]:
         except (OSError, ValueError) as e:
             raise ConfigError(f"compare.experiments.{name}: {path}: unreadable ({e})") from None
     return out
+
+
+def _compare_section(cc: CompareConfig) -> dict[str, Any]:
+    """The ``compare`` settings as the report shows them: data paths relative to the repository or the package."""
+    section = cc.compare.model_dump()
+    section["forgetting"] = display_path(cc.compare.forgetting)
+    if section.get("choice"):
+        section["choice"] = {**section["choice"], "data": display_path(section["choice"]["data"])}
+    return section
 
 
 def sweep_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
