@@ -29,6 +29,7 @@ from typing import Any
 from lorakit.evaluation.compare import RESULTS_FILE, sweep_summary
 from lorakit.evaluation.compare_config import load_compare_config
 from lorakit.evaluation.report import display_path, write_report
+from lorakit.train.config import DataConfig, TrainingConfig
 from lorakit.util.files import write_json
 
 SHARED = ("model", "data", "training", "seeds")
@@ -41,11 +42,28 @@ def drop(part: dict[str, Any], labels: set[str]) -> dict[str, Any]:
             "runs": [r for r in part["runs"] if r["label"] not in labels]}
 
 
+def _same(a: Any, b: Any, section: str) -> bool:
+    """Equal, where a key only one side has is at its default there: an option added to lorakit after one part ran
+    (the defaults of lorakit's ``data`` and ``training`` sections)."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return a == b
+    fields = {"data": DataConfig, "training": TrainingConfig}.get(section)
+    defaults = {k: f.default for k, f in fields.model_fields.items()} if fields else {}
+    missing = object()
+    for k in a.keys() | b.keys():
+        x, y = a.get(k, missing), b.get(k, missing)
+        x = defaults.get(k) if x is missing else x
+        y = defaults.get(k) if y is missing else y
+        if x != y:
+            return False
+    return True
+
+
 def merge(parts: list[dict[str, Any]], order: list[str] | None = None) -> dict[str, Any]:
     first = parts[0]
     for p in parts[1:]:
         for key in SHARED:
-            if p.get(key) != first.get(key):
+            if not _same(p.get(key), first.get(key), key):
                 raise SystemExit(f"parts differ in {key!r}: {p.get(key)!r} vs {first.get(key)!r}")
     labels = [lab for p in parts for lab in p["labels"]]
     if len(set(labels)) != len(labels):

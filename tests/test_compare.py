@@ -480,6 +480,13 @@ def test_merge_compare_parts(tmp_path: Path) -> None:
         mod.merge([a, {**b, "model": "other"}])
     with pytest.raises(SystemExit, match="more than one part"):
         mod.merge([a, a])
+    newer = {**_results(_seeds("vera")), "model": "m", "data": {"replay": None},
+             "training": {"objective": "sft"}, "command": "x"}
+    assert mod.merge([newer, b])["labels"] == ["vera", "lora"]  # options added since, at their defaults
+    with pytest.raises(SystemExit, match="parts differ in 'data'"):
+        mod.merge([{**newer, "data": {"replay": 0.2}}, b])
+    with pytest.raises(SystemExit, match="parts differ in 'training'"):
+        mod.merge([{**newer, "training": {"objective": "dpo"}}, b])
     rerun = {**_results(_seeds("vera")), "model": "m", "data": {}, "training": {}, "command": "three"}
     replaced = mod.merge([rerun, mod.drop(merged, {"vera"})], order=["lora", "vera"])  # vera rerun, lora kept
     assert replaced["labels"] == ["lora", "vera"] and sum(r["label"] == "vera" for r in replaced["runs"]) == len(
