@@ -336,6 +336,8 @@ def _grid_results(lora: dict[float, float], sb: dict[float, float | None]) -> di
             methods[lab] = {"method": method, "training": {"lr": lr}}
     runs.append({**_run("plus", eval_loss=9.0), "method": "lora"})  # a LoRA+ run is not LoRA's grid
     methods["plus"] = {"method": "lora", "training": {"lr": 1e-3, "loraplus_ratio": 16}}
+    runs.append({**_run("q", eval_loss=9.0), "method": "lora"})  # nor is a QLoRA run (a quantized base)
+    methods["q"] = {"method": "lora", "quantize": "nf4", "training": {"lr": 3e-3}}
     return {"labels": list(methods), "seeds": [0], "runs": runs, "methods": methods, "training": {"lr": 1e-3}}
 
 

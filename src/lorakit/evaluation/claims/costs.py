@@ -92,22 +92,26 @@ def claim_lora_efficiency(results: dict[str, Any], s: dict[str, Any]) -> dict[st
 
 def lr_grid(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every run of a comparison as a learning-rate grid point: ``{"label", "method", "lr", "loraplus_ratio",
-    "seed", "eval_loss"}`` (``eval_loss`` ``None`` for a failed or diverged run)."""
+    "quantize", "seed", "eval_loss"}`` (``eval_loss`` ``None`` for a failed or diverged run)."""
     shared = results.get("training") or {}
     out = []
     for r in results.get("runs") or []:
-        training = (results.get("methods") or {}).get(r["label"], {}).get("training") or {}
+        entry = (results.get("methods") or {}).get(r["label"], {})
+        training = entry.get("training") or {}
         out.append({"label": r["label"], "method": r.get("method"), "lr": training.get("lr", shared.get("lr")),
                     "loraplus_ratio": training.get("loraplus_ratio", shared.get("loraplus_ratio")),
+                    "quantize": entry.get("quantize"),
                     "seed": r.get("seed"), "eval_loss": r.get("eval_loss") if r.get("ok") else None})
     return out
 
 
 def _grid_of(grid: Sequence[dict[str, Any]], method: str) -> dict[float, list[float | None]]:
-    """``lr -> eval losses`` of ``method``'s plain runs (LoRA+ runs, with a ratio, are not LoRA's grid)."""
+    """``lr -> eval losses`` of ``method``'s plain runs (LoRA+ runs, with a ratio, and QLoRA runs, on a quantized
+    base, are not LoRA's grid)."""
     out: dict[float, list[float | None]] = {}
     for g in grid:
-        if g["method"] == method and not g.get("loraplus_ratio") and isinstance(g.get("lr"), int | float):
+        if g["method"] == method and not g.get("loraplus_ratio") and not g.get("quantize") \
+                and isinstance(g.get("lr"), int | float):
             out.setdefault(float(g["lr"]), []).append(g.get("eval_loss"))
     return out
 
