@@ -148,6 +148,51 @@ def test_peft_export_target_parameters_loads_in_peft(arch: str, method: str, opt
     torch.testing.assert_close(output_of(peft_model, batch), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("arch", "options"), [
+    ("mixtral", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                 "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}),
+    ("mixtral", {"r": 2, "lora_alpha": 3, "use_rslora": True, "target_modules": None,
+                 "target_parameters": ["model.layers.1.mlp.experts.down_proj"]}),  # one parameter, one layer
+    ("qwen2-moe", {"r": 4, "lora_alpha": 8, "target_modules": None,
+                   "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}),
+])
+def test_a_peft_target_parameters_adapter_loads_with_peft_logits(arch: str, options: dict, tmp_path: Path) -> None:
+    """An adapter PEFT made on the experts (lora.ParamWrapper, nested per parameter) loads into lorakit as
+    per-expert layers computing what PEFT computes, and exports back to a file PEFT reads the same way."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    peft_model = get_peft_model(MOE[arch](), LoraConfig(**options))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.2)  # PEFT starts at B = 0: give both factors values
+    peft_model.save_pretrained(tmp_path / "peft")
+    batch = batch_for(peft_model, seq=12)
+    want = output_of(peft_model.eval(), batch)
+    model = MOE[arch]()
+    lorakit.load(model, tmp_path / "peft")
+    assert len(_expert_targets(model)) == 4 * len(
+        [n for n, _ in peft_model.named_parameters() if ".lora_A." in n and ".experts." in n])
+    torch.testing.assert_close(output_of(model, batch), want, rtol=1e-5, atol=1e-5)
+    assert lorakit.export_peft(model, tmp_path / "back")["exact"]  # and back again
+    again = PeftModel.from_pretrained(MOE[arch](), tmp_path / "back").eval()
+    torch.testing.assert_close(output_of(again, batch), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_peft_target_parameters_adapter_for_other_weights_is_refused(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_mixtral(), LoraConfig(r=2, target_modules=None,
+                                                           target_parameters=["experts.down_proj"]))
+    peft_model.save_pretrained(tmp_path / "peft")
+    smaller = tiny_mixtral(inter=40)  # the same names, experts of another width
+    before = _names(smaller)
+    with pytest.raises(lorakit.IncompatibleAdapterError, match="wrong shape"):
+        lorakit.load(smaller, tmp_path / "peft")
+    assert _names(smaller) == before and not any(isinstance(m, AdaptedExperts) for m in smaller.modules())
+
+
 def test_peft_export_refuses_dora_experts(tmp_path: Path) -> None:
     model = tiny_mixtral()
     lorakit.attach(model, "dora", r=2, targets=["q_proj", "experts.down_proj"])

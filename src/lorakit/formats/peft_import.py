@@ -3,6 +3,7 @@
 A PEFT LoRA adapter is a directory with ``adapter_config.json`` and ``adapter_model.safetensors`` (layout read
 from PEFT 0.21's ``tuners/lora`` and checked against files it writes; see :mod:`lorakit.formats.peft_export`
 for the tensor names). The adapter becomes a lorakit ``lora`` (or ``dora``) adapter computing what PEFT does;
+LoRA on mixture-of-experts parameters (``target_parameters``) becomes one layer per expert (:func:`_expert_entries`);
 every PEFT feature whose math lorakit does not reproduce is refused by name, never silently dropped.
 """
 
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lorakit.adapt.model import attach_config, get_record
+from lorakit.core.experts import PROJECTIONS, AdaptedExperts, ExpertLinear, is_experts
 from lorakit.core.layers import AdaptedLayer, LayerKind, layer_kind, weight_shape
 from lorakit.errors import AdapterFileError, ConfigError, IncompatibleAdapterError
 from lorakit.formats.layout import PEFT_CONFIG_FILE as CONFIG_FILE
@@ -33,7 +35,7 @@ from lorakit.util.validation import parse
 #: Config fields that change PEFT's math in ways lorakit's LoRA/DoRA do not reproduce: must be falsy.
 _UNSUPPORTED_FIELDS = ("lora_bias", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config",
                        "velora_config", "monteclora_config", "kasa_config", "layer_replication",
-                       "target_parameters", "trainable_token_indices", "megatron_config", "lora_ga_config")
+                       "trainable_token_indices", "megatron_config", "lora_ga_config")
 #: ``init_lora_weights`` values that change the base weights (the adapter needs the modified base) or the forward.
 _UNSUPPORTED_INITS = re.compile(r"pissa.*|olora|corda|loftq|mica", re.IGNORECASE)
 _KEY = re.compile(r"(?P<module>.+)\.(?P<tensor>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
@@ -126,6 +128,62 @@ def _group(tensors: dict[str, Tensor], where: Path) -> dict[str, dict[str, Tenso
     return groups
 
 
+def _experts_module(model: nn.Module, path: str) -> nn.Module | None:
+    """The experts module at ``path`` (the original one where lorakit already wraps it), or ``None``."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
+    module = module.base if isinstance(module, AdaptedExperts) else module
+    return module if is_experts(module) else None
+
+
+def _expert_entries(model: nn.Module, config: dict[str, Any], groups: dict[str, dict[str, Tensor]],
+                    where: Path) -> dict[str, dict[str, Tensor]]:
+    """PEFT's ``target_parameters`` tensors (``lora.ParamWrapper``) as lorakit's per-expert layers, popped from
+    ``groups``: ``{"<experts>.<projection>.<e>": {"lora_A", "lora_B"}}``.
+
+    PEFT keeps one ``lora_A`` ``(r E, d_in)`` and ``lora_B`` ``(d_out, r E)`` per 3-D parameter, expert ``e``'s
+    factors being ``A.reshape(E, r, d_in)[e]`` and ``B.reshape(d_out, r, E)[:, :, e]``; the targeted parameters of
+    one module are nested wrappers, the first in the module's parameter order innermost (its key carries one
+    ``base_layer.`` per wrapper above it). The inverse of :func:`lorakit.formats.peft_export._expert_tensors`."""
+    targets = list(config.get("target_parameters") or [])
+    if not targets:
+        return {}
+    nested: dict[str, dict[int, dict[str, Tensor]]] = {}
+    for module in list(groups):
+        path, depth = module, 0
+        while path.endswith(".base_layer"):
+            path, depth = path.removesuffix(".base_layer"), depth + 1
+        if _experts_module(model, path) is not None:
+            nested.setdefault(path, {})[depth] = groups.pop(module)
+    out: dict[str, dict[str, Tensor]] = {}
+    for path, by_depth in nested.items():
+        experts = _experts_module(model, path)
+        assert experts is not None
+        chosen = [n for n, w in experts.named_parameters(recurse=False) if n in PROJECTIONS and w.dim() == 3
+                  and any(f"{path}.{n}" == t or f"{path}.{n}".endswith(f".{t}") for t in targets)]
+        if sorted(by_depth) != list(range(len(chosen))):
+            raise IncompatibleAdapterError(
+                f"{where}: {path}: {len(by_depth)} nested PEFT parameter adapter(s) in the file but target_parameters "
+                f"selects {len(chosen)} of its 3-D weights ({', '.join(chosen) or 'none'})")
+        n_exp = int(experts.num_experts)
+        for i, proj in enumerate(chosen):
+            g = by_depth[len(chosen) - 1 - i]
+            d_out, d_in = weight_shape(ExpertLinear(experts, proj, 0))
+            a, b = g.get("A"), g.get("B")
+            if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] \
+                    or a.shape[0] % n_exp or (a.shape[1], b.shape[0]) != (d_in, d_out) or set(g) - {"A", "B"}:
+                raise IncompatibleAdapterError(
+                    f"{where}: {path}.{proj}: PEFT parameter-adapter tensors missing or of the wrong shape for "
+                    f"{n_exp} experts of (d_out, d_in) = {(d_out, d_in)}: {({k: tuple(v.shape) for k, v in g.items()})}")
+            r = a.shape[0] // n_exp
+            a3, b3 = a.reshape(n_exp, r, d_in), b.reshape(d_out, r, n_exp)
+            for e in range(n_exp):
+                out[f"{path}.{proj}.{e}"] = {"lora_A": a3[e].contiguous(), "lora_B": b3[:, :, e].contiguous()}
+    return out
+
+
 @checked
 def load_peft(model: nn.Module, path: str | os.PathLike[str], name: str | None = None) -> nn.Module:
     """Attach the PEFT LoRA or DoRA adapter in directory ``path`` to ``model`` as a lorakit adapter.
@@ -156,6 +214,15 @@ def load_peft(model: nn.Module, path: str | os.PathLike[str], name: str | None =
     modules = dict(model.named_modules())
     plan: dict[str, dict[str, Tensor]] = {}
     settings: set[tuple[int, float]] = set()
+    experts = _expert_entries(model, config, groups, where)
+    if experts and dora:
+        raise IncompatibleAdapterError(f"{where}: DoRA on expert parameters (target_parameters): lorakit reads "
+                                       "PEFT's parameter adapters as LoRA only")
+    for module, entry in experts.items():
+        if fields.r is not None and entry["lora_A"].shape[0] != fields.r:
+            raise AdapterFileError(f"{where}: {module}: rank {entry['lora_A'].shape[0]} per expert in the tensors "
+                                   f"but {fields.r} in the config")
+        settings.add((int(entry["lora_A"].shape[0]), float(fields.lora_alpha)))
     for module, g in groups.items():
         target = modules.get(module)
         kind = layer_kind(target) if target is not None else None
@@ -189,14 +256,15 @@ def load_peft(model: nn.Module, path: str | os.PathLike[str], name: str | None =
             raise AdapterFileError(f"{where}: {module}: rank {r} in the tensors but {r_cfg} in the config")
         settings.add((r, float(_pattern_value(fields.alpha_pattern or {}, module, fields.lora_alpha))))
         plan[module] = entry
-    if not plan:
+    if not plan and not experts:
         raise AdapterFileError(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors")
     if len(settings) > 1:
         raise IncompatibleAdapterError(
             f"{where}: the layers use different (rank, alpha) pairs {sorted(settings)} (rank_pattern/alpha_pattern); "
             "a lorakit adapter has one rank and one alpha")
     (r, alpha), = settings
-    order = [n for n in modules if n in plan]  # model order
+    order = [n for n in modules if n in plan] + list(experts)  # model order, then the experts' layers
+    plan.update(experts)
     name = "default" if name is None else name
     method = method_for_peft("dora" if dora else "lora")
     options = get_method(method).config_cls.parse({"targets": order, "r": r, "alpha": alpha,
