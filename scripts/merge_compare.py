@@ -73,8 +73,8 @@ def merge(parts: list[dict[str, Any]], order: list[str] | None = None) -> dict[s
     out = {**first, "labels": labels, "methods": {k: v for p in parts for k, v in p["methods"].items()},
            "runs": sorted((r for p in parts for r in p["runs"]), key=lambda r: (r["seed"], labels.index(r["label"]))),
            "command": " ; ".join(str(p.get("command")) for p in parts),
-           "note": f"merged from {len(parts)} parts run at the same time (scripts/merge_compare.py); same config, "
-                   "disjoint methods"}
+           "note": f"merged from {len(parts)} parts (scripts/merge_compare.py): the same model, data, training "
+                   "section and seeds, disjoint labels"}
     out.pop("claims", None)
     return out
 
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     choice = merged["compare"].get("choice")
     if choice and choice.get("data"):  # parts written before reports kept package-relative paths
         merged["compare"] = {**merged["compare"], "choice": {**choice, "data": display_path(choice["data"])}}
+    if dropped:
+        merged["note"] += f"; {', '.join(sorted(dropped))} rerun in the first part, replacing the later parts' runs"
     if a.lr_sweep:
         merged["lr_sweep"] = sweep_summary(a.lr_sweep)
         merged["compare"] = {**merged["compare"], "lr_sweep": merged["lr_sweep"]["path"]}
