@@ -197,13 +197,18 @@ def test_bundled_files_parse_with_lorakits_readers() -> None:
     assert build["rows"][f"{TASK}_train.jsonl"] == 3000
 
 
-def test_compare_config_validates_for_every_method(tmp_path: Path) -> None:
+def test_compare_config_validates_for_every_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cc = load_compare_config(ROOT / "configs" / "compare-smollm2-text.yaml")
     assert cc.base["model"]["path"] == "bundled://smollm2-135m"
     assert len(cc.compare.seeds) == 3
     for label in cc.labels():
         cfg = cc.run_config(label, 0, tmp_path / label)  # validates; loads no model
         assert cfg.data.train.endswith(f"{TASK}_train.jsonl")
+    # its repository paths (the sweep, the experiments) resolve from any working directory
+    sweep = cc.compare.lr_sweep
+    assert sweep is not None and Path(sweep).is_file() and sweep.endswith("lr-sweep/results.json")
+    monkeypatch.chdir(tmp_path)
+    assert load_compare_config(ROOT / "configs" / "compare-smollm2-text.yaml").compare.lr_sweep == sweep
 
 
 # --- token F1 ---------------------------------------------------------------------------------------------------

@@ -262,8 +262,20 @@ def resolve_data_path(path: str) -> str:
     return str(Path(path).resolve())
 
 
+def _near(path: str, config: Path) -> str:
+    """``path`` resolved from the working directory, or, where a relative path is not found there, from the first
+    directory above the config file that holds it (a repository's config names repository paths)."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        for root in config.resolve().parents:
+            if (root / p).exists():
+                return str(root / p)
+    return str(p.resolve())
+
+
 def load_compare_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> CompareConfig:
     """Read a compare config (YAML), apply dotted overrides (``compare.seeds=[0,1]``), and validate it."""
+    path_of_config = Path(path)
     data = read_yaml(path)
     for item in overrides:
         apply_override(data, item)
@@ -282,9 +294,9 @@ def load_compare_config(path: str | os.PathLike[str], overrides: Sequence[str] =
     for name, path in list(cmp.experiments.items()):
         if name not in EXPERIMENTS:
             raise ConfigError(f"compare.experiments: unknown experiment {name!r} (known: {', '.join(EXPERIMENTS)})")
-        cmp.experiments[name] = str(Path(path).resolve())
+        cmp.experiments[name] = _near(path, path_of_config)
     if cmp.lr_sweep:
-        cmp.lr_sweep = str(Path(cmp.lr_sweep).resolve())
+        cmp.lr_sweep = _near(cmp.lr_sweep, path_of_config)
         if not Path(cmp.lr_sweep).is_file():
             raise ConfigError(f"compare.lr_sweep: {cmp.lr_sweep} is not a file (the sweep's results.json)")
     for spec in (cmp.accuracy, cmp.f1, cmp.choice):
