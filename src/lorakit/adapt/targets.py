@@ -38,11 +38,6 @@ def adaptable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def adaptable_names(model: nn.Module) -> Iterator[str]:
-    """The names of :func:`adaptable_modules`."""
-    return (n for n, _ in adaptable_modules(model))
-
-
 def _output_head_names(model: nn.Module) -> set[str]:
     """Names of the modules that produce the model's outputs (excluded from ``all-linear``): the output
     embedding and anything under a top-level task head (:data:`HEAD_NAMES`)."""
@@ -108,7 +103,8 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
                           stacklevel=3)
         return chosen
 
-    experts = {n for names in expert_paths(list(adaptable_names(model))).values() for n in names}
+    adaptable = dict(adaptable_modules(model))
+    experts = {n for names in expert_paths(list(adaptable)).values() for n in names}
     if isinstance(targets, str):
         try:
             pattern = re.compile(targets)
@@ -121,7 +117,6 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
         wanted = tuple(targets)
         matches = lambda name: any(name == t or name.endswith("." + t) for t in wanted)  # noqa: E731
 
-    adaptable = dict(adaptable_modules(model))
     # an expert is chosen by its own name, its 3-D parameter's (``experts.gate_up_proj``: each of its experts) or
     # its experts module's (``experts``: both projections of every expert)
     chosen = [n for n in adaptable if matches(n) or (n in experts and (

@@ -226,10 +226,10 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def supports(layer: AdaptedLayer, x: Tensor) -> bool:
     """Whether :func:`lowrank_linear` can replace ``layer``'s plain forward for input ``x``.
 
-    Only plain ``nn.Linear`` / GPT-2 ``Conv1D`` bases (and mixture-of-experts experts' slices) and the quantized linears of :mod:`lorakit.core.quant`
-    (dequantized inside the op), without hooks (another subclass has its own forward), and floating inputs of
-    the weight's (compute) dtype, or of any floating dtype under autocast, which the op then follows: it casts
-    the input, base weight, bias and factors to autocast's dtype as autocast casts ``F.linear``'s inputs, and
+    Only plain ``nn.Linear`` / GPT-2 ``Conv1D`` bases (and mixture-of-experts experts' slices) and the quantized
+    linears of :mod:`lorakit.core.quant` (dequantized inside the op), without hooks (another subclass has its own
+    forward), and floating inputs of the weight's (compute) dtype, or of any floating dtype under autocast, which
+    the op then follows: it casts the input, base weight, bias and factors to autocast's dtype as autocast casts ``F.linear``'s inputs, and
     computes in it (see :func:`lowrank_linear`).
     """
     base = layer.base

@@ -150,17 +150,16 @@ def _expert_entries(model: nn.Module, config: dict[str, Any], groups: dict[str, 
     targets = list(config.get("target_parameters") or [])
     if not targets:
         return {}
-    nested: dict[str, dict[int, dict[str, Tensor]]] = {}
+    nested: dict[str, tuple[nn.Module, dict[int, dict[str, Tensor]]]] = {}
     for module in list(groups):
         path, depth = module, 0
         while path.endswith(".base_layer"):
             path, depth = path.removesuffix(".base_layer"), depth + 1
-        if _experts_module(model, path) is not None:
-            nested.setdefault(path, {})[depth] = groups.pop(module)
+        owner = _experts_module(model, path)
+        if owner is not None:
+            nested.setdefault(path, (owner, {}))[1][depth] = groups.pop(module)
     out: dict[str, dict[str, Tensor]] = {}
-    for path, by_depth in nested.items():
-        experts = _experts_module(model, path)
-        assert experts is not None
+    for path, (experts, by_depth) in nested.items():
         chosen = [n for n, w in experts.named_parameters(recurse=False) if n in PROJECTIONS and w.dim() == 3
                   and any(f"{path}.{n}" == t or f"{path}.{n}".endswith(f".{t}") for t in targets)]
         if sorted(by_depth) != list(range(len(chosen))):
