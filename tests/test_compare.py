@@ -83,8 +83,8 @@ def test_compare_writes_every_file_and_measures_learning_curves(tiny_run, tmp_pa
         assert len(r["budgets"][1]["choice_correct"]) == len(rows)
         assert r["budgets"][1]["choice_loss"] < res["base"]["budgets"][0]["choice_loss"]  # it learned
     assert {c["id"] for c in res["claims"]} == {"lora-sb", "lora+", "vera", "lora-fa", "forgetting", "rank1-sum",
-                                                "delta-lora", "lora-efficiency", "qlora", "lr-sensitivity", "latency",
-                                                "swapping", "dynamic-rank"}
+                                                "delta-lora", "dora", "lora-efficiency", "qlora", "lr-sensitivity",
+                                                "latency", "swapping", "dynamic-rank"}
     claim_vera = next(c for c in res["claims"] if c["id"] == "vera")
     assert any(f"2 seeds x {len(rows)} items" in n for n in claim_vera["numbers"])
     assert any("by budget (steps): 2:" in n for n in claim_vera["numbers"])
@@ -237,7 +237,7 @@ def test_verdicts_follow_the_numbers() -> None:
     assert v == {"lora+": "refuted", "lora-fa": "supported", "forgetting": "supported", "vera": "refuted",
                  "lora-sb": "supported", "rank1-sum": "supported", "delta-lora": "supported",
                  "lora-efficiency": "inconclusive (no time, memory or loss measurement)",
-                 "qlora": "inconclusive (not compared: qlora)",
+                 "qlora": "inconclusive (not compared: qlora)", "dora": "inconclusive (not compared: dora)",
                  "lr-sensitivity": "inconclusive (no learning-rate grid: 0 LoRA and 0 LoRA-SB learning rates in this "
                                    "comparison's runs; set compare.lr_sweep)",
                  "latency": "inconclusive (the latency experiment was not run)",
@@ -286,6 +286,19 @@ def test_item_paired_verdicts_across_budgets_and_settings() -> None:
     assert _verdicts([{**r, **small} for r in held], **cmp)["delta-lora"].startswith("not reproduced in this setting")
     better = _all(_curves("lora", (2.0, 1.8)), _curves("delta-lora", (1.9, 1.7)))
     assert _verdicts(better, **cmp)["delta-lora"] == "supported"
+    dora = [{**r, "label": "dora", "trainable_params": 1060} for r in _curves("dora", (1.9, 1.7))]
+    assert _verdicts(_curves("lora", (2.0, 1.8)) + dora, **cmp)["dora"] == "supported"
+    big_dora = [{**r, "trainable_params": 1500} for r in dora]  # not the same rank's budget
+    assert _verdicts(_curves("lora", (2.0, 1.8)) + big_dora, **cmp)["dora"].startswith("inconclusive (budgets")
+    # rank1-sum's two modes: the verdict is the default (prune) mode's; the AdaLoRA-style mode is tested beside it
+    modes = _all(_curves("lora", (2.0, 1.8)), _curves("rank1-sum", (2.3, 2.1)),
+                 _curves("rank1-sum-adalora", (2.0, 1.8)))
+    r1 = next(c for c in evaluate_claims(_results(modes, **cmp)) if c["id"] == "rank1-sum")
+    assert not r1["verdict"].startswith("supported"), r1
+    assert any(n.startswith("AdaLoRA-style mode: final trainable parameters 1,000") for n in r1["numbers"]), r1
+    assert "AdaLoRA-style mode vs physical pruning (two-sided): the AdaLoRA-style mode is better" in r1["numbers"]
+    r1 = next(c for c in evaluate_claims(_results(modes[:6], **cmp)) if c["id"] == "rank1-sum")
+    assert any("not compared (label rank1-sum-adalora)" in n for n in r1["numbers"])
     lora = _curves("lora", (2.0, 1.8))
     qlora = [{**r, "label": "qlora", "budgets": [  # the same items as LoRA's, each a little off (paired)
         {**b, "item_loss": [x + 0.004 * ((i * 7 + r["seed"]) % 3 - 1) for i, x in enumerate(b["item_loss"])]}

@@ -28,6 +28,7 @@ from lorakit.evaluation.claims.costs import (
 )
 from lorakit.evaluation.claims.quality import (
     claim_delta_lora,
+    claim_dora,
     claim_forgetting,
     claim_lora_sb,
     claim_loraplus,
@@ -46,7 +47,7 @@ def evaluate_claims(results: dict[str, Any], summary: dict[str, Any] | None = No
 
     def run() -> list[dict[str, Any]]:
         return [claim_lora_sb(ev, s), claim_loraplus(results, s), claim_vera(ev, s), claim_lora_fa(s),
-                claim_forgetting(ev, s), claim_rank1_sum(ev, s), claim_delta_lora(ev, s),
+                claim_forgetting(ev, s), claim_rank1_sum(ev, s), claim_delta_lora(ev, s), claim_dora(ev, s),
                 claim_lora_efficiency(results, s), claim_qlora(ev, s), claim_lr_sensitivity(results),
                 claim_latency(ev, s), claim_swapping(ev, s), claim_dynamic_rank(ev, s)]
 

@@ -100,10 +100,30 @@ def claim_rank1_sum(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
     nums = [f"final trainable parameters: lora {pl:,.0f} (r={m['lora'].get('r')}), rank1-sum {pr:,.0f} "
             f"(r_init={r1.get('r_init')}, target_rank={r1.get('target_rank')}, mode={r1.get('mode', 'prune')})",
             *quality_lines(s, ["lora", "rank1-sum"]), *t]
+    nums += _adalora_mode(ev, s, pl)
     if pl and abs(pr - pl) > 0.1 * pl:
         return claim("rank1-sum", title, src, rule,
                       f"inconclusive (budgets differ: {pr / pl:.2f}x LoRA's parameters)", nums)
     return claim("rank1-sum", title, src, rule, v, nums)
+
+
+def _adalora_mode(ev: Evidence, s: dict[str, Any], lora_params: float) -> list[str]:
+    """The AdaLoRA-style mode (``rank1-sum-adalora``: masked components keep training and can return) beside the
+    default physical pruning: its own "matches LoRA" test and the two modes' paired difference (both in Holm's
+    family); the claim's verdict stays the default mode's."""
+    lab = "rank1-sum-adalora"
+    if lab not in s or not s[lab]["runs"]:
+        return ["AdaLoRA-style mode (masked components keep training): not compared (label rank1-sum-adalora)"]
+    pa = mean_of(s, lab, "trainable_params") or 0.0
+    v, t = quality(ev, lab, "lora", kind="matches", paper_params=406e6,
+                   paper="BART-large (AdaLoRA's summarization)")
+    if lora_params and abs(pa - lora_params) > 0.1 * lora_params:
+        v = f"inconclusive (budgets differ: {pa / lora_params:.2f}x LoRA's parameters)"
+    vm, tm = quality(ev, lab, "rank1-sum", kind="beats", paper_params=406e6, paper="AdaLoRA's BART-large")
+    mode = (vm if vm.startswith("inconclusive") else "the AdaLoRA-style mode is better" if vm == "supported"
+            else f"physical pruning is better ({vm})")
+    return [f"AdaLoRA-style mode: final trainable parameters {pa:,.0f}; matches LoRA: {v}", *t,
+            f"AdaLoRA-style mode vs physical pruning (two-sided): {mode}", *tm]
 
 
 def claim_delta_lora(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +143,26 @@ def claim_delta_lora(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
     if pl and abs(pd - pl) > 0.01 * pl:
         return claim("delta-lora", title, src, rule, f"inconclusive (budgets differ: {pd / pl:.2f}x)", nums)
     return claim("delta-lora", title, src, rule, v, nums)
+
+
+def claim_dora(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
+    title = "DoRA outperforms LoRA at the same rank"
+    src = ("Liu et al. 2024, https://arxiv.org/abs/2402.09353 (abstract: DoRA consistently outperforms LoRA on "
+           "LLaMA, LLaVA and VL-BART)")
+    rule = (f"dora beats lora ({QUALITY_RULE}) at the same rank, trainable parameters within 10% of LoRA's (DoRA "
+            "adds one magnitude per output row)")
+    why = missing(s, ["lora", "dora"])
+    if why:
+        return claim("dora", title, src, rule, why, [])
+    pl, pd = mean_of(s, "lora", "trainable_params") or 0.0, mean_of(s, "dora", "trainable_params") or 0.0
+    v, t = quality(ev, "dora", "lora", kind="beats", paper_params=7e9,
+                   paper="LLaMA-7B (its commonsense-reasoning fine-tuning)")
+    m = ev.results["methods"]
+    nums = [f"trainable parameters: lora {pl:,.0f} (r={m['lora'].get('r')}), dora {pd:,.0f} "
+            f"(r={m['dora'].get('r')})", *quality_lines(s, ["lora", "dora"]), *t]
+    if pl and abs(pd - pl) > 0.1 * pl:
+        return claim("dora", title, src, rule, f"inconclusive (budgets differ: {pd / pl:.2f}x)", nums)
+    return claim("dora", title, src, rule, v, nums)
 
 
 def claim_qlora(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
