@@ -75,6 +75,9 @@ def merge(parts: list[dict[str, Any]], order: list[str] | None = None) -> dict[s
            "command": " ; ".join(str(p.get("command")) for p in parts),
            "note": f"merged from {len(parts)} parts (scripts/merge_compare.py): the same model, data, training "
                    "section and seeds, disjoint labels"}
+    for i, p in enumerate(parts, 1):  # a part that was itself merged keeps what its note said
+        if str(p.get("note") or "").startswith("merged from"):
+            out["note"] += f" (part {i}, {', '.join(p['labels'])}: {p['note']})"
     out.pop("claims", None)
     return out
 

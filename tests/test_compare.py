@@ -506,6 +506,9 @@ def test_merge_compare_parts(tmp_path: Path) -> None:
     replaced = mod.merge([rerun, mod.drop(merged, {"vera"})], order=["lora", "vera"])  # vera rerun, lora kept
     assert replaced["labels"] == ["lora", "vera"] and sum(r["label"] == "vera" for r in replaced["runs"]) == len(
         [r for r in rerun["runs"] if r["label"] == "vera"])
+    again = mod.merge([{**_results(_seeds("dora")), "model": "m", "data": {}, "training": {}, "command": "four"},
+                       merged])  # a part that was itself merged: its note is kept
+    assert f"(part 2, lora, vera: {merged['note']})" in again["note"]
 
 
 def test_a_run_saved_before_an_option_existed_is_the_same_job(tmp_path) -> None:
