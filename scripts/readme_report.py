@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lorakit.evaluation.report import plateau_note
+
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
 COLUMNS = [("trainable_params", "trainable", "{:,.0f}"), ("choice_loss", "choice-set loss", "{:.3f}"),
            ("choice_accuracy", "choice accuracy", "{:.3f}"), ("eval_loss", "eval loss", "{:.3f}"),
@@ -48,6 +50,7 @@ def section(results: dict[str, Any], path: str) -> str:
     return "\n".join([
         f"Mean ± standard deviation over seeds {results.get('seeds')} at {steps[-1] if steps else 'the last'} steps "
         f"(from `{path}`, made by `{results.get('command')}`):", "", *lines, "",
+        *([plateau, ""] if (plateau := plateau_note(results)) else []),
         f"Verdicts ({claims[0].get('tests', 0) if claims else 0} tests, Holm-corrected; the rules, every interval "
         f"and the learning curves are in [the report]({Path(path).parent}/report.md)):", "", *verdicts])
 

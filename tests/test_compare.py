@@ -525,3 +525,18 @@ def test_a_run_saved_before_an_option_existed_is_the_same_job(tmp_path) -> None:
     saved["training"]["lr"] = 1.0
     assert not _same_config(saved, cfg)
     assert not _same_config({"model": 3}, cfg)
+
+
+def test_the_report_says_whether_lora_has_flattened() -> None:
+    """The learning-curve section states whether LoRA's held-out loss still falls by more than the loss margin
+    between the last two budgets (a verdict on a falling curve describes the budget)."""
+    from lorakit.evaluation.report import plateau_note
+
+    cmp = {"compare": {"budgets": [50, 100], "margins": {"loss": 0.03, "accuracy": 0.1}}}
+    falling = plateau_note(_results(_curves("lora", (2.0, 1.8)), **cmp))
+    assert falling is not None and "has not flattened" in falling, falling
+    assert 0.18 < float(falling.split("still fell ")[1].split()[0]) < 0.22  # 2.0 -> 1.8, with item noise
+    flat = plateau_note(_results(_curves("lora", (1.81, 1.8)), **cmp))
+    assert flat is not None and "has flattened at this budget" in flat
+    assert plateau_note(_results(_curves("vera", (2.0, 1.8)), **cmp)) is None  # no LoRA to read it on
+    assert plateau_note(_results(_curves("lora", (2.0, 1.8)))) is None  # no budgets declared

@@ -104,6 +104,29 @@ def curve_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | 
     return ["method", *[f"step {s}" for s in steps]], rows
 
 
+def plateau_note(results: dict[str, Any], reference: str = "lora") -> str | None:
+    """Whether ``reference``'s learning curve has flattened: its mean choice-set loss between the last two budgets,
+    against the declared loss margin (a verdict read on a curve that still falls is about the budget as much as the
+    method). ``None`` without two budgets or without the reference label."""
+    steps = (results.get("compare") or {}).get("budgets") or []
+    runs = [r for r in results["runs"] if r["label"] == reference and r.get("ok") and r.get("budgets")]
+    if len(steps) < 2 or not runs:
+        return None
+    a, b = steps[-2:]
+    la = stat([x["choice_loss"] for r in runs for x in r["budgets"] if x["step"] == a])
+    lb = stat([x["choice_loss"] for r in runs for x in r["budgets"] if x["step"] == b])
+    if not la or not lb:
+        return None
+    margin = float(((results.get("compare") or {}).get("margins") or {}).get("loss", 0.03))
+    drop = la["mean"] - lb["mean"]
+    if drop > margin:
+        return (f"Budget: {reference}'s choice-set loss still fell {drop:.3f} nats from step {a} to step {b} (more "
+                f"than the {margin:g}-nat loss margin): its learning curve has not flattened, so the verdicts describe "
+                f"this budget as much as the methods.")
+    return (f"Budget: {reference}'s choice-set loss changed by {-drop:+.3f} nats from step {a} to step {b} (within "
+            f"the {margin:g}-nat loss margin): its learning curve has flattened at this budget.")
+
+
 def plot_curves(results: dict[str, Any], path: Path) -> Path | None:
     """Choice-set loss against the budget (steps), mean over seeds: the learning curves the verdicts are read on."""
     steps = (results.get("compare") or {}).get("budgets")
@@ -351,6 +374,8 @@ def render_markdown(results: dict[str, Any], summary: dict[str, Any], claims: li
         parts += ["## Learning curves", "", "Choice-set loss / choice accuracy at each budget (mean over seeds); "
                   "the verdicts below are read at the last budget and checked across them.", "",
                   _md_table(*curves), "", f"![learning curves]({CURVE_PLOT})", ""]
+        plateau = plateau_note(results)
+        parts += [plateau, ""] if plateau else []
     if claims:
         parts += ["## Claims of the method papers on this task", "", f"Decision rules (fixed before the run): {RULES} "
                   f"The family: {claims[0].get('tests', 0)} tests.", ""]
@@ -392,6 +417,8 @@ def render_html(results: dict[str, Any], summary: dict[str, Any], claims: list[d
     curves = curve_table(results)
     if curves:
         parts += ["<h2>Learning curves</h2>", _html_table(*curves), f"<img src='{CURVE_PLOT}' alt='learning curves'>"]
+        plateau = plateau_note(results)
+        parts += [f"<p>{e(plateau)}</p>"] if plateau else []
     if claims:
         parts.append("<h2>Claims of the method papers on this task</h2>")
         parts.append(f"<p>Decision rules (fixed before the run): {e(RULES)} The family: "
