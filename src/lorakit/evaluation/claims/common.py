@@ -52,6 +52,14 @@ def missing(summary: dict[str, Any], labels: Sequence[str]) -> str | None:
     return None
 
 
+def budget_differs(lora_params: float, params: float, tol: float) -> str | None:
+    """The verdict when a method's trainable parameters are not within ``tol`` (a fraction) of LoRA's, else
+    ``None``: a quality comparison at different budgets says nothing about the claim."""
+    if lora_params and abs(params - lora_params) > tol * lora_params:
+        return f"inconclusive (budgets differ: {params / lora_params:.2f}x LoRA's parameters)"
+    return None
+
+
 def fmt_means(summary: dict[str, Any], labels: Sequence[str], key: str, fmt: str) -> str:
     vals = []
     for lab in labels:

@@ -10,6 +10,7 @@ from typing import Any
 from lorakit.evaluation.claims.common import (
     LOSS_REL_TOL,
     QUALITY_RULE,
+    budget_differs,
     claim,
     mean_of,
     missing,
@@ -101,10 +102,7 @@ def claim_rank1_sum(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
             f"(r_init={r1.get('r_init')}, target_rank={r1.get('target_rank')}, mode={r1.get('mode', 'prune')})",
             *quality_lines(s, ["lora", "rank1-sum"]), *t]
     nums += _adalora_mode(ev, s, pl)
-    if pl and abs(pr - pl) > 0.1 * pl:
-        return claim("rank1-sum", title, src, rule,
-                      f"inconclusive (budgets differ: {pr / pl:.2f}x LoRA's parameters)", nums)
-    return claim("rank1-sum", title, src, rule, v, nums)
+    return claim("rank1-sum", title, src, rule, budget_differs(pl, pr, 0.1) or v, nums)
 
 
 def _adalora_mode(ev: Evidence, s: dict[str, Any], lora_params: float) -> list[str]:
@@ -117,8 +115,7 @@ def _adalora_mode(ev: Evidence, s: dict[str, Any], lora_params: float) -> list[s
     pa = mean_of(s, lab, "trainable_params") or 0.0
     v, t = quality(ev, lab, "lora", kind="matches", paper_params=406e6,
                    paper="BART-large (AdaLoRA's summarization)")
-    if lora_params and abs(pa - lora_params) > 0.1 * lora_params:
-        v = f"inconclusive (budgets differ: {pa / lora_params:.2f}x LoRA's parameters)"
+    v = budget_differs(lora_params, pa, 0.1) or v
     vm, tm = quality(ev, lab, "rank1-sum", kind="beats", paper_params=406e6, paper="AdaLoRA's BART-large")
     mode = (vm if vm.startswith("inconclusive") else "the AdaLoRA-style mode is better" if vm == "supported"
             else f"physical pruning is better ({vm})")
@@ -126,43 +123,35 @@ def _adalora_mode(ev: Evidence, s: dict[str, Any], lora_params: float) -> list[s
             f"AdaLoRA-style mode vs physical pruning (two-sided): {mode}", *tm]
 
 
-def claim_delta_lora(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
-    title = "Delta-LoRA improves on LoRA's quality at the same number of trainable parameters"
-    src = "Zi et al. 2023, https://arxiv.org/abs/2309.02411 (abstract)"
-    rule = f"Delta-LoRA beats LoRA ({QUALITY_RULE}) with trainable parameters within 1% of LoRA's"
-    why = missing(s, ["lora", "delta-lora"])
+def _beats_lora(ev: Evidence, s: dict[str, Any], label: str, title: str, src: str, *, tol: float,
+                paper_params: float, paper: str, detail: str = "") -> dict[str, Any]:
+    """"``label`` beats LoRA" with trainable parameters within ``tol`` (a fraction) of LoRA's."""
+    rule = f"{label} beats lora ({QUALITY_RULE}) with trainable parameters within {tol:.0%} of LoRA's{detail}"
+    why = missing(s, ["lora", label])
     if why:
-        return claim("delta-lora", title, src, rule, why, [])
-    pl, pd = mean_of(s, "lora", "trainable_params") or 0.0, mean_of(s, "delta-lora", "trainable_params") or 0.0
-    v, t = quality(ev, "delta-lora", "lora", kind="beats", paper_params=355e6,
-                   paper="GPT-2 Medium (its E2E generation)")
-    m = ev.results["methods"].get("delta-lora", {})
-    nums = [f"trainable parameters: lora {pl:,.0f}, delta-lora {pd:,.0f}; delta_start "
-            f"{m.get('delta_start', 'default (10% of the run)')}, delta_lambda {m.get('delta_lambda', 0.5)}",
-            *quality_lines(s, ["lora", "delta-lora"]), *t]
-    if pl and abs(pd - pl) > 0.01 * pl:
-        return claim("delta-lora", title, src, rule, f"inconclusive (budgets differ: {pd / pl:.2f}x)", nums)
-    return claim("delta-lora", title, src, rule, v, nums)
+        return claim(label, title, src, rule, why, [])
+    pl, pm = mean_of(s, "lora", "trainable_params") or 0.0, mean_of(s, label, "trainable_params") or 0.0
+    v, t = quality(ev, label, "lora", kind="beats", paper_params=paper_params, paper=paper)
+    m = ev.results["methods"]
+    opts = ", ".join(f"{k} {m[label][k]}" for k in ("r", "delta_start", "delta_lambda") if k in m[label])
+    nums = [f"trainable parameters: lora {pl:,.0f} (r {m['lora'].get('r')}), {label} {pm:,.0f} ({opts or 'defaults'})",
+            *quality_lines(s, ["lora", label]), *t]
+    return claim(label, title, src, rule, budget_differs(pl, pm, tol) or v, nums)
+
+
+def claim_delta_lora(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
+    return _beats_lora(ev, s, "delta-lora",
+                       "Delta-LoRA improves on LoRA's quality at the same number of trainable parameters",
+                       "Zi et al. 2023, https://arxiv.org/abs/2309.02411 (abstract)", tol=0.01,
+                       paper_params=355e6, paper="GPT-2 Medium (its E2E generation)")
 
 
 def claim_dora(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
-    title = "DoRA outperforms LoRA at the same rank"
-    src = ("Liu et al. 2024, https://arxiv.org/abs/2402.09353 (abstract: DoRA consistently outperforms LoRA on "
-           "LLaMA, LLaVA and VL-BART)")
-    rule = (f"dora beats lora ({QUALITY_RULE}) at the same rank, trainable parameters within 10% of LoRA's (DoRA "
-            "adds one magnitude per output row)")
-    why = missing(s, ["lora", "dora"])
-    if why:
-        return claim("dora", title, src, rule, why, [])
-    pl, pd = mean_of(s, "lora", "trainable_params") or 0.0, mean_of(s, "dora", "trainable_params") or 0.0
-    v, t = quality(ev, "dora", "lora", kind="beats", paper_params=7e9,
-                   paper="LLaMA-7B (its commonsense-reasoning fine-tuning)")
-    m = ev.results["methods"]
-    nums = [f"trainable parameters: lora {pl:,.0f} (r={m['lora'].get('r')}), dora {pd:,.0f} "
-            f"(r={m['dora'].get('r')})", *quality_lines(s, ["lora", "dora"]), *t]
-    if pl and abs(pd - pl) > 0.1 * pl:
-        return claim("dora", title, src, rule, f"inconclusive (budgets differ: {pd / pl:.2f}x)", nums)
-    return claim("dora", title, src, rule, v, nums)
+    return _beats_lora(ev, s, "dora", "DoRA outperforms LoRA at the same rank",
+                       "Liu et al. 2024, https://arxiv.org/abs/2402.09353 (abstract: DoRA consistently outperforms "
+                       "LoRA on LLaMA, LLaVA and VL-BART)", tol=0.1, paper_params=7e9,
+                       paper="LLaMA-7B (its commonsense-reasoning fine-tuning)",
+                       detail=" at the same rank (DoRA adds one magnitude per output row)")
 
 
 def claim_qlora(ev: Evidence, s: dict[str, Any]) -> dict[str, Any]:
