@@ -150,6 +150,32 @@ def test_failed_run_is_recorded_not_fatal(tiny_run, tmp_path: Path, capsys) -> N
         assert (out / name).is_file(), name
 
 
+def test_a_run_that_times_out_keeps_the_budgets_it_measured(tiny_run, tmp_path: Path, capsys) -> None:
+    """Each budget measurement is written as it is made: a run killed by the timeout (here long before its last
+    step) keeps its learning curve up to that point in results.json, and stays out of every verdict."""
+    rows = [json.loads(line) for line in tiny_run["eval"].read_text().splitlines()]
+    choice = tmp_path / "choice.jsonl"
+    choice.write_text("".join(json.dumps({**r, "choices": [r["completion"], "x"], "answer": 0}) + "\n" for r in rows))
+    cfg = _compare_yaml(tiny_run, tmp_path, timeout_s=20, accuracy=None, forgetting=None, budgets=[2, 100_000],
+                        choice={"data": str(choice), "batch_size": 8})
+    out = tmp_path / "out"
+    assert main(["compare", str(cfg), "--methods", "lora", "--out", str(out), "training.max_steps=100000"]) == 1
+    assert "kept its measurements at steps 2" in capsys.readouterr().err
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert run["ok"] is False and "timed out" in run["error"]
+    assert [b["step"] for b in run["budgets"]] == [2] and len(run["budgets"][0]["item_loss"]) == len(rows)
+    assert "its measurements at steps 2 are kept" in (out / "report.md").read_text()
+
+
+def test_partial_budgets_drop_a_torn_last_line(tmp_path: Path) -> None:
+    from lorakit.evaluation.compare import _partial_budgets
+
+    path = tmp_path / "r.budgets.jsonl"
+    assert _partial_budgets(path) == []
+    path.write_text('{"step": 2, "choice_loss": 1.5}\n{"step": 4, "choi')
+    assert _partial_budgets(path) == [{"step": 2, "choice_loss": 1.5}]
+
+
 @pytest.mark.parametrize(("yaml_extra", "methods", "message"), [
     ({"methods": {"lora": {"training": {"max_steps": 9}}}}, "lora", "must be the same for every method"),
     ({}, "lora,nonsense", "'nonsense' is neither a method"),

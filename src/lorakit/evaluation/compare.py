@@ -25,7 +25,7 @@ import torch
 from lorakit._version import __version__
 from lorakit.errors import ConfigError
 from lorakit.evaluation.claims import lr_grid
-from lorakit.evaluation.compare_config import CompareConfig
+from lorakit.evaluation.compare_config import BUDGETS_SUFFIX, CompareConfig
 from lorakit.evaluation.report import CONTENDED, cpu_use, display_path, write_report
 from lorakit.methods import get_method
 from lorakit.train.config import ADAPTER_KEYS, TrainConfig, TrainingConfig
@@ -267,7 +267,7 @@ def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, 
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    for stale in (".result.json", ".job.json"):  # a run that dies leaves nothing a resume could mistake for done
+    for stale in (".result.json", ".job.json", BUDGETS_SUFFIX):  # nothing a resume could mistake for done
         run_dir.with_name(run_dir.name + stale).unlink(missing_ok=True)
     cfg_path = run_dir.with_name(run_dir.name + ".yaml")
     cfg_path.write_text(json.dumps(cfg.to_dict()))  # JSON is YAML
@@ -287,7 +287,9 @@ def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, 
         rc = None
     wall = time.perf_counter() - t0
     result_path = Path(job["result"])
+    progress = run_dir.with_name(run_dir.name + BUDGETS_SUFFIX)
     if rc == 0 and result_path.is_file():
+        progress.unlink(missing_ok=True)  # the result holds them
         res = {**json.loads(result_path.read_text()), "wall_s": round(wall, 1)}
         write_json(result_path, res, indent=1, allow_nan=False)  # what a --resume keeps
         res = {"ok": True, **res}
@@ -299,7 +301,27 @@ def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, 
     error = (f"timed out after {c.timeout_s:.0f} s" if rc is None else f"exit status {rc}") + \
         (": " + _last_error(tail) if tail else "")
     log(f"  FAILED: {error} (log: {log_path})")
-    return {"ok": False, "error": error, "log_tail": tail, "wall_s": round(wall, 1)}
+    failed: dict[str, Any] = {"ok": False, "error": error, "log_tail": tail, "wall_s": round(wall, 1)}
+    partial = _partial_budgets(progress)
+    if partial:  # the learning curve up to the failure is kept (the run stays out of every verdict)
+        failed["budgets"] = partial
+        log(f"  kept its measurements at steps {', '.join(str(b['step']) for b in partial)} ({progress})")
+    return failed
+
+
+def _partial_budgets(path: Path) -> list[dict[str, Any]]:
+    """The budget measurements a failed run wrote before it stopped (a torn last line is dropped)."""
+    out = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            break
+    return out
 
 
 def _last_error(lines: list[str]) -> str:

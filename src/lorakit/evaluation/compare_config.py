@@ -53,6 +53,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 EXPERIMENTS = ("latency", "swapping", "rank_allocation")
 #: ``model`` keys a method's entry may set (everything else about the model is shared).
 MODEL_KEYS = ("quantize",)
+#: Next to a run's result file: its budget measurements, one JSON line each, written as they are made (a run that
+#: times out or crashes keeps its learning curve).
+BUDGETS_SUFFIX = ".budgets.jsonl"
 
 
 class _Strict(BaseModel):

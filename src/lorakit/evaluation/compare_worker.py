@@ -23,6 +23,7 @@ from lorakit.adapt.model import trainable_parameters
 from lorakit.core import lowrank
 from lorakit.core.callbacks import TrainingCallback
 from lorakit.evaluation import generation as ev
+from lorakit.evaluation.compare_config import BUDGETS_SUFFIX
 from lorakit.evaluation.scoring import choice_eval
 from lorakit.fast import speed
 from lorakit.train.config import load_config
@@ -57,6 +58,9 @@ class BudgetEval(TrainingCallback):
         self.batch_size = int(spec.get("batch_size") or 16)
         self.steps = 0
         self.results: list[dict[str, Any]] = []
+        # each measurement is also appended here as it is made: a run that times out or crashes keeps its curve
+        result = str(job.get("result") or "")
+        self.progress = Path(result.removesuffix(".result.json") + BUDGETS_SUFFIX) if result else None
 
     def measure(self, step: int, full: bool) -> dict[str, Any]:
         model, tok = self.trainer.model, self.trainer.tokenizer
@@ -73,7 +77,11 @@ class BudgetEval(TrainingCallback):
     def step(self) -> None:
         self.steps += 1
         if self.rows and self.steps in self.budgets:
-            self.results.append(self.measure(self.steps, self.steps in self.at))
+            m = self.measure(self.steps, self.steps in self.at)
+            self.results.append(m)
+            if self.progress is not None:
+                with open(self.progress, "a") as fh:
+                    fh.write(json.dumps(m) + "\n")
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:

@@ -386,7 +386,9 @@ def render_markdown(results: dict[str, Any], summary: dict[str, Any], claims: li
     failed = [r for r in results["runs"] if not r.get("ok")]
     if failed:
         parts += ["## Failed runs", ""]
-        parts += [f"- {r['label']} (seed {r['seed']}): {r.get('error')}" for r in failed]
+        parts += [f"- {r['label']} (seed {r['seed']}): {r.get('error')}" + (
+            f" (its measurements at steps {', '.join(str(b['step']) for b in r['budgets'])} are kept in "
+            "results.json; the run is in no verdict)" if r.get("budgets") else "") for r in failed]
         parts.append("")
     samples = _samples(results)
     if samples:
