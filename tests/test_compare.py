@@ -564,5 +564,7 @@ def test_the_report_says_whether_lora_has_flattened() -> None:
     assert 0.18 < float(falling.split("still fell ")[1].split()[0]) < 0.22  # 2.0 -> 1.8, with item noise
     flat = plateau_note(_results(_curves("lora", (1.81, 1.8)), **cmp))
     assert flat is not None and "has flattened at this budget" in flat
+    rising = plateau_note(_results(_curves("lora", (1.8, 2.0)), **cmp))
+    assert rising is not None and "rose 0." in rising and "past its minimum" in rising
     assert plateau_note(_results(_curves("vera", (2.0, 1.8)), **cmp)) is None  # no LoRA to read it on
     assert plateau_note(_results(_curves("lora", (2.0, 1.8)))) is None  # no budgets declared

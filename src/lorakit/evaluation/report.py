@@ -123,6 +123,10 @@ def plateau_note(results: dict[str, Any], reference: str = "lora") -> str | None
         return (f"Budget: {reference}'s choice-set loss still fell {drop:.3f} nats from step {a} to step {b} (more "
                 f"than the {margin:g}-nat loss margin): its learning curve has not flattened, so the verdicts describe "
                 f"this budget as much as the methods.")
+    if -drop > margin:
+        return (f"Budget: {reference}'s choice-set loss rose {-drop:.3f} nats from step {a} to step {b} (more than "
+                f"the {margin:g}-nat loss margin): the curve is past its minimum (overfitting, or a rate too high for "
+                "this budget).")
     return (f"Budget: {reference}'s choice-set loss changed by {-drop:+.3f} nats from step {a} to step {b} (within "
             f"the {margin:g}-nat loss margin): its learning curve has flattened at this budget.")
 
