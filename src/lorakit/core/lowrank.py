@@ -229,8 +229,8 @@ def supports(layer: AdaptedLayer, x: Tensor) -> bool:
     Only plain ``nn.Linear`` / GPT-2 ``Conv1D`` bases (and mixture-of-experts experts' slices) and the quantized
     linears of :mod:`lorakit.core.quant` (dequantized inside the op), without hooks (another subclass has its own
     forward), and floating inputs of the weight's (compute) dtype, or of any floating dtype under autocast, which
-    the op then follows: it casts the input, base weight, bias and factors to autocast's dtype as autocast casts ``F.linear``'s inputs, and
-    computes in it (see :func:`lowrank_linear`).
+    the op then follows: it casts the input, base weight, bias and factors to autocast's dtype as autocast casts
+    ``F.linear``'s inputs, and computes in it (see :func:`lowrank_linear`).
     """
     base = layer.base
     q = quant.quant_kind(base)

@@ -25,7 +25,7 @@ import torch
 from lorakit._version import __version__
 from lorakit.errors import ConfigError
 from lorakit.evaluation.claims import lr_grid
-from lorakit.evaluation.compare_config import BUDGETS_SUFFIX, CompareConfig
+from lorakit.evaluation.compare_config import RESULT_SUFFIX, CompareConfig, budgets_path
 from lorakit.evaluation.report import CONTENDED, cpu_use, display_path, write_report
 from lorakit.methods import get_method
 from lorakit.train.config import ADAPTER_KEYS, TrainConfig, TrainingConfig
@@ -223,7 +223,7 @@ def _job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, base
     if f1 is not None:
         f1["data"] = f1["data"] or cfg.data.eval
     cfg_path = run_dir.with_name(run_dir.name + ".yaml")
-    job = {"label": label, "config": str(cfg_path), "result": str(run_dir.with_name(run_dir.name + ".result.json")),
+    job = {"label": label, "config": str(cfg_path), "result": str(run_dir.with_name(run_dir.name + RESULT_SUFFIX)),
            "base": base, "accuracy": acc, "f1": f1, "forgetting": c.forgetting,
            "forgetting_max_length": c.forgetting_max_length, "threads": c.threads,
            "budgets": c.budgets, "choice": c.choice.model_dump() if c.choice is not None else None,
@@ -245,7 +245,7 @@ def _finished(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *,
     """The result a finished earlier run of exactly this job left (same config, same measurements; the base
     model's evaluation too when this job must give it), or ``None``."""
     job_path, cfg_path = run_dir.with_name(run_dir.name + ".job.json"), run_dir.with_name(run_dir.name + ".yaml")
-    result_path = run_dir.with_name(run_dir.name + ".result.json")
+    result_path = run_dir.with_name(run_dir.name + RESULT_SUFFIX)
     try:
         old = json.loads(job_path.read_text())
         same = _same_config(json.loads(cfg_path.read_text()), cfg) and \
@@ -267,8 +267,10 @@ def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, 
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    for stale in (".result.json", ".job.json", BUDGETS_SUFFIX):  # nothing a resume could mistake for done
-        run_dir.with_name(run_dir.name + stale).unlink(missing_ok=True)
+    result_path = run_dir.with_name(run_dir.name + RESULT_SUFFIX)
+    # a run that dies leaves nothing a resume could mistake for done
+    for stale in (result_path, budgets_path(result_path), run_dir.with_name(run_dir.name + ".job.json")):
+        stale.unlink(missing_ok=True)
     cfg_path = run_dir.with_name(run_dir.name + ".yaml")
     cfg_path.write_text(json.dumps(cfg.to_dict()))  # JSON is YAML
     c = cc.compare
@@ -286,8 +288,7 @@ def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, 
     except subprocess.TimeoutExpired:
         rc = None
     wall = time.perf_counter() - t0
-    result_path = Path(job["result"])
-    progress = run_dir.with_name(run_dir.name + BUDGETS_SUFFIX)
+    progress = budgets_path(result_path)
     if rc == 0 and result_path.is_file():
         progress.unlink(missing_ok=True)  # the result holds them
         res = {**json.loads(result_path.read_text()), "wall_s": round(wall, 1)}

@@ -53,9 +53,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 EXPERIMENTS = ("latency", "swapping", "rank_allocation")
 #: ``model`` keys a method's entry may set (everything else about the model is shared).
 MODEL_KEYS = ("quantize",)
-#: Next to a run's result file: its budget measurements, one JSON line each, written as they are made (a run that
-#: times out or crashes keeps its learning curve).
-BUDGETS_SUFFIX = ".budgets.jsonl"
+RESULT_SUFFIX = ".result.json"
+
+
+def budgets_path(result: str | os.PathLike[str]) -> Path:
+    """Next to a run's result file (``NAME.result.json``): its budget measurements (``NAME.budgets.jsonl``), one
+    JSON line each, written as they are made, so a run that times out or crashes keeps its learning curve."""
+    return Path(str(result).removesuffix(RESULT_SUFFIX) + ".budgets.jsonl")
 
 
 class _Strict(BaseModel):

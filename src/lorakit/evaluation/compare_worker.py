@@ -23,7 +23,7 @@ from lorakit.adapt.model import trainable_parameters
 from lorakit.core import lowrank
 from lorakit.core.callbacks import TrainingCallback
 from lorakit.evaluation import generation as ev
-from lorakit.evaluation.compare_config import BUDGETS_SUFFIX
+from lorakit.evaluation.compare_config import budgets_path
 from lorakit.evaluation.scoring import choice_eval
 from lorakit.fast import speed
 from lorakit.train.config import load_config
@@ -59,8 +59,7 @@ class BudgetEval(TrainingCallback):
         self.steps = 0
         self.results: list[dict[str, Any]] = []
         # each measurement is also appended here as it is made: a run that times out or crashes keeps its curve
-        result = str(job.get("result") or "")
-        self.progress = Path(result.removesuffix(".result.json") + BUDGETS_SUFFIX) if result else None
+        self.progress = budgets_path(job["result"]) if job.get("result") else None
 
     def measure(self, step: int, full: bool) -> dict[str, Any]:
         model, tok = self.trainer.model, self.trainer.tokenizer

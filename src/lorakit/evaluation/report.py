@@ -85,6 +85,19 @@ def _one(base: dict[str, Any], key: str) -> dict[str, Any] | None:
         "eval_loss", "accuracy", "token_f1", "choice_loss", "choice_accuracy") else None
 
 
+def label_curve(results: dict[str, Any], label: str, key: str = "choice_loss") -> dict[int, dict[str, Any]]:
+    """``step -> stat`` of ``label``'s ``key`` at each budget of the comparison, over its successful runs' seeds
+    (steps where no run measured it are left out)."""
+    steps = (results.get("compare") or {}).get("budgets") or []
+    runs = [r for r in results["runs"] if r["label"] == label and r.get("ok") and r.get("budgets")]
+    out = {}
+    for step in steps:
+        st = stat([b[key] for r in runs for b in r["budgets"] if b["step"] == step and b.get(key) is not None])
+        if st:
+            out[step] = st
+    return out
+
+
 def curve_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
     """The learning curves: each label's choice-set loss (and accuracy where measured) at each budget, mean over
     seeds; ``None`` without budgets."""
@@ -93,14 +106,9 @@ def curve_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | 
         return None
     rows = []
     for lab in results["labels"]:
-        runs = [r for r in results["runs"] if r["label"] == lab and r.get("ok") and r.get("budgets")]
-        cells = []
-        for step in steps:
-            at = [b for r in runs for b in r["budgets"] if b["step"] == step]
-            loss = stat([b["choice_loss"] for b in at])
-            acc = stat([b["choice_accuracy"] for b in at if b.get("choice_accuracy") is not None])
-            cells.append("–" if not loss else f"{loss['mean']:.4f}" + (f" / {acc['mean']:.3f}" if acc else ""))
-        rows.append([lab, *cells])
+        loss, acc = label_curve(results, lab), label_curve(results, lab, "choice_accuracy")
+        rows.append([lab, *("–" if s not in loss else f"{loss[s]['mean']:.4f}"
+                            + (f" / {acc[s]['mean']:.3f}" if s in acc else "") for s in steps)])
     return ["method", *[f"step {s}" for s in steps]], rows
 
 
@@ -109,14 +117,11 @@ def plateau_note(results: dict[str, Any], reference: str = "lora") -> str | None
     against the declared loss margin (a verdict read on a curve that still falls is about the budget as much as the
     method). ``None`` without two budgets or without the reference label."""
     steps = (results.get("compare") or {}).get("budgets") or []
-    runs = [r for r in results["runs"] if r["label"] == reference and r.get("ok") and r.get("budgets")]
-    if len(steps) < 2 or not runs:
+    curve = label_curve(results, reference)
+    if len(steps) < 2 or not {*steps[-2:]} <= curve.keys():
         return None
     a, b = steps[-2:]
-    la = stat([x["choice_loss"] for r in runs for x in r["budgets"] if x["step"] == a])
-    lb = stat([x["choice_loss"] for r in runs for x in r["budgets"] if x["step"] == b])
-    if not la or not lb:
-        return None
+    la, lb = curve[a], curve[b]
     margin = float(((results.get("compare") or {}).get("margins") or {}).get("loss", 0.03))
     drop = la["mean"] - lb["mean"]
     if drop > margin:
@@ -138,10 +143,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path | None:
         return None
     fig, ax = _figure()
     for lab in results["labels"]:
-        runs = [r for r in results["runs"] if r["label"] == lab and r.get("ok") and r.get("budgets")]
-        pts = [(step, stat([b["choice_loss"] for r in runs for b in r["budgets"] if b["step"] == step]))
-               for step in steps]
-        pts = [(st, v["mean"]) for st, v in pts if v]
+        pts = [(st, v["mean"]) for st, v in label_curve(results, lab).items()]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab, linewidth=1.2)
     ax.set_xscale("log")
