@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,42 @@ def test_parallel_runs_give_the_sequential_results(tiny_run, tmp_path: Path, cap
     bad = _compare_yaml(tiny_run, tmp_path, threads=None, parallel=2)
     assert main(["compare", str(bad), "--methods", "lora", "--out", str(tmp_path / "bad")]) == 1
     assert "parallel=2 needs threads" in capsys.readouterr().err
+
+
+def test_the_base_model_is_evaluated_by_one_job_that_succeeds(tiny_run, tmp_path: Path, monkeypatch) -> None:
+    """Every job starts at once up to compare.parallel (no core waits while the first job also evaluates the base
+    model); one job at a time evaluates it, and when that job fails the next to start does, or, when every other
+    job had started, a finished one runs again to do it. The jobs here are stand-ins (no processes)."""
+    from lorakit.evaluation import compare
+
+    calls: list[tuple[str, int, bool]] = []
+    others_started = threading.Event()
+    lock = threading.Lock()
+
+    def job(cc, label, cfg, run_dir, *, base, log, resume=False):
+        with lock:
+            calls.append((label, cfg.training.seed, base))
+            if len(calls) == 3:
+                others_started.set()
+        if label == "vera":  # fails; in parallel, once the other jobs have started without the base model
+            others_started.wait(5 if cc.compare.parallel > 1 else 0)
+            return {"ok": False, "error": "exit status 1"}
+        return {"ok": True, "eval_loss": 1.0, **({"base": {"ok": True, "eval_loss": 2.0}} if base else {})}
+
+    monkeypatch.setattr(compare, "_run_with_retries", job)
+    monkeypatch.setattr(compare, "write_report", lambda results, out: None)
+    cfg = _compare_yaml(tiny_run, tmp_path, accuracy=None, forgetting=None)
+    cc = load_compare_config(cfg, ["compare.seeds=[0,1]"])
+    res = compare.run_compare(cc, ["vera", "lora"], tmp_path / "seq", log=lambda _: None)
+    assert calls == [("vera", 0, True), ("lora", 0, True), ("vera", 1, False), ("lora", 1, False)]
+    assert res["base"] == {"ok": True, "eval_loss": 2.0}
+    calls.clear()
+    others_started.clear()
+    cc = load_compare_config(cfg, ["compare.parallel=3", "compare.seeds=[0]"])
+    res = compare.run_compare(cc, ["vera", "lora", "lora+"], tmp_path / "par", log=lambda _: None)
+    assert calls[0] == ("vera", 0, True) and sorted(calls[1:3]) == [("lora", 0, False), ("lora+", 0, False)]
+    assert calls[3:] == [("lora", 0, True)]  # the first finished job, again
+    assert res["base"] == {"ok": True, "eval_loss": 2.0} and [r["ok"] for r in res["runs"]] == [False, True, True]
 
 
 def test_resume_keeps_finished_runs_of_the_same_job(tiny_run, tmp_path: Path, capsys) -> None:

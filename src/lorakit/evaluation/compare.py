@@ -111,13 +111,20 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
     results["compare"]["experiments"] = {k: v["path"] for k, v in results["experiments"].items()}
     done: dict[int, dict[str, Any]] = {}
     lock = threading.Lock()
+    evaluating_base = [True]  # a started job is to evaluate the base model: the first
 
-    def run_one(i: int, base: bool) -> None:
+    def run_one(i: int, base: bool | None = None) -> None:
         lab, seed = jobs[i]
+        with lock:  # the first job to start while nobody has evaluated the base model (or is at it) does
+            if base is None:
+                base = results["base"] is None and not evaluating_base[0]
+            evaluating_base[0] = evaluating_base[0] or base
         log(f"[{i + 1}/{len(jobs)}] {lab} (seed {seed})" + (", after evaluating the base model" if base else ""))
         run = _run_with_retries(cc, lab, configs[(lab, seed)], runs_dir / _run_name(lab, seed), base=base, log=log,
                                 resume=resume)
         with lock:
+            if base:
+                evaluating_base[0] = False  # if it failed, the next job to start evaluates the base model
             if run.get("base") is not None:
                 base_result = run.pop("base")
                 if results["base"] is None:
@@ -126,19 +133,21 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
             results["runs"] = [done[k] for k in sorted(done)]
             write_json(out / RESULTS_FILE, results, indent=1, allow_nan=False)
 
-    # the first run that succeeds also evaluates the base model: one at a time until one has, then in parallel
-    i = 0
-    while i < len(jobs) and results["base"] is None:
-        run_one(i, base=True)
-        i += 1
-    if cc.compare.parallel > 1 and i < len(jobs):
+    # every job runs at once up to compare.parallel (the first also evaluates the base model: no core waits for it)
+    if cc.compare.parallel > 1 and len(jobs) > 1:
         log(f"running {cc.compare.parallel} jobs at a time")
         with ThreadPoolExecutor(max_workers=cc.compare.parallel) as pool:
-            for fut in [pool.submit(run_one, k, False) for k in range(i, len(jobs))]:
+            for fut in [pool.submit(run_one, k, k == 0 or None) for k in range(len(jobs))]:
                 fut.result()
     else:
-        for k in range(i, len(jobs)):
-            run_one(k, base=False)
+        for k in range(len(jobs)):
+            run_one(k, k == 0 or None)
+    first_ok = next((k for k in sorted(done) if done[k].get("ok")), None)
+    if results["base"] is None and first_ok is not None:
+        # every job that was to evaluate the base model failed, after the others had started: one finished job
+        # runs again (the same config and seed: the same result) and evaluates it this time
+        log("the base model is not evaluated yet: its job failed")
+        run_one(first_ok, base=True)
     write_report(results, out)
     return results
 
