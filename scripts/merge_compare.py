@@ -7,7 +7,9 @@ processes) into one ``results.json`` and report.
 Only results.json and the report are written (the parts' runs/ folders, with their adapters, stay where they are).
 The parts must share model, data, training section and seeds (checked); labels keep the parts' order; the base
 model's numbers come from the first part (each part evaluates the same base with the same seed). The merged
-``command`` lists every part's command, and ``note`` says it was merged.
+``command`` lists every part's command, and ``note`` says it was merged. A part may be a comparison stopped before
+it ran every label (its results.json is rewritten after each run): the labels it never ran are left out, and the
+note names them (a single such part can be "merged" alone, to give the report of what it finished).
 
 A part may also be an earlier full comparison some of whose labels were rerun (new learning rates): ``--drop
 vera,rank1-sum`` removes those labels from every part but the first, so the rerun replaces them; ``--lr-sweep``
@@ -59,7 +61,21 @@ def _same(a: Any, b: Any, section: str) -> bool:
     return True
 
 
+def unfinished(part: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``part`` without the labels it never ran (a comparison stopped before their turn: its results.json, rewritten
+    after each run, lists every label), and what the note says of the labels it did not run for every seed."""
+    seeds = {lab: {r["seed"] for r in part["runs"] if r["label"] == lab} for lab in part["labels"]}
+    never = {lab for lab, s in seeds.items() if not s}
+    notes = [f"{lab} ran for seeds {sorted(s)} only" for lab, s in seeds.items() if s and s != set(part["seeds"])]
+    if never:
+        notes.insert(0, f"stopped before running {', '.join(lab for lab in part['labels'] if lab in never)}")
+    return drop(part, never), notes
+
+
 def merge(parts: list[dict[str, Any]], order: list[str] | None = None) -> dict[str, Any]:
+    finished = [unfinished(p) for p in parts]
+    parts = [p for p, _ in finished]
+    stopped = [f"part {i} " + "; ".join(notes) for i, (_, notes) in enumerate(finished, 1) if notes]
     first = parts[0]
     for p in parts[1:]:
         for key in SHARED:
@@ -78,6 +94,8 @@ def merge(parts: list[dict[str, Any]], order: list[str] | None = None) -> dict[s
     for i, p in enumerate(parts, 1):  # a part that was itself merged keeps what its note said
         if str(p.get("note") or "").startswith("merged from"):
             out["note"] += f" (part {i}, {', '.join(p['labels'])}: {p['note']})"
+    if stopped:
+        out["note"] += "; " + "; ".join(stopped)
     out.pop("claims", None)
     return out
 

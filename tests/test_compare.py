@@ -572,6 +572,13 @@ def test_merge_compare_parts(tmp_path: Path) -> None:
     again = mod.merge([{**_results(_seeds("dora")), "model": "m", "data": {}, "training": {}, "command": "four"},
                        merged])  # a part that was itself merged: its note is kept
     assert f"(part 2, lora, vera: {merged['note']})" in again["note"]
+    stopped = {**b, "labels": ["lora", "dora", "vera"],
+               "runs": [r for r in b["runs"] if r["seed"] == 0] + [{**r, "label": "vera"} for r in b["runs"]
+                                                                   if r["seed"] != 1]}
+    alone = mod.merge([stopped])  # a comparison stopped before dora's turn, with vera's seed 1 run lost
+    assert alone["labels"] == ["lora", "vera"] and "dora" not in alone["methods"]
+    assert alone["note"].endswith("; part 1 stopped before running dora; lora ran for seeds [0] only; vera ran for "
+                                  "seeds [0, 2] only")
 
 
 def test_a_run_saved_before_an_option_existed_is_the_same_job(tmp_path) -> None:
