@@ -155,6 +155,18 @@ def test_the_base_model_is_evaluated_by_one_job_that_succeeds(tiny_run, tmp_path
     assert res["base"] == {"ok": True, "eval_loss": 2.0} and [r["ok"] for r in res["runs"]] == [False, True, True]
 
 
+def test_progress_says_how_many_jobs_are_done_and_the_time_left() -> None:
+    """After each job: how many are done and about how long the rest takes (mean wall time of the jobs run, kept
+    ones not counted, over the jobs left, compare.parallel at a time)."""
+    from lorakit.evaluation.compare import _progress
+
+    runs = [{"wall_s": 500.0}, {"wall_s": 700.0}, {"wall_s": 0.1, "kept": True}]
+    assert _progress(runs, 11, 2) == "3/11 done, about 40 min left"
+    assert _progress(runs[:1], 16, 1) == "1/16 done, about 2 h 05 min left"
+    assert _progress(runs, 4, 2) == "3/4 done, about 10 min left"  # one job left: not shared
+    assert _progress(runs[2:], 5, 2) == "1/5 done" and _progress(runs, 3, 2) == "3/3 done"
+
+
 def test_resume_keeps_finished_runs_of_the_same_job(tiny_run, tmp_path: Path, capsys) -> None:
     """--resume: a finished run of exactly the same job is kept (not run again), anything else runs: a new label,
     a changed setting; without --resume everything runs."""

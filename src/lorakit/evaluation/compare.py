@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -132,6 +133,7 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
             done[i] = {"label": lab, "method": cc.method_of(lab), "seed": seed, **run}
             results["runs"] = [done[k] for k in sorted(done)]
             write_json(out / RESULTS_FILE, results, indent=1, allow_nan=False)
+            log("  " + _progress(list(done.values()), len(jobs), cc.compare.parallel))
 
     # every job runs at once up to compare.parallel (the first also evaluates the base model: no core waits for it)
     if cc.compare.parallel > 1 and len(jobs) > 1:
@@ -341,6 +343,19 @@ def _last_error(lines: list[str]) -> str:
         if s.startswith("error:") or "Error" in s.split(":")[0]:
             return s
     return lines[-1].strip()
+
+
+def _progress(done: Sequence[dict[str, Any]], total: int, parallel: int) -> str:
+    """``"3/34 done, about 2 h 10 min left"``: the jobs left times the mean wall time of the jobs run so far (kept
+    ones took none), shared among ``parallel`` at a time."""
+    walls = [r["wall_s"] for r in done if isinstance(r.get("wall_s"), int | float) and not r.get("kept")]
+    text = f"{len(done)}/{total} done"
+    left = total - len(done)
+    if not walls or not left:
+        return text
+    minutes = round(statistics.fmean(walls) * left / min(parallel, left) / 60)
+    return text + ", about " + (f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else
+                                f"{max(minutes, 1)} min") + " left"
 
 
 def _one_line(r: dict[str, Any]) -> str:
