@@ -167,6 +167,25 @@ def test_progress_says_how_many_jobs_are_done_and_the_time_left() -> None:
     assert _progress(runs[2:], 5, 2) == "1/5 done" and _progress(runs, 3, 2) == "3/3 done"
 
 
+def test_a_report_of_a_comparison_stopped_early_says_what_has_not_run(tmp_path: Path) -> None:
+    """results.json is rewritten after each run, so its report can be written before every run has: the report
+    then opens by saying which (label, seed) runs are missing; a complete one says nothing of the kind."""
+    from lorakit.evaluation.report import unfinished_note
+
+    full = _results(_seeds("lora") + _seeds("vera"))
+    assert unfinished_note(full) is None
+    write_report(full, tmp_path / "full")
+    assert "Incomplete" not in (tmp_path / "full" / "report.md").read_text()
+    part = {**full, "labels": ["lora", "vera", "dora"], "runs": [r for r in full["runs"]
+                                                                 if r["label"] == "lora" or r["seed"] == 0]}
+    note = unfinished_note(part)
+    assert note is not None and note.startswith("Incomplete: 4 of 9 runs have results; not run yet: vera (seed 1, "
+                                                "2); dora. ")
+    write_report(part, tmp_path / "part")
+    for name in ("report.md", "report.html"):
+        assert "Incomplete: 4 of 9 runs" in (tmp_path / "part" / name).read_text()
+
+
 def test_resume_keeps_finished_runs_of_the_same_job(tiny_run, tmp_path: Path, capsys) -> None:
     """--resume: a finished run of exactly the same job is kept (not run again), anything else runs: a new label,
     a changed setting; without --resume everything runs."""

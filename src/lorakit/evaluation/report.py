@@ -367,8 +367,27 @@ def _samples(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def unfinished_note(results: dict[str, Any]) -> str | None:
+    """What a comparison stopped early (or still running: results.json is rewritten after each run) has not run
+    yet, or ``None`` when every (label, seed) has a result."""
+    seeds = results.get("seeds") or []
+    have = {(r.get("label"), r.get("seed")) for r in results.get("runs") or []}
+    missing = {lab: [s for s in seeds if (lab, s) not in have] for lab in results.get("labels") or []}
+    missing = {lab: m for lab, m in missing.items() if m}
+    if not missing:
+        return None
+    total = len(results.get("labels") or []) * len(seeds)
+    which = "; ".join(lab + ("" if len(m) == len(seeds) else f" (seed {', '.join(map(str, m))})")
+                      for lab, m in missing.items())
+    return (f"Incomplete: {total - sum(map(len, missing.values()))} of {total} runs have results; not run yet: "
+            f"{which}. The comparison stopped early or is still running; its command with `--resume` runs only "
+            "the missing ones.")
+
+
 def render_markdown(results: dict[str, Any], summary: dict[str, Any], claims: list[dict[str, Any]]) -> str:
     parts = ["# lorakit method comparison", ""]
+    unfinished = unfinished_note(results)
+    parts += [f"**{unfinished}**", ""] if unfinished else []
     if results.get("command"):
         parts += ["Reproduce with:", "", "```", results["command"], "```", ""]
     parts += [*(f"- {line}" for line in _context(results)), "", "## Results", "",
@@ -416,6 +435,8 @@ def render_html(results: dict[str, Any], summary: dict[str, Any], claims: list[d
     e = html.escape
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>lorakit method comparison</title>",
              f"<style>{_CSS}</style></head><body><h1>lorakit method comparison</h1>"]
+    unfinished = unfinished_note(results)
+    parts += [f"<p><b>{e(unfinished)}</b></p>"] if unfinished else []
     if results.get("command"):
         parts.append(f"<p>Reproduce with:</p><pre>{e(results['command'])}</pre>")
     parts.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in _context(results)) + "</ul>")
