@@ -30,7 +30,7 @@ from typing import Any
 
 from lorakit.evaluation.compare import RESULTS_FILE, sweep_summary
 from lorakit.evaluation.compare_config import load_compare_config
-from lorakit.evaluation.report import display_path, write_report
+from lorakit.evaluation.report import display_path, missing_runs, write_report
 from lorakit.train.config import DataConfig, TrainingConfig
 from lorakit.util.files import write_json
 
@@ -64,12 +64,13 @@ def _same(a: Any, b: Any, section: str) -> bool:
 def unfinished(part: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """``part`` without the labels it never ran (a comparison stopped before their turn: its results.json, rewritten
     after each run, lists every label), and what the note says of the labels it did not run for every seed."""
-    seeds = {lab: {r["seed"] for r in part["runs"] if r["label"] == lab} for lab in part["labels"]}
-    never = {lab for lab, s in seeds.items() if not s}
-    notes = [f"{lab} ran for seeds {sorted(s)} only" for lab, s in seeds.items() if s and s != set(part["seeds"])]
+    missing = missing_runs(part)
+    never = [lab for lab, m in missing.items() if len(m) == len(part["seeds"])]
+    notes = [f"{lab} ran for seeds {sorted(set(part['seeds']) - set(m))} only" for lab, m in missing.items()
+             if lab not in never]
     if never:
-        notes.insert(0, f"stopped before running {', '.join(lab for lab in part['labels'] if lab in never)}")
-    return drop(part, never), notes
+        notes.insert(0, f"stopped before running {', '.join(never)}")
+    return drop(part, set(never)), notes
 
 
 def merge(parts: list[dict[str, Any]], order: list[str] | None = None) -> dict[str, Any]:

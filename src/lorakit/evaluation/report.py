@@ -367,15 +367,21 @@ def _samples(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def unfinished_note(results: dict[str, Any]) -> str | None:
-    """What a comparison stopped early (or still running: results.json is rewritten after each run) has not run
-    yet, or ``None`` when every (label, seed) has a result."""
+def missing_runs(results: dict[str, Any]) -> dict[str, list[int]]:
+    """``{label: seeds without a result}`` for each label short of a run (a comparison stopped early, or still
+    running: results.json is rewritten after each run)."""
     seeds = results.get("seeds") or []
     have = {(r.get("label"), r.get("seed")) for r in results.get("runs") or []}
     missing = {lab: [s for s in seeds if (lab, s) not in have] for lab in results.get("labels") or []}
-    missing = {lab: m for lab, m in missing.items() if m}
+    return {lab: m for lab, m in missing.items() if m}
+
+
+def unfinished_note(results: dict[str, Any]) -> str | None:
+    """What a comparison stopped early has not run yet, or ``None`` when every (label, seed) has a result."""
+    missing = missing_runs(results)
     if not missing:
         return None
+    seeds = results.get("seeds") or []
     total = len(results.get("labels") or []) * len(seeds)
     which = "; ".join(lab + ("" if len(m) == len(seeds) else f" (seed {', '.join(map(str, m))})")
                       for lab, m in missing.items())
