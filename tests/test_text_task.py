@@ -197,6 +197,16 @@ def test_bundled_files_parse_with_lorakits_readers() -> None:
     assert build["rows"][f"{TASK}_train.jsonl"] == 3000
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
+                                         if p.read_text().count("\ncompare:") + p.read_text().count("\nmethods:") == 2))
+def test_every_committed_compare_config_validates(name: str, tmp_path: Path) -> None:
+    """Every comparison and sweep config in configs/ validates, each label's run config too (without loading a
+    model): a committed config broken by a renamed option is found here, not by the next person who runs it."""
+    cc = load_compare_config(ROOT / "configs" / name)
+    for label in cc.labels():
+        cc.run_config(label, 0, tmp_path / label)
+
+
 def test_compare_config_validates_for_every_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cc = load_compare_config(ROOT / "configs" / "compare-smollm2-text.yaml")
     assert cc.base["model"]["path"] == "bundled://smollm2-135m"
