@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -129,7 +135,7 @@ def test_the_base_model_is_evaluated_by_one_job_that_succeeds(tiny_run, tmp_path
     others_started = threading.Event()
     lock = threading.Lock()
 
-    def job(cc, label, cfg, run_dir, *, base, log, resume=False):
+    def job(cc, label, cfg, run_dir, *, base, log, resume=False, workers=None):
         with lock:
             calls.append((label, cfg.training.seed, base))
             if len(calls) == 3:
@@ -184,6 +190,75 @@ def test_a_report_of_a_comparison_stopped_early_says_what_has_not_run(tmp_path: 
     write_report(part, tmp_path / "part")
     for name in ("report.md", "report.html"):
         assert "Incomplete: 4 of 9 runs" in (tmp_path / "part" / name).read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_comparison_stops_its_workers_and_reports_what_has_not_run(tiny_run, tmp_path: Path,
+                                                                                   sig: int) -> None:
+    """Ctrl-C or SIGTERM to `lorakit compare` (two jobs at a time, both training): the running workers are killed
+    (none outlives the comparison), no other starts, the killed runs are not recorded as failures, and results.json
+    and a report saying what has not run are written; the exit status is 130."""
+    import psutil
+
+    cfg = _compare_yaml(tiny_run, tmp_path, accuracy=None, forgetting=None, parallel=2)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "compare", str(cfg), "--methods", "lora,vera,lora+",
+                             "--out", str(out), "training.max_steps=1000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = [out / "runs" / f"{lab}-s0.log" for lab in ("lora", "vera")]
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not all(f.is_file() and "steps on cpu" in f.read_text() for f in logs):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "compare_worker" in " ".join(p.cmdline())]
+        assert len(workers) == 2  # both training
+        proc.send_signal(sig)
+        output = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 130, output
+        assert "interrupted: 0 of 3 runs have results" in output and "--resume" in output and "FAILED" not in output
+        assert not psutil.wait_procs(workers, timeout=10)[1]  # none alive
+    finally:  # a failure here leaves no million-step run behind
+        for p in [*workers, proc]:
+            with contextlib.suppress(Exception):
+                p.kill()
+    assert not (out / "runs" / "lora+-s0.log").exists()  # never started
+    res = json.loads((out / "results.json").read_text())
+    assert res["runs"] == [] and res["base"] is None
+    md = (out / "report.md").read_text()
+    assert "Incomplete: 0 of 3 runs have results; not run yet: lora; vera; lora+." in md and "Failed runs" not in md
+
+
+def test_a_worker_stopped_by_a_signal_is_a_failed_run_not_a_short_one(tiny_run, tmp_path: Path) -> None:
+    """SIGTERM to one worker (not to the comparison): its trainer stops between steps and saves a checkpoint, and
+    the worker then exits with an error instead of reporting the shorter run as the job's result."""
+    import psutil
+
+    cfg = _compare_yaml(tiny_run, tmp_path, accuracy=None, forgetting=None)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "compare", str(cfg), "--methods", "lora", "--out",
+                             str(out), "training.max_steps=1000000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = out / "runs" / "lora-s0.log"
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.is_file() and "steps on cpu" in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.2)
+        worker, = (p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "compare_worker" in " ".join(p.cmdline()))
+        worker.terminate()
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        with contextlib.suppress(Exception):
+            proc.kill()
+    assert proc.returncode == 1, output
+    run, = json.loads((out / "results.json").read_text())["runs"]
+    assert run["ok"] is False and "exit status 130" in run["error"]
+    assert re.search(r"interrupted at step \d+/1000000 \(Ctrl-C or SIGTERM\): no result", run["error"])
+    assert not (out / "runs" / "lora-s0.result.json").exists()
 
 
 def test_resume_keeps_finished_runs_of_the_same_job(tiny_run, tmp_path: Path, capsys) -> None:

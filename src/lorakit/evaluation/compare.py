@@ -7,19 +7,21 @@ own and a failing method is recorded in ``results.json`` instead of stopping the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -74,6 +76,8 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
     recorded with its error and the rest go on. ``results.json`` is rewritten after each run. ``resume`` keeps
     the result of every run already finished in ``out`` with exactly this job (the same run config and the same
     measurements asked), so an interrupted comparison, or a grid given more points, runs only what is missing.
+    Ctrl-C or SIGTERM kills the running workers (their runs give no result and are not failures), starts no other,
+    writes the report of what finished (it names what has not run) and raises ``KeyboardInterrupt``.
     """
     out = Path(out)
     runs_dir = out / "runs"
@@ -113,6 +117,7 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
     done: dict[int, dict[str, Any]] = {}
     lock = threading.Lock()
     evaluating_base = [True]  # a started job is to evaluate the base model: the first
+    workers = _Workers()
 
     def run_one(i: int, base: bool | None = None) -> None:
         lab, seed = jobs[i]
@@ -120,12 +125,17 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
             if base is None:
                 base = results["base"] is None and not evaluating_base[0]
             evaluating_base[0] = evaluating_base[0] or base
-        log(f"[{i + 1}/{len(jobs)}] {lab} (seed {seed})" + (", after evaluating the base model" if base else ""))
-        run = _run_with_retries(cc, lab, configs[(lab, seed)], runs_dir / _run_name(lab, seed), base=base, log=log,
-                                resume=resume)
+        try:
+            log(f"[{i + 1}/{len(jobs)}] {lab} (seed {seed})" + (", after evaluating the base model" if base else ""))
+            run = _run_with_retries(cc, lab, configs[(lab, seed)], runs_dir / _run_name(lab, seed), base=base,
+                                    log=log, resume=resume, workers=workers)
+        except _Stopped:
+            return
         with lock:
             if base:
                 evaluating_base[0] = False  # if it failed, the next job to start evaluates the base model
+            if workers.stopped and not run.get("ok"):
+                return  # killed by the comparison's own stop: no failure of the method
             if run.get("base") is not None:
                 base_result = run.pop("base")
                 if results["base"] is None:
@@ -135,21 +145,36 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
             write_json(out / RESULTS_FILE, results, indent=1, allow_nan=False)
             log("  " + _progress(list(done.values()), len(jobs), cc.compare.parallel))
 
-    # every job runs at once up to compare.parallel (the first also evaluates the base model: no core waits for it)
-    if cc.compare.parallel > 1 and len(jobs) > 1:
-        log(f"running {cc.compare.parallel} jobs at a time")
-        with ThreadPoolExecutor(max_workers=cc.compare.parallel) as pool:
-            for fut in [pool.submit(run_one, k, k == 0 or None) for k in range(len(jobs))]:
-                fut.result()
-    else:
-        for k in range(len(jobs)):
-            run_one(k, k == 0 or None)
-    first_ok = next((k for k in sorted(done) if done[k].get("ok")), None)
-    if results["base"] is None and first_ok is not None:
-        # every job that was to evaluate the base model failed, after the others had started: one finished job
-        # runs again (the same config and seed: the same result) and evaluates it this time
-        log("the base model is not evaluated yet: its job failed")
-        run_one(first_ok, base=True)
+    # every job runs at once up to compare.parallel (the first also evaluates the base model: no core waits for
+    # it); Ctrl-C or SIGTERM kills the running workers, starts no more, and writes the report of what finished
+    pool = ThreadPoolExecutor(max_workers=cc.compare.parallel) if cc.compare.parallel > 1 and len(jobs) > 1 else None
+    try:
+        with _signals_interrupt():
+            try:
+                if pool is not None:
+                    log(f"running {cc.compare.parallel} jobs at a time")
+                    for fut in [pool.submit(run_one, k, k == 0 or None) for k in range(len(jobs))]:
+                        fut.result()
+                else:
+                    for k in range(len(jobs)):
+                        run_one(k, k == 0 or None)
+                first_ok = next((k for k in sorted(done) if done[k].get("ok")), None)
+                if results["base"] is None and first_ok is not None:
+                    # every job that was to evaluate the base model failed, after the others had started: one
+                    # finished job runs again (the same config and seed: the same result) and evaluates it this time
+                    log("the base model is not evaluated yet: its job failed")
+                    run_one(first_ok, base=True)
+            except BaseException:
+                workers.stop()
+                raise
+            finally:
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+    except KeyboardInterrupt:
+        log(f"interrupted: {len(done)} of {len(jobs)} runs have results in {out / RESULTS_FILE}; the same command "
+            "with --resume runs only the others")
+        write_report(results, out)
+        raise
     write_report(results, out)
     return results
 
@@ -190,8 +215,66 @@ def sweep_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
             "training": sweep.get("training"), "grid": grid}
 
 
+class _Stopped(Exception):
+    """The comparison is stopping: no new worker starts."""
+
+
+class _Workers:
+    """The comparison's running worker processes: when it is interrupted, :meth:`stop` kills them and no other
+    starts (a killed run gives no result; ``--resume`` runs it again)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen[bytes]] = set()
+        self.stopped = False
+
+    def run(self, args: list[str], *, stdout: IO[str], timeout: float | None, env: dict[str, str]) -> int | None:
+        """Run one worker to its end: its exit status, or ``None`` if it ran past ``timeout`` (it is killed)."""
+        with self.lock:
+            if self.stopped:
+                raise _Stopped
+            proc = subprocess.Popen(args, stdout=stdout, stderr=subprocess.STDOUT, env=env)
+            self.running.add(proc)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:  # a worker past its time, or whose wait was interrupted, does not outlive this call
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            with self.lock:
+                self.running.discard(proc)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            running = list(self.running)
+        for proc in running:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM stops the comparison as Ctrl-C does (``KeyboardInterrupt`` in the main thread), so that its workers
+    are killed and the report of what finished is written, rather than the parent dying alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_with_retries(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, base: bool,
-                      log: Callable[[str], None], resume: bool = False) -> dict[str, Any]:
+                      log: Callable[[str], None], resume: bool = False, workers: _Workers | None = None
+                      ) -> dict[str, Any]:
     """One job, run again (``compare.contention_retries`` times at most) while the CPU was shared; with
     ``resume``, the finished result of the same job if ``run_dir``'s siblings hold one."""
     if resume:
@@ -201,7 +284,7 @@ def _run_with_retries(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: 
             return kept
     run: dict[str, Any] = {}
     for attempt in range(cc.compare.contention_retries + 1):
-        run = _run_job(cc, label, cfg, run_dir, base=base, log=log)
+        run = _run_job(cc, label, cfg, run_dir, base=base, log=log, workers=workers)
         use = cpu_use(run)
         if use is None or use >= CONTENDED or attempt == cc.compare.contention_retries:
             break
@@ -273,7 +356,7 @@ def _finished(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *,
 
 
 def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, base: bool,
-             log: Callable[[str], None]) -> dict[str, Any]:
+             log: Callable[[str], None], workers: _Workers | None = None) -> dict[str, Any]:
     """Run one job in a child process; its result dict, or ``{"ok": False, "error": ...}``."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -290,15 +373,12 @@ def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, 
     write_json(job_path, job, indent=1, allow_nan=False)
     log_path = run_dir.with_name(run_dir.name + ".log")
     t0 = time.perf_counter()
-    try:
-        with open(log_path, "w") as fh:
-            proc = subprocess.run([sys.executable, "-m", "lorakit.evaluation.compare_worker", str(job_path)], stdout=fh,
-                                  stderr=subprocess.STDOUT, timeout=c.timeout_s,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        rc: int | None = proc.returncode
-    except subprocess.TimeoutExpired:
-        rc = None
+    with open(log_path, "w") as fh:
+        rc = (workers or _Workers()).run([sys.executable, "-m", "lorakit.evaluation.compare_worker", str(job_path)],
+                                         stdout=fh, timeout=c.timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wall = time.perf_counter() - t0
+    if workers is not None and workers.stopped and rc != 0:
+        return {"ok": False, "error": "stopped with the comparison"}  # no failure of the method: not recorded
     progress = budgets_path(result_path)
     if rc == 0 and result_path.is_file():
         progress.unlink(missing_ok=True)  # the result holds them

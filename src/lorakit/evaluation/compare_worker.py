@@ -32,6 +32,14 @@ from lorakit.train.trainer import Trainer
 from lorakit.util.files import write_json
 
 
+class RunInterrupted(RuntimeError):
+    """The run was stopped before its last step: it gives no result."""
+
+
+#: The worker's exit status when a signal stopped its run (128 + SIGINT, as a shell reports Ctrl-C).
+INTERRUPTED_STATUS = 130
+
+
 class StepTimer(TrainingCallback):
     """Wall-clock time between consecutive optimizer steps (its median ignores evaluation and checkpoints)."""
 
@@ -111,6 +119,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(trainer.device)
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     fit = trainer.fit(overwrite=True)
+    if fit.interrupted:  # Ctrl-C or SIGTERM stopped it early: a result here would be a shorter run's
+        raise RunInterrupted(f"interrupted at step {fit.step}/{fit.total_steps} (Ctrl-C or SIGTERM): no result")
     res["train_s"] = round(time.perf_counter() - t0, 2)
     res["train_cpu_s"] = round(_cpu_seconds() - cpu0, 2)  # far below train_s x threads: the CPU was shared
     res["peak_rss_bytes"] = ev.window_peak_rss() if windowed else ev.peak_rss_bytes()
@@ -188,7 +198,11 @@ def _activation_bytes(trainer: Any) -> int | None:
 def _worker(argv: Sequence[str]) -> int:
     """``python -m lorakit.evaluation.compare_worker JOB.json``: run the job and write its result file."""
     job = json.loads(Path(argv[0]).read_text())
-    res = run_job(job)
+    try:
+        res = run_job(job)
+    except RunInterrupted as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return INTERRUPTED_STATUS
     write_json(Path(job["result"]), _finite(res), indent=1, allow_nan=False)
     return 0
 
@@ -204,7 +218,7 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["StepTimer", "run_job"]
+__all__ = ["INTERRUPTED_STATUS", "RunInterrupted", "StepTimer", "run_job"]
 
 if __name__ == "__main__":
     sys.exit(_worker(sys.argv[1:]))
