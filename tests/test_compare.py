@@ -616,6 +616,30 @@ def test_bundled_demo_reports_before_and_after(tmp_path: Path) -> None:
         assert expected in text, expected
 
 
+def test_an_interrupted_demo_stops_instead_of_scoring_a_half_trained_adapter(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C during the demo's training (a stop request, as the signal handler makes it): the demo stops
+    (KeyboardInterrupt: `lorakit demo` exits 130) instead of scoring the model and pointing at an adapter that was
+    never written."""
+    from lorakit.evaluation.demo import run_bundled_demo
+    from lorakit.train.trainer import Trainer
+
+    step = Trainer._step
+
+    def step_then_ctrl_c(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        self._request_stop()
+        return out
+
+    monkeypatch.setattr(Trainer, "_step", step_then_ctrl_c)
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_bundled_demo(tmp_path / "demo", steps=5, examples=2, log=lines.append, progress=False)
+    text = "\n".join(lines)
+    assert re.search(r"interrupted at step [12]/5", text), text
+    assert "result: held-out accuracy" not in text and "lorakit generate" not in text
+    assert not (tmp_path / "demo" / "adapter").exists()
+
+
 def test_bundled_demo_runs_the_arithmetic_task_and_rejects_unknown_ones(tmp_path: Path) -> None:
     """The earlier demo (LoRA-SB on arithmetic) still runs through the same path; a wrong task name is a
     ConfigError that names the choices."""
