@@ -75,7 +75,7 @@ def run_lorakit(args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(None, cfg, train_data=rows, callbacks=[Clock()], log=log)
     trainer.prepare()
     t_ready = time.perf_counter()
-    trainer.fit(overwrite=True)
+    trainer.fit(overwrite=True).finished()
     steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return {"step_s": statistics.median(steps[1:]), "train_s": stamps[-1] - t_ready,
             "reference_s": marks.get("reference_done", t_ready) - t_ready, "setup_s": t_ready - t0}

@@ -77,7 +77,7 @@ def run_one(method: str, lr: float, options: dict[str, Any], seed: int, steps: i
     start = time.perf_counter()
     trainer = Trainer(None, cfg, log=lambda _msg: None)
     trainer.prepare()
-    result = trainer.fit(overwrite=True)
+    result = trainer.fit(overwrite=True).finished()
     rows = read_jsonl(files[1])[:examples]
     acc = task_accuracy(trainer.model, trainer.tokenizer, rows, max_new_tokens=8)
     return {"seed": seed, "val_accuracy": acc["accuracy"], "val_correct": acc["correct"],

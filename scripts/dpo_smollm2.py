@@ -87,7 +87,7 @@ def run_seed(seed: int, args: argparse.Namespace, train: Path, held: Path, work:
            "output": {"dir": str(work / f"seed-{seed}"), "progress": False, "plot": False, "tensorboard": False}}
     trainer = Trainer(None, cfg, log=lambda m: print(f"[seed {seed}] {m}", file=sys.stderr, flush=True))
     t0 = time.perf_counter()
-    result = trainer.fit(overwrite=True)
+    result = trainer.fit(overwrite=True).finished()
     train_s = time.perf_counter() - t0
     model, tok = trainer.model, trainer.tokenizer
     assert trainer.eval_data is not None

@@ -189,7 +189,7 @@ def train(a: argparse.Namespace) -> int:
            "output": {"dir": str(work / "run"), "save_every": max(1, steps // 3), "progress": False, "plot": False,
                       "tensorboard": False}}
     t = time.perf_counter()
-    result = Trainer(None, cfg, log=lambda m: print(m, flush=True)).fit()
+    result = Trainer(None, cfg, log=lambda m: print(m, flush=True)).fit().finished()
     seconds = time.perf_counter() - t
     run_info = json.loads((work / "run" / "run.json").read_text())
     metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -246,7 +246,7 @@ def dpo(a: argparse.Namespace) -> int:
            "training": {"objective": "dpo", "max_steps": steps, "batch_size": 8, "lr": 1e-3, "device": a.device},
            "output": {"dir": str(work / "run"), "progress": False, "plot": False, "tensorboard": False}}
     t = time.perf_counter()
-    result = Trainer(None, cfg, log=lambda m: print(m, flush=True)).fit()
+    result = Trainer(None, cfg, log=lambda m: print(m, flush=True)).fit().finished()
     seconds = time.perf_counter() - t
     metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if m["kind"] == "train"]

@@ -47,7 +47,7 @@ def run(base: str, seed: int, steps: int, task: str = "arithmetic") -> dict[str,
         cfg["training"]["seed"] = seed
         cfg["output"].update(plot=False)
         t = time.perf_counter()
-        result = Trainer(None, TrainConfig.parse(cfg), log=lambda _: None).fit(overwrite=True)
+        result = Trainer(None, TrainConfig.parse(cfg), log=lambda _: None).fit(overwrite=True).finished()
         return {"eval_loss_start": result.eval_start["eval_loss"], "eval_loss": result.eval_end["eval_loss"],
                 "seconds": round(time.perf_counter() - t, 1)}
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg["training"].update(max_steps=a.steps, eval_every=None)
         cfg["output"].update(plot=False)
         t0 = time.perf_counter()
-        res = Trainer(None, cfg, log=lambda m: None).fit(overwrite=True)
+        res = Trainer(None, cfg, log=lambda m: None).fit(overwrite=True).finished()
         adapters[name] = Path(res.adapter_dir)
         print(f"{name}: trained {a.steps} steps in {time.perf_counter() - t0:.0f} s, eval loss "
               f"{res.eval_start.get('eval_loss'):.4f} -> {res.eval_end.get('eval_loss'):.4f}", flush=True)

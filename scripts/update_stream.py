@@ -102,7 +102,7 @@ def run_arm(arm: str, seed: int, files: dict[str, tuple[Path, Path]], args: argp
                "output": {"dir": str(out), "progress": False, "plot": False, "tensorboard": False}}
         trainer = Trainer(None, cfg, log=lambda m: None)
         t0 = time.perf_counter()
-        trainer.fit(overwrite=True)
+        trainer.fit(overwrite=True).finished()
         wall = time.perf_counter() - t0
         losses, items = {}, {}
         for k in range(u + 1):  # every update so far, on its own held-out definitions

@@ -258,3 +258,15 @@ def test_killed_run_resumes_bit_exact(method: str, tiny_run, tmp_path: Path) -> 
     a = load_file(tmp_path / "straight" / "adapter" / "adapter.safetensors")
     b = load_file(out / "adapter" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finished_fit_passes_and_an_interrupted_one_stops_the_caller(tmp_path: Path) -> None:
+    """FitResult.finished(): code that scores or saves after fit() (the demo, the experiment scripts) stops on a
+    run Ctrl-C cut short instead of using it as the run it asked for."""
+    from lorakit.train.run import FitResult
+
+    done = FitResult(step=5, total_steps=5, output_dir=tmp_path, adapter_dir=tmp_path / "adapter", checkpoint=None)
+    assert done.finished() is done
+    cut = FitResult(step=2, total_steps=5, output_dir=tmp_path, adapter_dir=None, checkpoint=None, interrupted=True)
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 2/5"):
+        cut.finished()

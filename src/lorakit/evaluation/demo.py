@@ -162,9 +162,7 @@ def run_bundled_demo(out: str | os.PathLike[str] = "runs/demo", *, steps: int = 
     log(_show(before["samples"][0]))
     log("")
     log(f"training: {steps} steps of batch {cfg.training.batch_size}...")
-    result = trainer.fit(overwrite=True)
-    if result.interrupted:  # Ctrl-C: the trainer said where its checkpoint is; no adapter to score or show
-        raise KeyboardInterrupt
+    result = trainer.fit(overwrite=True).finished()  # Ctrl-C: nothing to score or show
     after = task_accuracy(trainer.model, trainer.tokenizer, rows, max_new_tokens=tokens)
     loss_before = result.eval_start.get("eval_loss", float("nan"))
     loss_after = result.eval_end.get("eval_loss", float("nan"))

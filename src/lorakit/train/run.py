@@ -39,6 +39,14 @@ class FitResult:
     eval_end: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False
 
+    def finished(self) -> FitResult:
+        """This result, if training ran to its last step; ``KeyboardInterrupt`` if Ctrl-C or SIGTERM stopped it
+        (the trainer has said where its checkpoint is). For code that goes on to score, save or compare the
+        model, which would otherwise use a shorter run as if it were the one asked for."""
+        if self.interrupted:
+            raise KeyboardInterrupt(f"training interrupted at step {self.step}/{self.total_steps}")
+        return self
+
 
 @dataclass
 class Position:
