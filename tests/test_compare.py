@@ -135,7 +135,7 @@ def test_the_base_model_is_evaluated_by_one_job_that_succeeds(tiny_run, tmp_path
     others_started = threading.Event()
     lock = threading.Lock()
 
-    def job(cc, label, cfg, run_dir, *, base, log, resume=False, workers=None):
+    def job(cc, label, cfg, run_dir, *, base, log, workers, resume=False):
         with lock:
             calls.append((label, cfg.training.seed, base))
             if len(calls) == 3:
@@ -192,6 +192,17 @@ def test_a_report_of_a_comparison_stopped_early_says_what_has_not_run(tmp_path: 
         assert "Incomplete: 4 of 9 runs" in (tmp_path / "part" / name).read_text()
 
 
+def _until_training(proc: subprocess.Popen[str], logs: Sequence[Path]) -> list[Any]:
+    """Wait until every run log in ``logs`` says its training started; the comparison's worker processes."""
+    import psutil
+
+    deadline = time.monotonic() + 120
+    while not all(f.is_file() and "steps on cpu" in f.read_text() for f in logs):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "compare_worker" in " ".join(p.cmdline())]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_comparison_stops_its_workers_and_reports_what_has_not_run(tiny_run, tmp_path: Path,
                                                                                    sig: int) -> None:
@@ -205,15 +216,9 @@ def test_an_interrupted_comparison_stops_its_workers_and_reports_what_has_not_ru
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "compare", str(cfg), "--methods", "lora,vera,lora+",
                              "--out", str(out), "training.max_steps=1000000"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    logs = [out / "runs" / f"{lab}-s0.log" for lab in ("lora", "vera")]
     workers: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + 120
-        while not all(f.is_file() and "steps on cpu" in f.read_text() for f in logs):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-            time.sleep(0.2)
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "compare_worker" in " ".join(p.cmdline())]
+        workers = _until_training(proc, [out / "runs" / f"{lab}-s0.log" for lab in ("lora", "vera")])
         assert len(workers) == 2  # both training
         proc.send_signal(sig)
         output = proc.communicate(timeout=60)[0]
@@ -234,21 +239,13 @@ def test_an_interrupted_comparison_stops_its_workers_and_reports_what_has_not_ru
 def test_a_worker_stopped_by_a_signal_is_a_failed_run_not_a_short_one(tiny_run, tmp_path: Path) -> None:
     """SIGTERM to one worker (not to the comparison): its trainer stops between steps and saves a checkpoint, and
     the worker then exits with an error instead of reporting the shorter run as the job's result."""
-    import psutil
-
     cfg = _compare_yaml(tiny_run, tmp_path, accuracy=None, forgetting=None)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "compare", str(cfg), "--methods", "lora", "--out",
                              str(out), "training.max_steps=1000000"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    log = out / "runs" / "lora-s0.log"
     try:
-        deadline = time.monotonic() + 120
-        while not (log.is_file() and "steps on cpu" in log.read_text()):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-            time.sleep(0.2)
-        worker, = (p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "compare_worker" in " ".join(p.cmdline()))
+        worker, = _until_training(proc, [out / "runs" / "lora-s0.log"])
         worker.terminate()
         output = proc.communicate(timeout=60)[0]
     finally:

@@ -116,26 +116,25 @@ def run_compare(cc: CompareConfig, labels: Sequence[str], out: str | os.PathLike
     results["compare"]["experiments"] = {k: v["path"] for k, v in results["experiments"].items()}
     done: dict[int, dict[str, Any]] = {}
     lock = threading.Lock()
-    evaluating_base = [True]  # a started job is to evaluate the base model: the first
+    evaluating_base = True  # a started job is to evaluate the base model: the first
     workers = _Workers()
 
     def run_one(i: int, base: bool | None = None) -> None:
+        nonlocal evaluating_base
         lab, seed = jobs[i]
         with lock:  # the first job to start while nobody has evaluated the base model (or is at it) does
             if base is None:
-                base = results["base"] is None and not evaluating_base[0]
-            evaluating_base[0] = evaluating_base[0] or base
+                base = results["base"] is None and not evaluating_base
+            evaluating_base = evaluating_base or base
         try:
             log(f"[{i + 1}/{len(jobs)}] {lab} (seed {seed})" + (", after evaluating the base model" if base else ""))
             run = _run_with_retries(cc, lab, configs[(lab, seed)], runs_dir / _run_name(lab, seed), base=base,
                                     log=log, resume=resume, workers=workers)
-        except _Stopped:
+        except _Stopped:  # killed by the comparison's own stop, or never started: no failure of the method
             return
         with lock:
             if base:
-                evaluating_base[0] = False  # if it failed, the next job to start evaluates the base model
-            if workers.stopped and not run.get("ok"):
-                return  # killed by the comparison's own stop: no failure of the method
+                evaluating_base = False  # if it failed, the next job to start evaluates the base model
             if run.get("base") is not None:
                 base_result = run.pop("base")
                 if results["base"] is None:
@@ -216,7 +215,7 @@ def sweep_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 class _Stopped(Exception):
-    """The comparison is stopping: no new worker starts."""
+    """The comparison is stopping: no new worker starts, and a killed one gives no result."""
 
 
 class _Workers:
@@ -273,8 +272,7 @@ def _signals_interrupt() -> Iterator[None]:
 
 
 def _run_with_retries(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, base: bool,
-                      log: Callable[[str], None], resume: bool = False, workers: _Workers | None = None
-                      ) -> dict[str, Any]:
+                      log: Callable[[str], None], workers: _Workers, resume: bool = False) -> dict[str, Any]:
     """One job, run again (``compare.contention_retries`` times at most) while the CPU was shared; with
     ``resume``, the finished result of the same job if ``run_dir``'s siblings hold one."""
     if resume:
@@ -356,7 +354,7 @@ def _finished(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *,
 
 
 def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, base: bool,
-             log: Callable[[str], None], workers: _Workers | None = None) -> dict[str, Any]:
+             log: Callable[[str], None], workers: _Workers) -> dict[str, Any]:
     """Run one job in a child process; its result dict, or ``{"ok": False, "error": ...}``."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -374,11 +372,11 @@ def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, 
     log_path = run_dir.with_name(run_dir.name + ".log")
     t0 = time.perf_counter()
     with open(log_path, "w") as fh:
-        rc = (workers or _Workers()).run([sys.executable, "-m", "lorakit.evaluation.compare_worker", str(job_path)],
-                                         stdout=fh, timeout=c.timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        rc = workers.run([sys.executable, "-m", "lorakit.evaluation.compare_worker", str(job_path)], stdout=fh,
+                         timeout=c.timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wall = time.perf_counter() - t0
-    if workers is not None and workers.stopped and rc != 0:
-        return {"ok": False, "error": "stopped with the comparison"}  # no failure of the method: not recorded
+    if workers.stopped and rc != 0:
+        raise _Stopped  # killed by the comparison's stop: not the method's failure, nothing recorded
     progress = budgets_path(result_path)
     if rc == 0 and result_path.is_file():
         progress.unlink(missing_ok=True)  # the result holds them
