@@ -268,7 +268,8 @@ def test_resume_keeps_finished_runs_of_the_same_job(tiny_run, tmp_path: Path, ca
     capsys.readouterr()
     assert main(["compare", str(cfg), "--methods", "lora,vera", "--out", str(out), "--resume"]) == 0
     err = capsys.readouterr().err
-    assert err.count("kept (--resume)") == 1
+    assert err.count("kept (--resume)") == 1 and "lora (seed 0) kept (--resume)" in err
+    assert "vera (seed 0) done: " in err  # each finished job named: with several at a time, they end out of order
     res = json.loads((out / "results.json").read_text())
     lora = next(r for r in res["runs"] if r["label"] == "lora")
     assert lora["kept"] and lora["eval_loss"] == first["runs"][0]["eval_loss"] and res["base"] == first["base"]

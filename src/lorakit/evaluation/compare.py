@@ -278,7 +278,7 @@ def _run_with_retries(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: 
     if resume:
         kept = _finished(cc, label, cfg, run_dir, base=base)
         if kept is not None:
-            log("  kept (--resume): " + _one_line(kept))
+            log(f"  {_who(label, cfg)} kept (--resume): " + _one_line(kept))
             return kept
     run: dict[str, Any] = {}
     for attempt in range(cc.compare.contention_retries + 1):
@@ -385,12 +385,12 @@ def _run_job(cc: CompareConfig, label: str, cfg: TrainConfig, run_dir: Path, *, 
         res = {"ok": True, **res}
         if res.get("base"):
             log("  base model: " + _one_line(res["base"]))
-        log("  " + _one_line(res))
+        log(f"  {_who(label, cfg)} done: " + _one_line(res))
         return res
     tail = log_path.read_text(errors="replace").strip().splitlines()[-15:] if log_path.is_file() else []
     error = (f"timed out after {c.timeout_s:.0f} s" if rc is None else f"exit status {rc}") + \
         (": " + _last_error(tail) if tail else "")
-    log(f"  FAILED: {error} (log: {log_path})")
+    log(f"  {_who(label, cfg)} FAILED: {error} (log: {log_path})")
     failed: dict[str, Any] = {"ok": False, "error": error, "log_tail": tail, "wall_s": round(wall, 1)}
     partial = _partial_budgets(progress)
     if partial:  # the learning curve up to the failure is kept (the run stays out of every verdict)
@@ -434,6 +434,11 @@ def _progress(done: Sequence[dict[str, Any]], total: int, parallel: int) -> str:
     minutes = round(statistics.fmean(walls) * left / min(parallel, left) / 60)
     return text + ", about " + (f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else
                                 f"{max(minutes, 1)} min") + " left"
+
+
+def _who(label: str, cfg: TrainConfig) -> str:
+    """A finished job's name in the log: with several at a time, jobs end in another order than they start."""
+    return f"{label} (seed {cfg.training.seed})"
 
 
 def _one_line(r: dict[str, Any]) -> str:
