@@ -9,7 +9,9 @@ The parts must share model, data, training section and seeds (checked); labels k
 model's numbers come from the first part (each part evaluates the same base with the same seed). The merged
 ``command`` lists every part's command, and ``note`` says it was merged. A part may be a comparison stopped before
 it ran every label (its results.json is rewritten after each run): the labels it never ran are left out, and the
-note names them (a single such part can be "merged" alone, to give the report of what it finished).
+note names the planned labels no part ran and those run for some seeds only (a single such part can be "merged"
+alone, to give the report of what it finished). A part may itself be a merge (a report grown part by part): it is
+flattened, so the note counts every run merged and never nests an earlier note.
 
 A part may also be an earlier full comparison some of whose labels were rerun (new learning rates): ``--drop
 vera,rank1-sum`` removes those labels from every part but the first, so the rerun replaces them; ``--lr-sweep``
@@ -35,6 +37,7 @@ from lorakit.train.config import DataConfig, TrainingConfig
 from lorakit.util.files import write_json
 
 SHARED = ("model", "data", "training", "seeds")
+RERUN = "rerun in the first part, replacing the later parts' runs"  # the note's words for --drop, kept by later merges
 
 
 def drop(part: dict[str, Any], labels: set[str]) -> dict[str, Any]:
@@ -61,22 +64,25 @@ def _same(a: Any, b: Any, section: str) -> bool:
     return True
 
 
-def unfinished(part: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def unfinished(part: dict[str, Any]) -> dict[str, Any]:
     """``part`` without the labels it never ran (a comparison stopped before their turn: its results.json, rewritten
-    after each run, lists every label), and what the note says of the labels it did not run for every seed."""
-    missing = missing_runs(part)
-    never = [lab for lab, m in missing.items() if len(m) == len(part["seeds"])]
-    notes = [f"{lab} ran for seeds {sorted(set(part['seeds']) - set(m))} only" for lab, m in missing.items()
-             if lab not in never]
-    if never:
-        notes.insert(0, f"stopped before running {', '.join(never)}")
-    return drop(part, set(never)), notes
+    after each run, lists every label)."""
+    return drop(part, {lab for lab, m in missing_runs(part).items() if len(m) == len(part["seeds"])})
+
+
+def _count(part: dict[str, Any]) -> int:
+    """How many comparison runs ``part`` holds: 1, or the parts it was itself merged from."""
+    if not str(part.get("note") or "").startswith("merged from"):
+        return 1
+    return int(part.get("merged_parts") or len(str(part.get("command")).split(" ; ")))
 
 
 def merge(parts: list[dict[str, Any]], order: list[str] | None = None) -> dict[str, Any]:
-    finished = [unfinished(p) for p in parts]
-    parts = [p for p, _ in finished]
-    stopped = [f"part {i} " + "; ".join(notes) for i, (_, notes) in enumerate(finished, 1) if notes]
+    """One comparison from ``parts``. A part that was itself merged is flattened: the note counts the runs it came
+    from and says, for the merged result as a whole, which labels ran for some seeds only and which planned labels
+    (``order``, else every part's labels) no part ran: never a note nested inside a note."""
+    planned = list(order) if order else list(dict.fromkeys(lab for p in parts for lab in p["labels"]))
+    parts = [unfinished(p) for p in parts]
     first = parts[0]
     for p in parts[1:]:
         for key in SHARED:
@@ -87,16 +93,16 @@ def merge(parts: list[dict[str, Any]], order: list[str] | None = None) -> dict[s
         raise SystemExit("a label occurs in more than one part")
     if order:  # the config's order; labels it does not list go last
         labels.sort(key=lambda lab: order.index(lab) if lab in order else len(order))
+    count = sum(_count(p) for p in parts)
     out = {**first, "labels": labels, "methods": {k: v for p in parts for k, v in p["methods"].items()},
            "runs": sorted((r for p in parts for r in p["runs"]), key=lambda r: (r["seed"], labels.index(r["label"]))),
-           "command": " ; ".join(str(p.get("command")) for p in parts),
-           "note": f"merged from {len(parts)} parts (scripts/merge_compare.py): the same model, data, training "
-                   "section and seeds, disjoint labels"}
-    for i, p in enumerate(parts, 1):  # a part that was itself merged keeps what its note said
-        if str(p.get("note") or "").startswith("merged from"):
-            out["note"] += f" (part {i}, {', '.join(p['labels'])}: {p['note']})"
-    if stopped:
-        out["note"] += "; " + "; ".join(stopped)
+           "command": " ; ".join(str(p.get("command")) for p in parts), "merged_parts": count,
+           "note": f"merged from {count} parts (scripts/merge_compare.py): the same model, data, training section "
+                   "and seeds, disjoint labels"}
+    partial = [f"{lab} ran for seeds {sorted(set(out['seeds']) - set(m))} only" for lab, m in missing_runs(out).items()]
+    never = [lab for lab in planned if lab not in labels]
+    reruns = [n for p in parts for n in str(p.get("note") or "").split("; ") if n.endswith(RERUN)]
+    out["note"] += "".join(f"; {n}" for n in ([f"not run: {', '.join(never)}"] if never else []) + partial + reruns)
     out.pop("claims", None)
     return out
 
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if choice and choice.get("data"):  # parts written before reports kept package-relative paths
         merged["compare"] = {**merged["compare"], "choice": {**choice, "data": display_path(choice["data"])}}
     if dropped:
-        merged["note"] += f"; {', '.join(sorted(dropped))} rerun in the first part, replacing the later parts' runs"
+        merged["note"] += f"; {', '.join(sorted(dropped))} {RERUN}"
     if a.lr_sweep:
         merged["lr_sweep"] = sweep_summary(a.lr_sweep)
         merged["compare"] = {**merged["compare"], "lr_sweep": merged["lr_sweep"]["path"]}

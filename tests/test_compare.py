@@ -697,16 +697,23 @@ def test_merge_compare_parts(tmp_path: Path) -> None:
     replaced = mod.merge([rerun, mod.drop(merged, {"vera"})], order=["lora", "vera"])  # vera rerun, lora kept
     assert replaced["labels"] == ["lora", "vera"] and sum(r["label"] == "vera" for r in replaced["runs"]) == len(
         [r for r in rerun["runs"] if r["label"] == "vera"])
-    again = mod.merge([{**_results(_seeds("dora")), "model": "m", "data": {}, "training": {}, "command": "four"},
-                       merged])  # a part that was itself merged: its note is kept
-    assert f"(part 2, lora, vera: {merged['note']})" in again["note"]
+    dora = {**_results(_seeds("dora")), "model": "m", "data": {}, "training": {}, "command": "four"}
+    again = mod.merge([dora, merged])  # a part that was itself merged is flattened: 3 runs, no nested note
+    assert again["note"] == ("merged from 3 parts (scripts/merge_compare.py): the same model, data, training "
+                             "section and seeds, disjoint labels") and again["command"] == "four ; one ; two"
+    assert mod.merge([again, {**_results(_seeds("full")), "model": "m", "data": {}, "training": {},
+                              "command": "five"}])["note"].startswith("merged from 4 parts")
     stopped = {**b, "labels": ["lora", "dora", "vera"],
                "runs": [r for r in b["runs"] if r["seed"] == 0] + [{**r, "label": "vera"} for r in b["runs"]
                                                                    if r["seed"] != 1]}
     alone = mod.merge([stopped])  # a comparison stopped before dora's turn, with vera's seed 1 run lost
     assert alone["labels"] == ["lora", "vera"] and "dora" not in alone["methods"]
-    assert alone["note"].endswith("; part 1 stopped before running dora; lora ran for seeds [0] only; vera ran for "
-                                  "seeds [0, 2] only")
+    assert alone["note"].endswith("; not run: dora; lora ran for seeds [0] only; vera ran for seeds [0, 2] only")
+    finished = mod.merge([mod.drop(dora, set()), alone], order=["lora", "dora", "vera", "full"])
+    assert finished["note"].endswith("; not run: full; lora ran for seeds [0] only; vera ran for seeds [0, 2] only")
+    assert finished["note"].startswith("merged from 2 parts") and finished["note"].count("merged from") == 1
+    redo = mod.merge([rerun, mod.drop({**merged, "note": merged["note"] + f"; vera {mod.RERUN}"}, {"vera"})])
+    assert redo["note"].endswith(f"; vera {mod.RERUN}")  # what --drop noted survives a later merge
 
 
 def test_a_run_saved_before_an_option_existed_is_the_same_job(tmp_path) -> None:
