@@ -5,8 +5,10 @@ processes) into one ``results.json`` and report.
         --out reports/smollm2-text/lr-sweep /tmp/sweep/a /tmp/sweep/b /tmp/sweep/c
 
 Only results.json and the report are written (the parts' runs/ folders, with their adapters, stay where they are).
-The parts must share model, data, training section and seeds (checked); labels keep the parts' order; the base
-model's numbers come from the first part (each part evaluates the same base with the same seed). The merged
+The parts must share model, data and training section (checked), and their seeds are pooled; a label may be split
+over parts by seed (``--methods lora --seeds 0,1`` in one, ``--seeds 2`` in another: the same method, disjoint
+seeds; checked), so a long comparison can stop between any two runs and go on elsewhere; labels keep the parts'
+order; the base model's numbers come from the first part (each part evaluates the same base with the same seed). The merged
 ``command`` lists every part's command, and ``note`` says it was merged. A part may be a comparison stopped before
 it ran every label (its results.json is rewritten after each run): the labels it never ran are left out, and the
 note names the planned labels no part ran and those run for some seeds only (a single such part can be "merged"
@@ -36,7 +38,7 @@ from lorakit.evaluation.report import display_path, missing_runs, write_report
 from lorakit.train.config import DataConfig, TrainingConfig
 from lorakit.util.files import write_json
 
-SHARED = ("model", "data", "training", "seeds")
+SHARED = ("model", "data", "training")
 RERUN = "rerun in the first part, replacing the later parts' runs"  # the note's words for --drop, kept by later merges
 
 
@@ -77,10 +79,12 @@ def _count(part: dict[str, Any]) -> int:
     return int(part.get("merged_parts") or len(str(part.get("command")).split(" ; ")))
 
 
-def merge(parts: list[dict[str, Any]], order: list[str] | None = None) -> dict[str, Any]:
+def merge(parts: list[dict[str, Any]], order: list[str] | None = None,
+          seeds: list[int] | None = None) -> dict[str, Any]:
     """One comparison from ``parts``. A part that was itself merged is flattened: the note counts the runs it came
     from and says, for the merged result as a whole, which labels ran for some seeds only and which planned labels
-    (``order``, else every part's labels) no part ran: never a note nested inside a note."""
+    (``order``, else every part's labels) no part ran: never a note nested inside a note. The seeds are the parts'
+    pooled with the planned ``seeds`` (the config's)."""
     planned = list(order) if order else list(dict.fromkeys(lab for p in parts for lab in p["labels"]))
     parts = [unfinished(p) for p in parts]
     first = parts[0]
@@ -88,17 +92,23 @@ def merge(parts: list[dict[str, Any]], order: list[str] | None = None) -> dict[s
         for key in SHARED:
             if not _same(p.get(key), first.get(key), key):
                 raise SystemExit(f"parts differ in {key!r}: {p.get(key)!r} vs {first.get(key)!r}")
-    labels = [lab for p in parts for lab in p["labels"]]
-    if len(set(labels)) != len(labels):
-        raise SystemExit("a label occurs in more than one part")
+    runs = [(r["label"], r["seed"]) for p in parts for r in p["runs"]]
+    if len(set(runs)) != len(runs):
+        raise SystemExit("a label occurs in more than one part with the same seed")
+    labels = list(dict.fromkeys(lab for p in parts for lab in p["labels"]))
+    for lab in labels:  # a label split over parts by seed must be the same method in each
+        if len({json.dumps(p["methods"][lab], sort_keys=True) for p in parts if lab in p["methods"]}) > 1:
+            raise SystemExit(f"{lab!r} is configured differently in two parts")
     if order:  # the config's order; labels it does not list go last
         labels.sort(key=lambda lab: order.index(lab) if lab in order else len(order))
     count = sum(_count(p) for p in parts)
-    out = {**first, "labels": labels, "methods": {k: v for p in parts for k, v in p["methods"].items()},
+    seeds = sorted({s for p in parts for s in p["seeds"]} | set(seeds or []))
+    out = {**first, "labels": labels, "seeds": seeds, "compare": {**first.get("compare", {}), "seeds": seeds},
+           "methods": {k: v for p in parts for k, v in p["methods"].items()},
            "runs": sorted((r for p in parts for r in p["runs"]), key=lambda r: (r["seed"], labels.index(r["label"]))),
            "command": " ; ".join(str(p.get("command")) for p in parts), "merged_parts": count,
-           "note": f"merged from {count} parts (scripts/merge_compare.py): the same model, data, training section "
-                   "and seeds, disjoint labels"}
+           "note": f"merged from {count} parts (scripts/merge_compare.py): the same model, data and training "
+                   "section, disjoint runs"}
     partial = [f"{lab} ran for seeds {sorted(set(out['seeds']) - set(m))} only" for lab, m in missing_runs(out).items()]
     never = [lab for lab in planned if lab not in labels]
     reruns = [n for p in parts for n in str(p.get("note") or "").split("; ") if n.endswith(RERUN)]
@@ -118,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = [json.loads((Path(d) / RESULTS_FILE).read_text()) for d in a.parts]
     dropped = {lab for lab in a.drop.split(",") if lab}
     parts = parts[:1] + [drop(p, dropped) for p in parts[1:]]
-    order = list(load_compare_config(a.config).methods) if a.config else None
-    merged = merge(parts, order)
+    config = load_compare_config(a.config) if a.config else None
+    merged = merge(parts, list(config.methods) if config else None, list(config.compare.seeds) if config else None)
     choice = merged["compare"].get("choice")
     if choice and choice.get("data"):  # parts written before reports kept package-relative paths
         merged["compare"] = {**merged["compare"], "choice": {**choice, "data": display_path(choice["data"])}}

@@ -684,8 +684,15 @@ def test_merge_compare_parts(tmp_path: Path) -> None:
     assert [(r["label"], r["seed"]) for r in merged["runs"]][:2] == [("lora", 0), ("vera", 0)]
     with pytest.raises(SystemExit, match="parts differ in 'model'"):
         mod.merge([a, {**b, "model": "other"}])
-    with pytest.raises(SystemExit, match="more than one part"):
+    with pytest.raises(SystemExit, match="more than one part with the same seed"):
         mod.merge([a, a])
+    by_seed = [{**a, "seeds": [s], "runs": [r for r in a["runs"] if r["seed"] == s]} for s in (2, 0, 1)]
+    pooled = mod.merge(by_seed)  # one label split over three parts by seed: a long comparison stopped and resumed
+    assert pooled["seeds"] == pooled["compare"]["seeds"] == [0, 1, 2] and pooled["runs"] == a["runs"]
+    assert pooled["note"].endswith("disjoint runs") and mod.merge(by_seed[:2], seeds=[0, 1, 2])["note"].endswith(
+        "; vera ran for seeds [0, 2] only")
+    with pytest.raises(SystemExit, match="'vera' is configured differently"):
+        mod.merge([by_seed[0], {**by_seed[1], "methods": {"vera": {"method": "vera", "r": 2}}}])
     newer = {**_results(_seeds("vera")), "model": "m", "data": {"replay": None},
              "training": {"objective": "sft"}, "command": "x"}
     assert mod.merge([newer, b])["labels"] == ["vera", "lora"]  # options added since, at their defaults
@@ -699,8 +706,8 @@ def test_merge_compare_parts(tmp_path: Path) -> None:
         [r for r in rerun["runs"] if r["label"] == "vera"])
     dora = {**_results(_seeds("dora")), "model": "m", "data": {}, "training": {}, "command": "four"}
     again = mod.merge([dora, merged])  # a part that was itself merged is flattened: 3 runs, no nested note
-    assert again["note"] == ("merged from 3 parts (scripts/merge_compare.py): the same model, data, training "
-                             "section and seeds, disjoint labels") and again["command"] == "four ; one ; two"
+    assert again["note"] == ("merged from 3 parts (scripts/merge_compare.py): the same model, data and training "
+                             "section, disjoint runs") and again["command"] == "four ; one ; two"
     assert mod.merge([again, {**_results(_seeds("full")), "model": "m", "data": {}, "training": {},
                               "command": "five"}])["note"].startswith("merged from 4 parts")
     stopped = {**b, "labels": ["lora", "dora", "vera"],
