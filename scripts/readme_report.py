@@ -4,7 +4,8 @@
 
 The section lies between ``<!-- report:begin -->`` and ``<!-- report:end -->``: a table of every method (mean ±
 standard deviation over seeds at the last budget) and one line per claim with its verdict, from the report's own
-summary and claims (``lorakit compare`` wrote them into results.json).
+summary and claims (``lorakit compare`` wrote them into results.json). ``--marker report-epoch`` writes another
+comparison into its own section, between ``<!-- report-epoch:begin -->`` and ``<!-- report-epoch:end -->``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from typing import Any
 
 from lorakit.evaluation.report import plateau_note
 
-BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
+
+def markers(name: str = "report") -> tuple[str, str]:
+    """The comments that open and close the README section ``name``."""
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
 COLUMNS = [("trainable_params", "trainable", "{:,.0f}"), ("choice_loss", "choice-set loss", "{:.3f}"),
            ("choice_accuracy", "choice accuracy", "{:.3f}"), ("eval_loss", "eval loss", "{:.3f}"),
            ("forgetting", "forgetting (nats)", "{:+.3f}"), ("step_time_s", "step (s)", "{:.2f}")]
@@ -59,17 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results")
     p.add_argument("--readme", default="README.md")
+    p.add_argument("--marker", default="report", help="the section's name: <!-- NAME:begin --> ... <!-- NAME:end -->")
     a = p.parse_args(argv)
     results = json.loads(Path(a.results).read_text())
     if "summary" not in results or "claims" not in results:
         print(f"{a.results}: no summary/claims (run `lorakit compare ... --report-only` first)", file=sys.stderr)
         return 1
+    begin, end = markers(a.marker)
     readme = Path(a.readme)
     text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        print(f"{readme}: no {BEGIN} ... {END} section", file=sys.stderr)
+    if begin not in text or end not in text:
+        print(f"{readme}: no {begin} ... {end} section", file=sys.stderr)
         return 1
-    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda m: f"{BEGIN}\n{section(results, a.results)}\n{END}",
+    new = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{section(results, a.results)}\n{end}",
                  text, flags=re.S)
     readme.write_text(new)
     print(f"rewrote the comparison section of {readme}")

@@ -754,3 +754,29 @@ def test_the_report_says_whether_lora_has_flattened() -> None:
     assert rising is not None and "rose 0." in rising and "past its minimum" in rising
     assert plateau_note(_results(_curves("vera", (2.0, 1.8)), **cmp)) is None  # no LoRA to read it on
     assert plateau_note(_results(_curves("lora", (2.0, 1.8)))) is None  # no budgets declared
+
+
+def test_readme_report_rewrites_only_its_own_section(tmp_path: Path) -> None:
+    """scripts/readme_report.py: the table and verdicts come from results.json, into the named section only; a README
+    without that section is an error, not a silent no-op."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_report", Path(__file__).parent.parent / "scripts" /
+                                                  "readme_report.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    write_report({**_results(_seeds("lora", eval_loss=2.5) + _seeds("vera", eval_loss=2.6)),
+                  "command": "lorakit compare x.yaml"}, tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- report:begin -->\nold 80-step\n<!-- report:end -->\nmiddle\n"
+                      "<!-- report-epoch:begin -->\nold epoch\n<!-- report-epoch:end -->\nend\n")
+    results = str(tmp_path / "results.json")
+    assert mod.main([results, "--readme", str(readme), "--marker", "report-epoch"]) == 0
+    text = readme.read_text()
+    assert "old 80-step" in text and "old epoch" not in text and text.endswith("<!-- report-epoch:end -->\nend\n")
+    epoch = text.split("<!-- report-epoch:begin -->")[1]
+    assert "| lora | " in epoch and "| vera | " in epoch and "made by `lorakit compare x.yaml`" in epoch
+    assert "2.50" in epoch.split("| lora | ")[1].split("\n")[0]  # lora's eval loss, from the summary
+    assert mod.main([results, "--readme", str(readme), "--marker", "report-other"]) == 1
+    assert readme.read_text() == text
