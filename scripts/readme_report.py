@@ -24,6 +24,7 @@ def markers(name: str = "report") -> tuple[str, str]:
     """The comments that open and close the README section ``name``."""
     return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
+
 COLUMNS = [("trainable_params", "trainable", "{:,.0f}"), ("choice_loss", "choice-set loss", "{:.3f}"),
            ("choice_accuracy", "choice accuracy", "{:.3f}"), ("eval_loss", "eval loss", "{:.3f}"),
            ("forgetting", "forgetting (nats)", "{:+.3f}"), ("step_time_s", "step (s)", "{:.2f}")]
