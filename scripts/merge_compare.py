@@ -8,11 +8,11 @@ Only results.json and the report are written (the parts' runs/ folders, with the
 The parts must share model, data and training section (checked), and their seeds are pooled; a label may be split
 over parts by seed (``--methods lora --seeds 0,1`` in one, ``--seeds 2`` in another: the same method, disjoint
 seeds; checked), so a long comparison can stop between any two runs and go on elsewhere; labels keep the parts'
-order; the base model's numbers come from the first part (each part evaluates the same base with the same seed). The merged
-``command`` lists every part's command, and ``note`` says it was merged. A part may be a comparison stopped before
-it ran every label (its results.json is rewritten after each run): the labels it never ran are left out, and the
-note names the planned labels no part ran and those run for some seeds only (a single such part can be "merged"
-alone, to give the report of what it finished). A part may itself be a merge (a report grown part by part): it is
+order; the base model's numbers come from the first part (each part evaluates the same base with the same seed).
+The merged ``command`` lists every part's command, and ``note`` says it was merged. A part may be a comparison
+stopped before it ran every label (its results.json is rewritten after each run): the labels it never ran are left
+out, and the note names the planned labels no part ran and those run for some seeds only (a single such part can be
+"merged" alone, to give the report of what it finished). A part may itself be a merge (a report grown part by part): it is
 flattened, so the note counts every run merged and never nests an earlier note.
 
 A part may also be an earlier full comparison some of whose labels were rerun (new learning rates): ``--drop
