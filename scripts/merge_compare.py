@@ -12,8 +12,8 @@ order; the base model's numbers come from the first part (each part evaluates th
 The merged ``command`` lists every part's command, and ``note`` says it was merged. A part may be a comparison
 stopped before it ran every label (its results.json is rewritten after each run): the labels it never ran are left
 out, and the note names the planned labels no part ran and those run for some seeds only (a single such part can be
-"merged" alone, to give the report of what it finished). A part may itself be a merge (a report grown part by part): it is
-flattened, so the note counts every run merged and never nests an earlier note.
+"merged" alone, to give the report of what it finished). A part may itself be a merge (a report grown part by
+part): it is flattened, so the note counts every run merged and never nests an earlier note.
 
 A part may also be an earlier full comparison some of whose labels were rerun (new learning rates): ``--drop
 vera,rank1-sum`` removes those labels from every part but the first, so the rerun replaces them; ``--lr-sweep``
