@@ -522,15 +522,23 @@ def _grid_results(lora: dict[float, float], sb: dict[float, float | None]) -> di
 
 
 def test_lr_sensitivity_compares_the_ranges_over_same_shape_grids() -> None:
+    """On the rates both grids share when there are 3 or more (the same place: a point only one grid has is left
+    out), else on grids of about the same span."""
     from lorakit.evaluation.claims import claim_lr_sensitivity
 
-    lora = {3e-4: 3.0, 1e-3: 2.8, 3e-3: 2.7, 1e-2: 3.2}  # range 0.5
-    assert claim_lr_sensitivity(_grid_results(lora, {1e-3: 2.9, 3e-3: 2.8, 1e-2: 2.75, 3e-2: 2.95}))["verdict"] \
-        == "supported"  # range 0.2 <= 0.25
-    assert claim_lr_sensitivity(_grid_results(lora, {1e-3: 2.9, 3e-3: 2.8, 1e-2: 2.75, 3e-2: 3.5}))["verdict"] \
-        == "refuted"  # range 0.75
-    diverged = claim_lr_sensitivity(_grid_results(lora, {1e-3: 2.9, 3e-3: 2.8, 1e-2: 2.75, 3e-2: None}))
-    assert diverged["verdict"] == "refuted" and "lr 0.03 -> inf" in diverged["numbers"][1]
+    lora = {3e-4: 3.0, 1e-3: 2.8, 3e-3: 2.7, 1e-2: 3.2}  # range 0.5 on the shared 1e-3, 3e-3, 1e-2
+    shared = claim_lr_sensitivity(_grid_results(lora, {1e-3: 2.9, 3e-3: 2.8, 1e-2: 2.75, 3e-2: 2.95}))
+    assert shared["verdict"] == "supported"  # range 0.15 <= 0.25
+    assert shared["numbers"][2] == ("on the 3 learning rates both grids share; lora's lr 0.0003 left out; "
+                                    "lora-sb's lr 0.03 left out") and "lr 0.03" not in shared["numbers"][1]
+    assert claim_lr_sensitivity(_grid_results(lora, {1e-3: 2.9, 3e-3: 2.8, 1e-2: 3.4, 3e-2: 2.95}))["verdict"] \
+        == "refuted"  # range 0.6 >= 0.5
+    diverged = claim_lr_sensitivity(_grid_results(lora, {1e-3: 2.9, 3e-3: 2.8, 1e-2: None, 3e-2: 2.9}))
+    assert diverged["verdict"] == "refuted" and "lr 0.01 -> inf" in diverged["numbers"][1]
+    outside = claim_lr_sensitivity(_grid_results(lora, {1e-3: 2.9, 3e-3: 2.8, 1e-2: 2.75, 3e-2: None}))
+    assert outside["verdict"] == "supported"  # diverged at a rate LoRA's grid does not have: not compared
+    shifted = claim_lr_sensitivity(_grid_results(lora, {2e-3: 2.9, 6e-3: 2.8, 2e-2: 2.75, 6e-2: 3.5}))
+    assert shifted["verdict"] == "refuted" and "share" not in " ".join(shifted["numbers"])  # same span, range 0.75
     narrow = claim_lr_sensitivity(_grid_results(lora, {1e-3: 2.9, 2e-3: 2.8, 3e-3: 2.75}))
     assert narrow["verdict"].startswith("inconclusive (the grids span 33x and 3x")
     # a comparison carries its sweep's grid (compare.lr_sweep); the claim reads it from there

@@ -121,11 +121,13 @@ def claim_lr_sensitivity(results: dict[str, Any]) -> dict[str, Any]:
     title = "LoRA-SB is less sensitive to the learning rate than LoRA"
     src = ("the seed article, after Ponkshe, Singhal et al. 2024, https://arxiv.org/abs/2411.19557 (an init that "
            "starts from the first full fine-tuning step)")
-    rule = ("over a learning-rate sweep (the compare config's compare.lr_sweep, or this comparison if it is one) with "
-            "at least 3 learning rates per method spanning about the same factor (max/min within 25%: half-decade "
-            "grids such as 1, 3, 10, 30 and 3, 10, 30, 100 x 1e-4): range = max - min "
-            "of the final eval loss on the sweep's held-out split (a diverged run counts as infinite); supported if "
-            "LoRA-SB's range is at most half of LoRA's, refuted if it is at least LoRA's, inconclusive in between")
+    rule = ("over a learning-rate sweep (the compare config's compare.lr_sweep, or this comparison if it is one): "
+            "on the learning rates both methods' grids share when there are at least 3 (the same place and shape; "
+            "points only one grid has are left out), else on grids of at least 3 rates each spanning about the same "
+            "factor (max/min within 25%: half-decade grids such as 1, 3, 10, 30 and 3, 10, 30, 100 x 1e-4): "
+            "range = max - min of the final eval loss on the sweep's held-out split (a diverged run counts as "
+            "infinite); supported if LoRA-SB's range is at most half of LoRA's, refuted if it is at least LoRA's, "
+            "inconclusive in between")
     sweep = results.get("lr_sweep") or {}
     grid = sweep.get("grid") or lr_grid(results)
     where = f"sweep `{sweep['path']}`" if sweep.get("path") else "this comparison's runs"
@@ -139,11 +141,18 @@ def claim_lr_sensitivity(results: dict[str, Any]) -> dict[str, Any]:
         ok = [v for v in vals if isinstance(v, int | float) and math.isfinite(v)]
         return statistics.fmean(ok) if len(ok) == len(vals) else math.inf
 
+    shared = set(lora) & set(sb)
+    if len(shared) >= 3:  # the same rates for both: neither range gains from points the other grid lacks
+        left_out = {name: sorted(set(g) - shared) for name, g in (("lora", lora), ("lora-sb", sb))}
+        lora, sb = ({lr: v for lr, v in g.items() if lr in shared} for g in (lora, sb))
     curves = {name: {lr: final(v) for lr, v in sorted(g.items())} for name, g in (("lora", lora), ("lora-sb", sb))}
     spans = {name: max(c) / min(c) for name, c in curves.items()}
     ranges = {name: max(c.values()) - min(c.values()) for name, c in curves.items()}
     nums = [f"{name}: " + ", ".join(f"lr {lr:g} -> {v:.4f}" for lr, v in c.items())
             + f" (span {spans[name]:.0f}x, range {ranges[name]:.4f})" for name, c in curves.items()]
+    if len(shared) >= 3:
+        nums.append(f"on the {len(shared)} learning rates both grids share" + "".join(
+            f"; {name}'s lr {', '.join(f'{lr:g}' for lr in lrs)} left out" for name, lrs in left_out.items() if lrs))
     nums.append(f"from {where}")
     if not 0.8 <= spans["lora-sb"] / spans["lora"] <= 1.25:
         return claim("lr-sensitivity", title, src, rule, f"inconclusive (the grids span {spans['lora']:.0f}x and "
