@@ -141,19 +141,18 @@ def claim_lr_sensitivity(results: dict[str, Any]) -> dict[str, Any]:
         ok = [v for v in vals if isinstance(v, int | float) and math.isfinite(v)]
         return statistics.fmean(ok) if len(ok) == len(vals) else math.inf
 
-    shared = set(lora) & set(sb)
+    shared, on_shared = set(lora) & set(sb), []
     if len(shared) >= 3:  # the same rates for both: neither range gains from points the other grid lacks
-        left_out = {name: sorted(set(g) - shared) for name, g in (("lora", lora), ("lora-sb", sb))}
+        on_shared = [f"on the {len(shared)} learning rates both grids share" + "".join(
+            f"; {name}'s lr {', '.join(f'{lr:g}' for lr in sorted(set(g) - shared))} left out"
+            for name, g in (("lora", lora), ("lora-sb", sb)) if set(g) - shared)]
         lora, sb = ({lr: v for lr, v in g.items() if lr in shared} for g in (lora, sb))
     curves = {name: {lr: final(v) for lr, v in sorted(g.items())} for name, g in (("lora", lora), ("lora-sb", sb))}
     spans = {name: max(c) / min(c) for name, c in curves.items()}
     ranges = {name: max(c.values()) - min(c.values()) for name, c in curves.items()}
     nums = [f"{name}: " + ", ".join(f"lr {lr:g} -> {v:.4f}" for lr, v in c.items())
             + f" (span {spans[name]:.0f}x, range {ranges[name]:.4f})" for name, c in curves.items()]
-    if len(shared) >= 3:
-        nums.append(f"on the {len(shared)} learning rates both grids share" + "".join(
-            f"; {name}'s lr {', '.join(f'{lr:g}' for lr in lrs)} left out" for name, lrs in left_out.items() if lrs))
-    nums.append(f"from {where}")
+    nums += [*on_shared, f"from {where}"]
     if not 0.8 <= spans["lora-sb"] / spans["lora"] <= 1.25:
         return claim("lr-sensitivity", title, src, rule, f"inconclusive (the grids span {spans['lora']:.0f}x and "
                       f"{spans['lora-sb']:.0f}x: not the same shape)", nums)
