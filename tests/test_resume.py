@@ -164,6 +164,39 @@ def check_resume(tiny_run: dict[str, Path], root: Path, s: Setting) -> None:
     assert lrs == pytest.approx(expected, rel=1e-12)
 
 
+# --- a stop asked before the first step: during the step-0 eval (minutes on a real model) ------------------------
+class _SignalInFirstEval(Trainer):
+    """Sends this process ``sig`` in the middle of the step-0 eval, if (and only if) lorakit's handler is installed
+    for it by then: an unhandled SIGTERM would kill the test process, an unhandled Ctrl-C abort the session."""
+
+    sig = signal.SIGINT
+    handled: bool | None = None
+
+    def evaluate(self, data: Any = None) -> dict[str, float]:
+        if self.handled is None:
+            self.handled = signal.getsignal(self.sig) not in (signal.SIG_DFL, signal.default_int_handler)
+            if self.handled:
+                os.kill(os.getpid(), self.sig)
+        return super().evaluate(data)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_first_eval_stops_at_step_0_and_resumes_into_the_same_run(sig, tiny_run, tmp_path) -> None:
+    s = Setting(stop_after=0)
+    straight, out = tmp_path / "straight", tmp_path / "resumed"
+    _train(_config(tiny_run, straight, s))
+    trainer = _SignalInFirstEval(None, _config(tiny_run, out, s), log=lambda msg: None)
+    trainer.sig = sig
+    result = trainer.fit(overwrite=True)
+    assert trainer.handled, "no lorakit signal handler during the step-0 eval"
+    assert result.interrupted and result.step == 0 and result.adapter_dir is None
+    assert [k for k, _ in list_checkpoints(out)] == [0]
+    assert _log(out)["eval"] == _log(straight)["eval"][:1]  # the eval it was in finished and was logged
+    resumed = _train(_config(tiny_run, out, s), resume=True)
+    assert resumed.step == TOTAL and not resumed.interrupted
+    _assert_same_run(straight, out)
+
+
 # --- every method, with what real runs have: a warm-up, dropout, gradient accumulation, LoRA+ where it applies ----
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_every_method_resumes_into_the_same_run(method: str, tiny_run, tmp_path: Path) -> None:

@@ -36,7 +36,6 @@ from lorakit.train.lineage import adapter_dir, lineage_extra
 from lorakit.train.loading import HEAD_ADAPTER
 from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, peak_memory_mb, plot_losses
 from lorakit.train.run import FitResult, RunState, TrainingError
-from lorakit.train.runtime import stop_on_signals
 
 
 class TrainingLoop:
@@ -156,32 +155,34 @@ class TrainingLoop:
                    disable=not out.progress or not self.dist.is_main, file=sys.stderr)
         window_tokens, window_start = 0, time.perf_counter()
         saved_at = run.pos.step if run.result.checkpoint is not None else -1
-        with stop_on_signals(self._request_stop):
-            while run.pos.step < run.total and not self._stopping:
-                loss, grad_norm, tokens, lr = self._step(run)
-                window_tokens += tokens
-                run.pos.tokens += tokens
-                step = run.pos.step
-                bar.update(1)
-                if step % t.log_every == 0 or step == run.total:
-                    tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                    values: dict[str, Any] = {"loss": loss, "lr": lr, "tokens_per_s": round(tps, 1),
-                                              "tokens": run.pos.tokens,
-                                              "epoch": round(run.order.epoch_of(run.pos.micro), 4)}
-                    if grad_norm is not None:
-                        values["grad_norm"] = float(grad_norm)
-                    if self._objective is not None:  # the preference metrics of the steps since the last log
-                        values.update(self._objective.pop_stats(self.dist.sum))
-                    values["peak_memory_mb"] = peak_memory_mb(self.device)
-                    run.metrics.log("train", step, **values)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-                    window_tokens, window_start = 0, time.perf_counter()
-                    self._log_ranks(run, step)
-                if (t.eval_every and step % t.eval_every == 0) or step == run.total:
-                    run.result.eval_end = self._eval_and_log(run, step)
-                if (out.save_every and step % out.save_every == 0) or step == run.total:
-                    self._save_checkpoint(run)
-                    saved_at = step
+        # a stop asked before the first step (during the step-0 eval or the setup): every process agrees, and the
+        # run stops at its starting step with a checkpoint, as after any step
+        self._stopping = self.dist.any(self._stop)
+        while run.pos.step < run.total and not self._stopping:
+            loss, grad_norm, tokens, lr = self._step(run)
+            window_tokens += tokens
+            run.pos.tokens += tokens
+            step = run.pos.step
+            bar.update(1)
+            if step % t.log_every == 0 or step == run.total:
+                tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                values: dict[str, Any] = {"loss": loss, "lr": lr, "tokens_per_s": round(tps, 1),
+                                          "tokens": run.pos.tokens,
+                                          "epoch": round(run.order.epoch_of(run.pos.micro), 4)}
+                if grad_norm is not None:
+                    values["grad_norm"] = float(grad_norm)
+                if self._objective is not None:  # the preference metrics of the steps since the last log
+                    values.update(self._objective.pop_stats(self.dist.sum))
+                values["peak_memory_mb"] = peak_memory_mb(self.device)
+                run.metrics.log("train", step, **values)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+                window_tokens, window_start = 0, time.perf_counter()
+                self._log_ranks(run, step)
+            if (t.eval_every and step % t.eval_every == 0) or step == run.total:
+                run.result.eval_end = self._eval_and_log(run, step)
+            if (out.save_every and step % out.save_every == 0) or step == run.total:
+                self._save_checkpoint(run)
+                saved_at = step
         bar.close()
         if self._stopping:
             run.result.interrupted = True
@@ -191,10 +192,11 @@ class TrainingLoop:
                       f"{run.result.checkpoint}. Continue with `lorakit train CONFIG --resume`.")
 
     def _request_stop(self) -> bool:
-        """Signal handler: ask the loop to stop after this step; returns whether a stop was already asked."""
+        """Signal handler (installed by ``fit`` from the step-0 eval to the end of the loop): ask the loop to stop
+        before its next optimizer step; returns whether a stop was already asked."""
         before, self._stop = self._stop, True
         if not before:
-            self._log("stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
+            self._log("stopping before the next step and saving a checkpoint (Ctrl-C again to abort now)")
         return before
 
     @staticmethod

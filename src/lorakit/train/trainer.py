@@ -57,7 +57,14 @@ from lorakit.train.loop import TrainingLoop
 from lorakit.train.metrics import MetricsLogger
 from lorakit.train.optim import optimizer as make_optimizer
 from lorakit.train.run import FitResult, Position, RunState, TrainingError, logged_eval
-from lorakit.train.runtime import device_name, lr_schedule, rebase_schedule, resolve_precision, seed_everything
+from lorakit.train.runtime import (
+    device_name,
+    lr_schedule,
+    rebase_schedule,
+    resolve_precision,
+    seed_everything,
+    stop_on_signals,
+)
 from lorakit.train.streaming import load_data
 from lorakit.train.tracking import check_report_to, start_tracking
 from lorakit.util.arguments import checked
@@ -421,13 +428,16 @@ class Trainer(TrainingLoop):
                    FitResult(pos.step, total, out, None, ckpt))
         status = "failed"
         try:
-            if ckpt is None:
-                self._log_start(run)
-                run.result.eval_start = self._eval_and_log(run, 0)
-            else:
-                run.result.eval_start = logged_eval(out, 0)
-                run.ranks = self._ranks(run)  # logged before the checkpoint: only later changes are new
-            self._loop(run)
+            # Ctrl-C / SIGTERM from here on is a stop request, the step-0 eval included (minutes on a real model):
+            # the loop stops before its next step and checkpoints, at step 0 if no step has run
+            with stop_on_signals(self._request_stop):
+                if ckpt is None:
+                    self._log_start(run)
+                    run.result.eval_start = self._eval_and_log(run, 0)
+                else:
+                    run.result.eval_start = logged_eval(out, 0)
+                    run.ranks = self._ranks(run)  # logged before the checkpoint: only later changes are new
+                self._loop(run)
             if run.result.interrupted:
                 status = "interrupted"
                 return run.result
