@@ -494,6 +494,21 @@ def test_holm_correction_decides_the_family() -> None:
     assert verdict == "inconclusive (no significant difference)" and "after Holm" not in " ".join(lines)
 
 
+def test_a_significant_win_inside_the_margin_is_marked_negligible_and_keeps_its_verdict() -> None:
+    """'Beats' follows the declared rule (significant, none worse); a win whose whole 95% interval lies inside the
+    margin of no practical difference says so in the numbers, and one that reaches past it does not."""
+    from lorakit.evaluation.evidence import Evidence, quality
+
+    base = (2.42, 2.50, 2.46)
+    lora = [_run("lora", i, eval_loss=v, accuracy=0.5) for i, v in enumerate(base)]
+    for gain, negligible in ((0.01, True), (0.2, False)):
+        other = [_run("other", i, eval_loss=v - gain - 0.001 * i, accuracy=0.5) for i, v in enumerate(base)]
+        verdict, lines = quality(Evidence(_results(lora + other)), "other", "lora", kind="beats", paper_params=1,
+                                 paper="x")
+        assert verdict == "supported", lines
+        assert any("negligible: the whole 95% interval lies inside ±0.03 nats" in n for n in lines) is negligible
+
+
 def test_lora_efficiency_is_time_to_a_target_loss_and_memory() -> None:
     mem = {"rss_before_train_bytes": 1000, "peak_rss_bytes": 1500}
     full_mem = {"rss_before_train_bytes": 1000, "peak_rss_bytes": 3000}

@@ -276,6 +276,10 @@ def quality(ev: Evidence, a: str, b: str, *, kind: str, paper_params: float, pap
             if sig:
                 (better if sign * d.diff > 0 else worse).append(m)
             what = f"p {d.p:.3g}" + (" (significant after Holm)" if sig else "")
+            if sig and -delta < d.ci95[0] and d.ci95[1] < delta:
+                what += (f"; negligible: the whole 95% interval lies inside ±{_delta(m, delta)}, the margin declared "
+                         "as no practical difference (an annotation added after the first one-epoch runs; the "
+                         "verdict follows the rule above)")
         else:
             test_eq, test_bad = f"{a} ~ {b}: {m.name} within ±{_delta(m, delta)}", f"{a} < {b}: {m.name} beyond margin"
             p_bad = _p_beyond(d, sign, delta)
